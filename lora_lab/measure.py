@@ -1,0 +1,153 @@
+"""Measurements every run reports: parameter counts, peak memory, throughput and latency."""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lora_lab.architectures import head_parameter_names
+
+
+def parameter_counts(model: nn.Module, method) -> dict[str, int | float]:
+    """Trainable parameters broken down into the method's own, the task head's and any other."""
+    method_names = method.method_parameter_names(model)
+    head_names = head_parameter_names(model)
+    counts = {"total": 0, "trainable": 0, "trainable_method": 0, "trainable_head": 0, "trainable_other": 0}
+    for name, p in model.named_parameters():
+        counts["total"] += p.numel()
+        if p.requires_grad:
+            counts["trainable"] += p.numel()
+            group = "method" if name in method_names else "head" if name in head_names else "other"
+            counts[f"trainable_{group}"] += p.numel()
+    counts["trainable_percent"] = 100.0 * counts["trainable"] / max(counts["total"], 1)
+    return counts
+
+
+# ---------------------------------------------------------------- memory
+
+def _read_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory over a span: CUDA allocated/reserved after a reset, else the process's peak RSS.
+
+    On Linux the RSS high-water mark is reset through /proc/self/clear_refs so that several runs in
+    one process (a multirun) each see their own peak; elsewhere it is the process-lifetime peak.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rss_reset = False
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.rss_reset = True
+        except OSError:
+            self.rss_reset = False
+
+    def read(self) -> dict[str, float]:
+        mib = 1024 * 1024
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {
+                "peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / mib,
+                "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(self.device) / mib,
+                "peak_memory_kind": "cuda_allocated",
+            }
+        hwm = _read_status_kb("VmHWM")
+        if hwm is None:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        kind = "cpu_rss_peak" if self.rss_reset else "cpu_rss_peak_process_lifetime"
+        return {"peak_memory_mb": hwm / 1024, "peak_memory_kind": kind}
+
+
+# ---------------------------------------------------------------- time
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Training throughput over the steps after the first ``warmup_steps``."""
+
+    def __init__(self, warmup_steps: int, device: torch.device):
+        self.warmup_steps, self.device = warmup_steps, device
+        self.steps = 0
+        self.seconds = self.samples = self.tokens = 0.0
+        self.step_times: list[float] = []
+
+    @contextmanager
+    def step(self, batch: dict):
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        self.steps += 1
+        if self.steps > self.warmup_steps:
+            self.seconds += elapsed
+            self.samples += batch["input_ids"].shape[0]
+            self.tokens += float(batch["attention_mask"].sum())
+            self.step_times.append(elapsed)
+
+    def summary(self) -> dict[str, float]:
+        if not self.step_times:
+            return {"train_samples_per_s": float("nan"), "train_tokens_per_s": float("nan"),
+                    "train_step_ms_median": float("nan"), "measured_steps": 0}
+        return {
+            "train_samples_per_s": self.samples / self.seconds,
+            "train_tokens_per_s": self.tokens / self.seconds,
+            "train_step_ms_median": 1000 * statistics.median(self.step_times),
+            "measured_steps": len(self.step_times),
+        }
+
+
+@torch.no_grad()
+def forward_latency_ms(model: nn.Module, batch: dict, device: torch.device, repeats: int = 10,
+                       warmup: int = 2) -> list[float]:
+    """Times of ``repeats`` forward passes of one batch, in ms (after ``warmup`` untimed passes)."""
+    times = []
+    for i in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        model(**batch)
+        synchronize(device)
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def interleaved_latency(model: nn.Module, batch: dict, device: torch.device, variants: dict, rounds: int = 5,
+                        repeats: int = 3) -> dict[str, float]:
+    """Median forward latency of several variants of one model, measured A/B/A/B.
+
+    ``variants`` maps a name to a function that puts the model into that variant (e.g. merge LoRA).
+    """
+    samples = {name: [] for name in variants}
+    for name, enter in variants.items():  # one untimed pass each, so no variant pays the first-call cost
+        enter()
+        forward_latency_ms(model, batch, device, repeats=1, warmup=1)
+    for _ in range(rounds):
+        for name, enter in variants.items():
+            enter()
+            samples[name].extend(forward_latency_ms(model, batch, device, repeats=repeats, warmup=0))
+    return {name: statistics.median(times) for name, times in samples.items()}

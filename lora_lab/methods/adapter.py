@@ -1,0 +1,112 @@
+"""Bottleneck adapters: Houlsby et al. 2019 (two per layer) and Pfeiffer et al. 2020 (one per layer).
+
+An adapter maps h -> h + up(act(down(h))) and sits right after a projection, before the residual add
+and LayerNorm. Houlsby: after the attention output projection and after the FFN output; Pfeiffer:
+after the FFN output only. The up-projection starts at zero so every adapter starts as the identity.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_lab.architectures import (
+    get_submodule_parent,
+    head_parameter_names,
+    layer_norm_parameter_names,
+    resolve_targets,
+)
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import DeltaW, Method, freeze_all, register
+
+INSERT_AFTER = {"houlsby": ["o", "ffn_out"], "pfeiffer": ["ffn_out"]}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, dim: int, size: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(dim, size)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(size, dim)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+class WithAdapter(nn.Module):
+    """A linear layer followed by a bottleneck adapter on its output."""
+
+    def __init__(self, base: nn.Linear, adapter: Bottleneck):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.base(x))
+
+
+def bottleneck_size(cfg, dim: int) -> int:
+    if cfg.get("bottleneck"):
+        size = int(cfg.bottleneck)
+        key, value = "method.bottleneck", cfg.bottleneck
+    elif cfg.get("reduction_factor"):
+        size = dim // int(cfg.reduction_factor)
+        key, value = "method.reduction_factor", cfg.reduction_factor
+    else:
+        raise ConfigError("method.bottleneck", None, "set a bottleneck size or a reduction_factor")
+    if size <= 0:
+        raise ConfigError(key, value, f"gives a bottleneck of {size} for hidden size {dim}")
+    return size
+
+
+@register("adapter")
+class Adapter(Method):
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.variant not in INSERT_AFTER:
+            raise ConfigError("method.variant", cfg.variant, f"must be one of {sorted(INSERT_AFTER)}")
+        if cfg.activation not in ACTIVATIONS:
+            raise ConfigError("method.activation", cfg.activation, f"must be one of {sorted(ACTIVATIONS)}")
+        for key in ("bottleneck", "reduction_factor"):
+            if cfg.get(key) is not None and int(cfg.get(key)) <= 0:
+                raise ConfigError(f"method.{key}", cfg.get(key), "must be a positive integer")
+
+    def apply(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        where = list(cfg.insert_after) if cfg.get("insert_after") else INSERT_AFTER[cfg.variant]
+        matched = resolve_targets(model, where, key="method.insert_after")
+        freeze_all(model)
+        self.wrapped = sorted({n for names in matched.values() for n in names})
+        for name in self.wrapped:
+            parent, child = get_submodule_parent(model, name)
+            base = getattr(parent, child)
+            dim = base.out_features
+            adapter = Bottleneck(dim, bottleneck_size(cfg, dim), cfg.activation)
+            adapter.to(device=base.weight.device, dtype=base.weight.dtype)
+            setattr(parent, child, WithAdapter(base, adapter))
+        train_ln = cfg.train_layer_norm if cfg.get("train_layer_norm") is not None else cfg.variant == "houlsby"
+        trained = self.method_parameter_names(model) | head_parameter_names(model)
+        if train_ln:
+            trained |= layer_norm_parameter_names(model)
+        for name, p in model.named_parameters():
+            if name in trained:
+                p.requires_grad_(True)
+
+    def method_parameter_names(self, model: nn.Module) -> set[str]:
+        return {n for n, _ in model.named_parameters() if ".adapter." in n}
+
+    def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
+        """The adapter's update of the matrix it follows, exact when the activation is the identity:
+        W x -> (I + U D) W x, so ΔW = U (D W), stored as factors of rank <= bottleneck size."""
+        out = {}
+        for name, m in model.named_modules():
+            if isinstance(m, WithAdapter):
+                W = m.base.weight.detach().float().cpu()
+                U = m.adapter.up.weight.detach().float().cpu()
+                D = m.adapter.down.weight.detach().float().cpu()
+                out[name] = DeltaW(B=U, A=D @ W, base=W, kind="adapter_linearised")
+        return out

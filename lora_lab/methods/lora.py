@@ -1,0 +1,148 @@
+"""LoRA (Hu et al. 2021): h = W0 x + s * B A x with s = alpha / r (or alpha / sqrt(r), rsLoRA).
+
+The chosen linear layers are wrapped, not subclassed. A starts Kaiming-uniform (as loralib and PEFT
+do) or Gaussian, B at zero, so the model is unchanged at step 0. ``init=svd`` instead starts B A from
+the top-r singular directions of W0 and freezes the residual W0 - s B A (the principal-subspace init).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_lab.architectures import get_submodule_parent, head_parameter_names, resolve_targets
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import DeltaW, Method, freeze_all, register
+
+INITS = ("kaiming", "gaussian", "svd")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming"):
+        super().__init__()
+        self.base = base
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.init = init
+        if init == "svd":
+            self._init_from_svd()
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # The factors at step 0; ΔW is measured from here (non-zero only for the svd init).
+        self.register_buffer("A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("B0", self.lora_B.detach().clone(), persistent=False)
+
+    @torch.no_grad()
+    def _init_from_svd(self) -> None:
+        w = self.base.weight.float()
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(S[: self.r] / self.scaling)
+        self.lora_A.copy_((root[:, None] * Vh[: self.r]).to(self.lora_A.dtype))
+        self.lora_B.copy_((U[:, : self.r] * root[None, :]).to(self.lora_B.dtype))
+        self.base.weight.sub_((self.scaling * self.lora_B.float() @ self.lora_A.float()).to(w.dtype))
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.sub_(self.delta().to(self.base.weight.dtype))
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+
+
+@register("lora")
+class LoRA(Method):
+    supports_merge = True
+
+    def check(self) -> None:
+        cfg = self.cfg
+        if not isinstance(cfg.r, int) or cfg.r <= 0:
+            raise ConfigError("method.r", cfg.r, "must be a positive integer")
+        if cfg.alpha is None or float(cfg.alpha) <= 0:
+            raise ConfigError("method.alpha", cfg.alpha, "must be > 0")
+        if not 0.0 <= float(cfg.dropout) < 1.0:
+            raise ConfigError("method.dropout", cfg.dropout, "must be in [0, 1)")
+        if cfg.init not in INITS:
+            raise ConfigError("method.init", cfg.init, f"must be one of {list(INITS)}")
+
+    def apply(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        matched = resolve_targets(model, cfg.targets)
+        freeze_all(model)
+        self.adapted: list[str] = sorted({n for names in matched.values() for n in names})
+        for name in self.adapted:
+            parent, child = get_submodule_parent(model, name)
+            base = getattr(parent, child)
+            if base.out_features < cfg.r and cfg.init == "svd":
+                raise ConfigError("method.r", cfg.r, f"exceeds the rank of {name} ({base.out_features})")
+            setattr(parent, child, LoRALinear(base, cfg.r, float(cfg.alpha), float(cfg.dropout),
+                                              bool(cfg.rslora), cfg.init))
+        params = dict(model.named_parameters())
+        for name in self.method_parameter_names(model):
+            params[name].requires_grad_(True)
+        if cfg.train_head:
+            for name in head_parameter_names(model):
+                params[name].requires_grad_(True)
+
+    def method_parameter_names(self, model: nn.Module) -> set[str]:
+        return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+    def lora_modules(self, model: nn.Module) -> dict[str, LoRALinear]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+    def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
+        out = {}
+        for name, m in self.lora_modules(model).items():
+            s = m.scaling
+            B, A = m.lora_B.detach().float().cpu(), m.lora_A.detach().float().cpu()
+            residual = m.base.weight.detach().float().cpu()
+            if m.merged:
+                residual = residual - s * B @ A
+            if m.init == "svd":  # ΔW = s (B A - B0 A0): factors of rank <= 2r
+                B0, A0 = m.B0.float().cpu(), m.A0.float().cpu()
+                out[name] = DeltaW(B=torch.cat([s * B, -s * B0], dim=1), A=torch.cat([A, A0], dim=0),
+                                   base=residual + s * B0 @ A0, kind="lora")
+            else:
+                out[name] = DeltaW(B=s * B, A=A, base=residual, kind="lora")
+        return out
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        for m in self.lora_modules(model).values():
+            m.merge()
+
+    def undo_inference(self, model: nn.Module) -> None:
+        for m in self.lora_modules(model).values():
+            m.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its base layer with ΔW merged in: a plain model for deployment."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, m.base)
+    return model

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+
+
+def method_cfg(name: str, **overrides):
+    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def tiny_bert(layers: int = 2, hidden: int = 32, num_labels: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_roberta(layers: int = 2, hidden: int = 32):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                           intermediate_size=2 * hidden, max_position_embeddings=70, num_labels=2)
+    return RobertaForSequenceClassification(config).eval()
+
+
+def tiny_distilbert(layers: int = 2, hidden: int = 32):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=100, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden,
+                              max_position_embeddings=64, num_labels=2)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+def batch(seed: int = 1, size: int = 4, length: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (size, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def inputs():
+    return batch()

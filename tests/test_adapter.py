@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from conftest import method_cfg, tiny_bert, tiny_distilbert
+from lora_lab.architectures import head_parameter_names, layer_norm_parameter_names
+from lora_lab.errors import ConfigError
+from lora_lab.methods import build_method
+from lora_lab.methods.adapter import WithAdapter
+
+
+def adapter(model, **overrides):
+    method = build_method(method_cfg("adapter", **overrides))
+    method.apply(model)
+    return method
+
+
+@pytest.mark.parametrize("variant", ["houlsby", "pfeiffer"])
+def test_adapter_starts_as_identity(variant, inputs):
+    expected = tiny_bert()(**inputs).logits
+    model = tiny_bert()
+    adapter(model, variant=variant)
+    torch.testing.assert_close(model.eval()(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("variant,per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+def test_parameter_count_and_placement(variant, per_layer):
+    layers, d, m = 3, 32, 8
+    model = tiny_bert(layers=layers, hidden=d)
+    method = adapter(model, variant=variant, bottleneck=m)
+    count = sum(model.get_parameter(n).numel() for n in method.method_parameter_names(model))
+    assert count == layers * per_layer * (2 * d * m + m + d)
+    wrapped = sorted(n for n, mod in model.named_modules() if isinstance(mod, WithAdapter))
+    expected = [f"bert.encoder.layer.{i}.output.dense" for i in range(layers)]
+    if variant == "houlsby":
+        expected += [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(layers)]
+    assert wrapped == sorted(expected)
+
+
+def test_reduction_factor():
+    model = tiny_bert(hidden=32)
+    method = adapter(model, bottleneck=None, reduction_factor=4, variant="pfeiffer")
+    down = model.bert.encoder.layer[0].output.dense.adapter.down
+    assert down.out_features == 8
+    assert method.method_parameter_names(model)
+
+
+@pytest.mark.parametrize("variant,train_ln", [("houlsby", True), ("pfeiffer", False)])
+def test_gradients_reach_adapters_head_and_layer_norms_only(variant, train_ln, inputs):
+    model = tiny_bert().train()
+    method = adapter(model, variant=variant)
+    model(**inputs, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    expected = method.method_parameter_names(model) | head_parameter_names(model)
+    if train_ln:
+        expected |= layer_norm_parameter_names(model)
+    assert with_grad == expected
+
+
+def test_distilbert_placement():
+    model = tiny_distilbert()
+    adapter(model, variant="houlsby")
+    wrapped = sorted(n for n, mod in model.named_modules() if isinstance(mod, WithAdapter))
+    assert wrapped == sorted([f"distilbert.transformer.layer.{i}.{p}" for i in range(2)
+                              for p in ("attention.out_lin", "ffn.lin2")])
+
+
+def test_delta_w_linearised_update():
+    model = tiny_bert()
+    method = adapter(model, variant="pfeiffer", activation="identity")
+    name = "bert.encoder.layer.0.output.dense"
+    wrapped = model.get_submodule(name)
+    with torch.no_grad():
+        wrapped.adapter.up.weight.normal_()
+        wrapped.adapter.up.bias.zero_()
+        wrapped.adapter.down.bias.zero_()
+    x = torch.randn(5, wrapped.base.in_features)
+    delta = method.delta_weights(model)[name]
+    # with an identity activation and zero biases the adapter is exactly W -> W + ΔW
+    torch.testing.assert_close(wrapped(x), x @ (wrapped.base.weight + delta.to_dense()).T + wrapped.base.bias,
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key,value", [("variant", "compacter"), ("activation", "swish2"), ("bottleneck", 0)])
+def test_bad_settings(key, value):
+    with pytest.raises(ConfigError, match=f"method.{key}="):
+        build_method(method_cfg("adapter", **{key: value}))

@@ -1,0 +1,131 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config
+from lora_lab import records
+from lora_lab.errors import ConfigError
+from lora_lab.train import run_training
+
+SMOKE = ["experiment=smoke", "logger=disabled"]
+
+
+def smoke_cfg(tmp_path, *overrides):
+    return compose_config(*SMOKE, f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+
+
+@pytest.mark.parametrize("method", ["full", "head", "head method.top_layers=1", "adapter",
+                                    "adapter method.variant=pfeiffer", "lora", "lora method.init=svd"])
+def test_smoke_every_method_writes_a_complete_record(tmp_path, method):
+    name, *extra = method.split()
+    cfg = smoke_cfg(tmp_path, f"method={name}", *extra)
+    run_dir = tmp_path / "run"
+    record = run_training(cfg, run_dir)
+    on_disk = records.load_record(run_dir)
+    assert on_disk["status"] == "completed" and on_disk["method"] == name
+    assert on_disk["best"]["epoch"] == 1 and 0 <= on_disk["best"]["test/accuracy"] <= 1
+    m = on_disk["measurements"]
+    assert m["peak_memory_mb"] > 0 and m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > 0
+    assert m["trainable_state_bytes"] == (run_dir / records.STATE_FILE).stat().st_size
+    p = on_disk["parameters"]
+    assert p["trainable"] == p["trainable_method"] + p["trainable_head"] + p["trainable_other"]
+    state = records.load_file(str(run_dir / records.STATE_FILE))
+    assert sum(t.numel() for t in state.values()) == p["trainable"]
+    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    if name == "lora":
+        assert len(deltas) == 4 and all(d.B is not None and d.base is not None for d in deltas.values())
+        assert "merged_over_unmerged" in m
+    if name == "full":
+        assert len(deltas) == 12 and all(d.to_dense().abs().sum() > 0 for d in deltas.values())
+    assert on_disk["environment"]["versions"]["torch"] == torch.__version__
+    assert record["config"]["method"]["name"] == name
+
+
+def test_same_seed_same_metrics(tmp_path):
+    first = run_training(smoke_cfg(tmp_path, "method=lora", "seed=3"), tmp_path / "a")
+    second = run_training(smoke_cfg(tmp_path, "method=lora", "seed=3"), tmp_path / "b")
+    other = run_training(smoke_cfg(tmp_path, "method=lora", "seed=4"), tmp_path / "c")
+    assert first["epochs"] == second["epochs"]
+    assert first["epochs"][0]["train_loss"] != other["epochs"][0]["train_loss"]
+
+
+def test_bad_monitor_metric(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.monitor='f2'"):
+        run_training(smoke_cfg(tmp_path, "trainer.monitor=f2"), tmp_path / "run")
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "lora_lab.main", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.r=0", "lora-lab: error: method.r=0: must be a positive integer"),
+    ("method.alpha=-1", "lora-lab: error: method.alpha=-1: must be > 0"),
+    ("method.targets=[q,gate_proj]", "lora-lab: error: method.targets='gate_proj': matches no linear layer"),
+    ("data=files data.files.train=missing.csv", "lora-lab: error: data.files.train='missing.csv': does not exist"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
+    out = cli(*SMOKE, f"data.cache_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", *override.split(),
+              cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr
+    error_lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1, out.stderr
+    record = json.loads((tmp_path / "run" / records.RECORD_FILE).read_text())
+    assert record["status"] == "failed" and "ConfigError" in record["error"]
+
+
+def test_cli_unknown_method_is_hydras_error(tmp_path):
+    out = cli(*SMOKE, "method=prefix", cwd=tmp_path)
+    assert out.returncode != 0 and "method/prefix" in out.stderr
+
+
+def test_multirun_records_failed_job_and_continues(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = cli("-m", *SMOKE, f"data.cache_dir={tmp_path}", f"hydra.sweep.dir={sweep}", "method=lora",
+              "method.r=0,2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    status = {}
+    for run_dir in records.find_run_dirs(sweep):
+        record = records.load_record(run_dir, require_completed=False)
+        status[record["config"]["method"]["r"]] = record["status"]
+    assert status == {0: "failed", 2: "completed"}
+    assert "job failed" in out.stderr
+    table = (sweep / "comparison.md").read_text()
+    assert "LoRA r=2" in table and "method.r=0" in table
+
+
+def test_interrupted_write_leaves_no_record(tmp_path, monkeypatch):
+    target = tmp_path / records.RECORD_FILE
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", explode)
+    with pytest.raises(KeyboardInterrupt):
+        records.write_json(target, {"status": "completed"})
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_tracker_offline_writes_a_wandb_run(tmp_path, monkeypatch):
+    from lora_lab.tracking import Tracker, resolve_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    tracker = Tracker.start({"a": 1}, mode="offline", directory=tmp_path)
+    tracker.log({"train/loss": 0.5}, step=1)
+    tracker.summary({"best/accuracy": 0.9})
+    tracker.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
