@@ -11,7 +11,7 @@ from pathlib import Path
 from lora_lab.errors import ConfigError
 from lora_lab.records import RECORD_FILE, find_run_dirs, load_record
 
-COLUMNS = ["method", "trainable params", "% of total", "peak memory (MB)", "train samples/s",
+COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)", "train samples/s",
            "val {m}", "test {m}", "epoch", "failed"]
 
 
@@ -39,11 +39,12 @@ def comparison_rows(run_dirs: list[Path], metric: str = "accuracy") -> list[list
         record = load_record(run_dir, require_completed=False)
         config = record.get("config", {})
         if record.get("status") != "completed":
-            rows.append([method_label(config), "", "", "", "", "", "", "", record.get("error", "failed")[:80]])
+            rows.append([method_label(config), config.get("seed", ""), "", "", "", "", "", "", "",
+                         record.get("error", "failed")[:100]])
             continue
         p, meas, best = record["parameters"], record["measurements"], record["best"]
         rows.append([
-            method_label(config) + (f" seed {config.get('seed')}" if config.get("seed") else ""),
+            method_label(config), config.get("seed", ""),
             f"{p['trainable']:,}", f"{p['trainable_percent']:.2f}", f"{meas['peak_memory_mb']:.0f}",
             f"{meas['train_samples_per_s']:.1f}", f"{best[f'validation/{metric}']:.4f}",
             f"{best[f'test/{metric}']:.4f}", str(best["epoch"]), "",

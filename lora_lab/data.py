@@ -76,7 +76,12 @@ def _load_raw(cfg):
         loader, labels = EMBEDDED_DATASETS[cfg.name]
         return loader(), labels
     if cfg.source == "hub":
-        raw = datasets.load_dataset(cfg.path, cfg.get("subset"))
+        try:
+            raw = datasets.load_dataset(cfg.path, cfg.get("subset"))
+        except Exception as error:  # noqa: BLE001 - not found, bad subset, no network: all one line
+            first = next((ln for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+            raise ConfigError("data.path", cfg.path, f"could not be loaded (subset {cfg.get('subset')!r}): "
+                              f"{first}") from None
         return raw, None
     if cfg.source == "files":
         files = check_files(cfg)

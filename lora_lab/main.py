@@ -32,7 +32,7 @@ def run_name(cfg) -> str:
     return "-".join(x for x in (m.name, size, f"s{cfg.seed}") if x)
 
 
-def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
+def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name: str | None = None) -> float:
     """Run one job. Any failure is written to the run record; in a multirun the sweep carries on."""
     from lora_lab.tracking import Tracker
     from lora_lab.train import run_training
@@ -41,7 +41,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool) -> float:
     try:
         tracker = Tracker.start(
             OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, project=cfg.logger.project,
-            entity=cfg.logger.get("entity"), name=run_name(cfg), group=cfg.logger.get("group"),
+            entity=cfg.logger.get("entity"), name=run_name(cfg), group=cfg.logger.get("group") or sweep_name,
             tags=cfg.logger.get("tags"), directory=run_dir)
         record = run_training(cfg, run_dir, tracker)
         tracker.finish(exit_code=0)
@@ -71,7 +71,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def app(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    return train_and_record(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_name = Path(hydra_cfg.sweep.dir).name if multirun else None  # W&B groups a sweep's runs
+    return train_and_record(cfg, Path(hydra_cfg.runtime.output_dir), multirun, sweep_name)
 
 
 def main() -> None:

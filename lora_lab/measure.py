@@ -56,6 +56,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        self.rss_at_reset_kb = _read_status_kb("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -76,10 +77,29 @@ class PeakMemory:
         if hwm is None:
             hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         kind = "cpu_rss_peak" if self.rss_reset else "cpu_rss_peak_process_lifetime"
-        return {"peak_memory_mb": hwm / 1024, "peak_memory_kind": kind}
+        out = {"peak_memory_mb": hwm / 1024, "peak_memory_kind": kind}
+        if getattr(self, "rss_at_reset_kb", None):
+            out["memory_at_start_mb"] = self.rss_at_reset_kb / 1024  # model, data and libraries loaded
+        return out
 
 
 # ---------------------------------------------------------------- time
+
+_IMPORTED_AT = time.time()
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux /proc), else since lora_lab.measure was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        import os
+
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED_AT
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

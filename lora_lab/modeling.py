@@ -30,17 +30,26 @@ def tokenizer_source(cfg) -> str:
         return embedded_model_path(cfg.name)
     if cfg.source == "random":
         return embedded_model_path(cfg.tokenizer) if cfg.tokenizer in EMBEDDED_PACKAGES else cfg.tokenizer
-    if cfg.source == "hub":
-        if os.path.sep in str(cfg.name) and not os.path.exists(cfg.name):
-            raise ConfigError("model.name", cfg.name, "local model path does not exist")
-        return cfg.name
+    if cfg.source == "hub":  # a Hub id ("FacebookAI/roberta-base") or a local folder
+        name = str(cfg.name)
+        if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+            raise ConfigError("model.name", name, "local model folder does not exist")
+        return os.path.expanduser(name)
     raise ConfigError("model.source", cfg.source, "must be one of ['embedded', 'hub', 'random']")
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_source(cfg), trust_remote_code=bool(cfg.trust_remote_code))
+    source = tokenizer_source(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.trust_remote_code))
+    except OSError as error:  # not found locally, on the Hub, or no network
+        raise ConfigError("model.name", source, f"tokenizer could not be loaded: {_first_line(error)}") from None
 
 
 def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
@@ -64,5 +73,7 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
         return AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
             **label_kwargs)
+    except OSError as error:
+        raise ConfigError("model.name", path, f"could not be loaded: {_first_line(error)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -111,7 +111,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     method = build_method(cfg.method)  # validates the method's settings before anything is loaded
     device = resolve_device(tcfg.device)
     set_seed(cfg.seed)
-    torch.set_num_threads(tcfg.threads) if tcfg.get("threads") else None
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg.threads))
 
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer)
@@ -144,7 +145,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     peak = measure.PeakMemory(device)
     peak.reset()
     throughput = measure.Throughput(tcfg.throughput_warmup_steps, device)
-    epochs, step, best, eval_latencies = [], 0, None, []
+    epochs, step, best, eval_latencies, startup_seconds = [], 0, None, [], None
     train_start = time.perf_counter()
     for epoch in range(1, tcfg.epochs + 1):
         model.train()
@@ -165,6 +166,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
+            if step == 1:
+                startup_seconds = measure.process_age_seconds()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
@@ -188,6 +191,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     train_seconds = time.perf_counter() - train_start
 
     measurements = {**peak.read(), **throughput.summary(), "train_seconds": train_seconds,
+                    "process_start_to_first_step_s": startup_seconds,
                     "eval_batch_ms_median": statistics.median(eval_latencies) if eval_latencies else None}
     measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg))
 
