@@ -1,0 +1,456 @@
+"""Subspace report over saved runs: spectra, effective ranks, phi heatmaps and the paper's Table 7.
+
+    python -m analysis.subspace_report RUN_DIR [RUN_DIR ...] --out REPORT_DIR [options]
+
+Each RUN_DIR is a completed lora_lab run (record.json and delta_w.safetensors). Modules shared by all
+runs are analysed, one at a time, streamed from the safetensors files. phi compares pairs of runs
+(``--pairs``), so it needs two runs or more; one run can be analysed with ``--analyses spectra,table7``.
+Writes PNG figures, CSV + Markdown tables, phi.safetensors and a report.md that links them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions, AnalysisResult, RunDeltas,
+                               analyse_runs, make_pairs, short_type_names)
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import DeltaW
+from lora_lab.records import DELTA_FILE, load_record, save_tensors
+
+_PARTS = ("dense", "B", "A", "base")
+MAX_HEATMAP_PANELS = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------
+class DeltaFile:
+    """delta_w.safetensors read one module at a time (memory-mapped), with shapes known up front."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ConfigError("run", str(self.path.parent), f"has no {DELTA_FILE} (no ΔW was saved for this run)")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
+                parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+                for key in f.keys():
+                    name, _, part = key.rpartition("::")
+                    if part in _PARTS and name:
+                        parts[name][part] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:  # a truncated or foreign file
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ConfigError("run", str(self.path.parent), f"cannot read {DELTA_FILE}: {first}") from None
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.factored: dict[str, bool] = {}
+        for name, p in parts.items():
+            if "dense" in p:
+                self.shapes[name], self.factored[name] = p["dense"], False
+            elif "B" in p and "A" in p:
+                self.shapes[name], self.factored[name] = (p["B"][0], p["A"][1]), True
+            else:
+                raise ConfigError("run", str(self.path.parent),
+                                  f"{DELTA_FILE} holds neither a dense ΔW nor factors B and A for {name}")
+        if not self.shapes:
+            raise ConfigError("run", str(self.path.parent), f"{DELTA_FILE} holds no ΔW")
+        self._parts = parts
+
+    def load(self, name: str) -> DeltaW:
+        from safetensors import safe_open
+
+        d = DeltaW(kind=self.kinds.get(name, "weight_difference"))
+        with safe_open(str(self.path), framework="pt") as f:
+            for part in self._parts[name]:
+                setattr(d, part, f.get_tensor(f"{name}::{part}"))
+        return d
+
+
+def run_label(record: dict) -> str:
+    cfg = record.get("config") or {}
+    method = cfg.get("method") or {}
+    label = str(method.get("name", "run"))
+    if method.get("r") is not None:
+        label += f" r={method['r']}"
+    if cfg.get("seed") is not None:
+        label += f" seed={cfg['seed']}"
+    return label
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dict]]:
+    records, files = [], []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise ConfigError("run", str(run_dir), "is not a directory")
+        records.append(load_record(run_dir))
+        files.append(DeltaFile(run_dir / DELTA_FILE))
+    labels = [run_label(r) for r in records]
+    for i, label in enumerate(labels):
+        if labels.count(label) > 1:
+            labels[i] = f"{label} ({Path(run_dirs[i]).name})"
+    if len(set(labels)) < len(labels):  # same label and same folder name: number them
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    runs = []
+    for label, record, f in zip(labels, records, files):
+        r = ((record.get("config") or {}).get("method") or {}).get("r")
+        runs.append(RunDeltas(label, f.shapes, f.load, f.factored, r if isinstance(r, int) and r > 0 else None))
+    return runs, records
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    if isinstance(v, tuple):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def write_table(out: Path, stem: str, columns: list[str], rows: list[list]) -> tuple[Path, Path, str]:
+    """CSV (full precision) and Markdown (4 significant digits); returns both paths and the Markdown."""
+    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for row in rows:
+            w.writerow(["x".join(map(str, v)) if isinstance(v, tuple) else ("" if v is None else v) for v in row])
+    md = markdown_table(columns, rows)
+    md_path.write_text(md + "\n")
+    return csv_path, md_path, md
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        return (v if isinstance(v, str) else _fmt(v)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "x"
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+def _select_layers(layers: list, wanted: list[int] | None) -> list:
+    if wanted is not None:
+        return [layer for layer in layers if layer in wanted]
+    if len(layers) <= MAX_HEATMAP_PANELS:
+        return layers
+    step = (len(layers) - 1) / (MAX_HEATMAP_PANELS - 1)
+    return [layers[i] for i in sorted({round(i * step) for i in range(MAX_HEATMAP_PANELS)})]
+
+
+def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
+                 heatmap_layers: list[int] | None = None, elapsed: float | None = None) -> dict:
+    from analysis import subspace_plots as plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    opts = res.options
+    short = short_type_names(res.types())
+    images: list[Path] = []
+    tables: dict[str, tuple[list[str], list[list]]] = {}
+    md = ["# Subspace analysis of ΔW (LoRA paper, Section 7)", ""]
+    md += ["Runs:", "", markdown_table(["#", "label", "run directory"],
+                                       [[i + 1, lab, str(d)] for i, (lab, d) in enumerate(zip(res.labels, run_dirs))]), ""]
+    md += [f"Modules analysed: {len(res.modules)} (shared by all runs), matrix types: "
+           + ", ".join(f"`{t}`" for t in res.types()) + ".", ""]
+    settings = [f"analyses {','.join(opts.analyses)}", f"energy threshold {opts.energy:g}", f"seed {opts.seed}"]
+    if res.pairs:
+        settings += [f"phi basis {res.basis!r} ({'LoRA factor A/B' if res.basis == 'factor' else 'singular vectors of ΔW'})",
+                     f"side {opts.side!r} ({'input / row space' if opts.side == 'right' else 'output / column space'})"]
+    md += ["Settings: " + "; ".join(settings) + ".", ""]
+    if elapsed is not None:
+        md += [f"Computation time: {elapsed:.2f} s.", ""]
+    for label, names in res.unmatched.items():
+        md += [f"Not analysed ({label} only has them): {len(names)} module(s), e.g. `{names[0]}`.", ""]
+
+    if "spectra" in opts.analyses:
+        md += _spectra_section(res, out, short, images, tables, plots)
+    if res.pairs:
+        md += _phi_section(res, out, short, images, tables, plots, heatmap_layers)
+    if "table7" in opts.analyses:
+        md += _table7_section(res, out, short, tables)
+    if res.notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    (out / "report.md").write_text("\n".join(md))
+    return {"images": images, "tables": tables, "report": out / "report.md"}
+
+
+def _spectra_section(res, out, short, images, tables, plots) -> list[str]:
+    opts = res.options
+    md = ["## Singular values and effective rank", "",
+          f"Effective rank: the fewest singular values holding {opts.energy:.0%} of ||ΔW||_F^2. "
+          "Factored ΔW (LoRA) has all its singular values; a dense ΔW larger than "
+          "1024 has only its top directions (randomized SVD), and '>k' means they do not reach the threshold.", ""]
+    cols = ["run", "module", "layer", "type", "shape", "kind", "k", "effective_rank", "sigma_1",
+            "top1_energy_share", "delta_norm"]
+    rows = []
+    for s in res.spectra:
+        S = s["S"]
+        er = s["effective_rank"]
+        top = float(S[0]) if S.numel() else 0.0
+        rows.append([s["run"], s["module"], s["layer"], short[s["mtype"]], s["shape"], s["kind"], s["k"],
+                     er if er is not None else f">{s['k']}", top,
+                     top * top / s["delta_norm"] ** 2 if s["delta_norm"] > 0 else None, s["delta_norm"]])
+    write_table(out, "effective_rank", cols, rows)
+    tables["effective_rank"] = (cols, rows)
+    agg_cols = ["run", "type", "layers", "mean effective rank", "min", "max", "mean ‖ΔW‖_F"]
+    agg = []
+    for label in res.labels:
+        for mtype in res.types():
+            sel = [s for s in res.spectra if s["run"] == label and s["mtype"] == mtype]
+            ers = [s["effective_rank"] for s in sel if s["effective_rank"] is not None]
+            agg.append([label, short[mtype], len(sel), _mean(ers), min(ers) if ers else None,
+                        max(ers) if ers else None, _mean([s["delta_norm"] for s in sel])])
+    md += [markdown_table(agg_cols, agg), "", "Per matrix: [effective_rank.md](effective_rank.md), "
+           "[effective_rank.csv](effective_rank.csv).", ""]
+    for i, label in enumerate(res.labels):
+        series = defaultdict(list)
+        for s in res.spectra:
+            if s["run"] == label:
+                series[short[s["mtype"]]].append((s["layer"], s["S"]))
+        path = plots.spectra_plot(dict(series), out / f"spectra_run{i + 1}.png", f"Singular values of ΔW: {label}")
+        images.append(path)
+        md += [f"![spectra {label}]({path.name})", ""]
+    return md
+
+
+def _phi_section(res, out, short, images, tables, plots, heatmap_layers) -> list[str]:
+    opts = res.options
+    md = ["## Subspace similarity phi(i, j)", "",
+          "phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) between the top-i directions of the first "
+          "run and the top-j directions of the second (1: the smaller subspace lies in the other, 0: orthogonal). "
+          "Columns: phi_11 = phi(1, 1); phi_block_mean = mean over i, j <= block; phi_full = phi(k1, k2); "
+          "shared_dirs = principal angles with cos^2 > 0.5 between the two whole subspaces; random_block_mean = "
+          "the same block for two Gaussian matrices of the same shapes; expected_block_mean = its expectation "
+          "i*j / (d*min(i, j)).", ""]
+    cols = ["pair", "run1", "run2", "module", "layer", "type", "basis", "side", "d", "k1", "k2", "phi_11",
+            "block", "phi_block_mean", "phi_full", "shared_dirs", "random_block_mean", "expected_block_mean"]
+    rows = []
+    for r in res.phi:
+        a, b = res.pairs[r.pair]
+        s = r.summary
+        rows.append([r.pair + 1, res.labels[a], res.labels[b], r.module, r.layer, short[r.mtype], r.basis, opts.side,
+                     s["d"], s["k1"], s["k2"], s["phi_11"], s["block"], s["phi_block_mean"], s["phi_full"],
+                     s["shared_dirs"], s["random_block_mean"], s["expected_block_mean"]])
+    write_table(out, "phi_summary", cols, rows)
+    tables["phi_summary"] = (cols, rows)
+    agg_cols = ["pair", "type", "layers", "mean phi_11", "mean phi_block_mean", "mean shared_dirs",
+                "random_block_mean", "expected_block_mean"]
+    agg = []
+    for p in range(len(res.pairs)):
+        for mtype in res.types():
+            sel = [r.summary for r in res.phi if r.pair == p and r.mtype == mtype]
+            agg.append([p + 1, short[mtype], len(sel), _mean([s["phi_11"] for s in sel]),
+                        _mean([s["phi_block_mean"] for s in sel]), _mean([s["shared_dirs"] for s in sel]),
+                        _mean([s["random_block_mean"] for s in sel]), _mean([s["expected_block_mean"] for s in sel])])
+    md += [markdown_table(agg_cols, agg), "", "Per matrix: [phi_summary.md](phi_summary.md), "
+           "[phi_summary.csv](phi_summary.csv); all phi matrices: phi.safetensors.", ""]
+    tensors = {}
+    for p, (a, b) in enumerate(res.pairs):
+        md += [f"### Pair {p + 1}: {res.labels[a]} (i) vs {res.labels[b]} (j)", ""]
+        for mtype in res.types():
+            sel = [r for r in res.phi if r.pair == p and r.mtype == mtype]
+            layers = _select_layers([r.layer for r in sel], heatmap_layers)
+            panels = [(f"layer {r.layer}" if r.layer is not None else r.module, r.phi) for r in sel if r.layer in layers]
+            if not panels:
+                continue
+            path = plots.phi_heatmaps(panels, out / f"phi_pair{p + 1}_{_slug(short[mtype])}.png",
+                                      f"phi({res.labels[a]}, {res.labels[b]}, i, j), ΔW {short[mtype]}",
+                                      xlabel=f"j ({res.labels[b]})", ylabel=f"i ({res.labels[a]})")
+            images.append(path)
+            md += [f"![phi pair {p + 1} {short[mtype]}]({path.name})", ""]
+        panels = []
+        for mtype in res.types():
+            base = res.random.get((p, mtype))
+            if base is not None:
+                d = base["shape"][0]
+                panels.append((f"random, {short[mtype]} (d={d})", base["phi"]))
+                tensors[f"pair{p + 1}::random::{mtype}"] = base["phi"].float()
+        if panels:
+            d, k1, k2 = res.random[(p, res.types()[0])]["shape"] if (p, res.types()[0]) in res.random else (0, 0, 0)
+            if d:
+                panels.append((f"expected i*j/(d*min(i,j)), d={d}", res.random[(p, res.types()[0])]["expected"]))
+            path = plots.phi_heatmaps(panels, out / f"phi_pair{p + 1}_random.png",
+                                      "Random Gaussian baseline with the same shapes")
+            images.append(path)
+            md += [f"![random baseline pair {p + 1}]({path.name})", ""]
+        for r in res.phi:
+            if r.pair == p:
+                tensors[f"pair{p + 1}::{r.module}"] = r.phi.float()
+    save_tensors(out / "phi.safetensors", tensors,
+                 metadata={"labels": json.dumps(res.labels), "pairs": json.dumps(res.pairs),
+                           "basis": res.basis, "side": opts.side})
+    return md
+
+
+def _table7_section(res, out, short, tables) -> list[str]:
+    md = ["## Table 7: does ΔW amplify directions of W?", "",
+          "U, V: the top-r left / right singular vectors of ΔW, of W (= W0, the weights before training) or "
+          "of a random Gaussian matrix; the columns give ||U^T W V||_F for each, ||W||_F, ||ΔW||_F and the "
+          "amplification factor ||ΔW||_F / ||U^T W V||_F (ΔW directions). Random directions are uniformly "
+          "distributed, so the random column is the root of E||U^T W V||_F^2 = r^2 ||W||_F^2 / (out * in) "
+          "(proj_random_draw: one actual draw, with --random-draw). The paper (GPT-3, layer 48, W_q): "
+          "r=4: 0.32 / 21.67 / 0.02, amplification ~21.5; r=64: 1.90 / 37.71 / 0.33, amplification ~2.", ""]
+    cols = ["run", "module", "layer", "type", "r", "proj_delta", "proj_w", "proj_random", "proj_random_draw",
+            "w_norm", "delta_norm", "amplification"]
+    rows = [[t["run"], t["module"], t["layer"], short[t["mtype"]], t["r"], t["proj_delta"], t["proj_w"],
+             t["proj_random"], t["proj_random_draw"], t["w_norm"], t["delta_norm"], t["amplification"]]
+            for t in res.table7]
+    if not rows:
+        return md + ["No module had a saved W0; nothing to report.", ""]
+    write_table(out, "table7", cols, rows)
+    tables["table7"] = (cols, rows)
+    agg_cols = ["run", "type", "r", "‖UᵀWV‖ ΔW", "‖UᵀWV‖ W", "‖UᵀWV‖ random", "‖W‖_F", "‖ΔW‖_F",
+                "amplification"]
+    agg = []
+    for label in res.labels:
+        for mtype in res.types():
+            sel = [t for t in res.table7 if t["run"] == label and t["mtype"] == mtype]
+            if sel:
+                agg.append([label, short[mtype], sel[0]["r"]] + [_mean([t[k] for t in sel]) for k in
+                           ("proj_delta", "proj_w", "proj_random", "w_norm", "delta_norm", "amplification")])
+    md += ["Means over layers:", "", markdown_table(agg_cols, agg), "",
+           "Per matrix: [table7.md](table7.md), [table7.csv](table7.csv).", ""]
+    return md
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.subspace_report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="completed lora_lab run directories")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="folder for report.md, figures and tables")
+    p.add_argument("--pairs", default="all", choices=["all", "first", "consecutive"],
+                   help="which runs phi compares: every pair, the first run against each other, or neighbours")
+    p.add_argument("--analyses", default=",".join(ANALYSES),
+                   help=f"comma-separated subset of {','.join(ANALYSES)}; phi needs two runs or more")
+    p.add_argument("--basis", default="auto", choices=BASES,
+                   help="phi from the LoRA factors (A's row space / B's column space, as in the paper), from the "
+                        "singular vectors of ΔW (any method), or auto: factor when every run has factors")
+    p.add_argument("--side", default="right", choices=SIDES, help="input side (row space) or output side")
+    p.add_argument("--energy", type=float, default=0.9, help="energy fraction that defines the effective rank")
+    p.add_argument("--dense-dirs", type=int, default=64, help="top directions kept from a dense ΔW")
+    p.add_argument("--rank", type=int, default=None,
+                   help="Table 7 r for every run (default: the run's method.r, else the factor width, else 8)")
+    p.add_argument("--no-w-row", action="store_true",
+                   help="skip Table 7's W column (a top-r SVD of every W0, randomized above 1024)")
+    p.add_argument("--random-draw", action="store_true",
+                   help="Table 7: also project W onto one random draw of directions (costs a pass over W0)")
+    p.add_argument("--block", type=int, default=None, help="phi summary block size (default min(k1, k2))")
+    p.add_argument("--layers", default=None,
+                   help=f"comma-separated layers to draw heatmaps for (default all, at most {MAX_HEATMAP_PANELS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--wandb", action="store_true", help="also log figures and tables to Weights & Biases")
+    p.add_argument("--wandb-mode", default="auto", choices=["auto", "online", "offline", "disabled"])
+    p.add_argument("--wandb-project", default="lora_lab")
+    return p
+
+
+def _parse_list(text: str | None, key: str, cast=str) -> list | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise ConfigError(key, text, "must be a comma-separated list of integers") from None
+
+
+def run_report(args: argparse.Namespace) -> dict:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("threads", args.threads, "must be >= 1")
+        torch.set_num_threads(args.threads)
+    analyses = tuple(_parse_list(args.analyses, "analyses"))
+    layers = _parse_list(args.layers, "layers", int)
+    opts = AnalysisOptions(analyses=analyses, basis=args.basis, side=args.side, energy=args.energy,
+                           dense_dirs=args.dense_dirs, table7_rank=args.rank, w_row=not args.no_w_row,
+                           random_draw=args.random_draw,
+                           block=args.block, seed=args.seed)
+    if "phi" in analyses and len(args.runs) < 2:  # say so before reading any file
+        opts.check([RunDeltas(str(r), {}, None, {}) for r in args.runs], [])
+    runs, records = load_runs(args.runs)
+    pairs = make_pairs(len(runs), args.pairs)
+    t0 = time.perf_counter()
+    res = analyse_runs(runs, pairs, opts, progress=None if not args.no_progress else False)
+    elapsed = time.perf_counter() - t0
+    out = Path(args.out)
+    written = write_report(res, args.runs, out, layers, elapsed)
+    if args.wandb:
+        _log_wandb(args, res, records, written)
+    return written
+
+
+def _log_wandb(args, res: AnalysisResult, records: list[dict], written: dict) -> None:
+    from lora_lab.tracking import Tracker
+
+    config = {"runs": [str(r) for r in args.runs], "labels": res.labels, "analyses": list(res.options.analyses),
+              "basis": res.basis, "side": res.options.side, "energy": res.options.energy, "seed": res.options.seed}
+    tracker = Tracker.start(config, mode=args.wandb_mode, project=args.wandb_project,
+                            name="subspace: " + " vs ".join(res.labels), tags=["subspace"], directory=args.out)
+    try:
+        for path in written["images"]:
+            tracker.log_image(f"subspace/{Path(path).stem}", path)
+        for key, (cols, rows) in written["tables"].items():
+            tracker.log_table(f"subspace/{key}", cols,
+                              [[_fmt(v) if isinstance(v, tuple) else v for v in row] for row in rows])
+        summary = {}
+        for r in res.phi:
+            summary.setdefault(f"subspace/pair{r.pair + 1}/{r.mtype}/phi_11", []).append(r.summary["phi_11"])
+        for t in res.table7:
+            summary.setdefault(f"subspace/{t['run']}/{t['mtype']}/amplification", []).append(t["amplification"])
+        tracker.summary({k: _mean(v) for k, v in summary.items()})
+    finally:
+        tracker.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = run_report(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written['report']} ({len(written['images'])} figures, {len(written['tables'])} tables)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
