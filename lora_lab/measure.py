@@ -40,6 +40,19 @@ def _read_status_kb(field: str) -> int | None:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so that a run that follows
+    another one in the same process (a multirun) starts from an RSS close to a fresh process's."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory over a span: CUDA allocated/reserved after a reset, else the process's peak RSS.
 
@@ -52,6 +65,7 @@ class PeakMemory:
         self.rss_reset = False
 
     def reset(self) -> None:
+        _release_freed_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

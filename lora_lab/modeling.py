@@ -69,6 +69,7 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
     path = embedded_model_path(cfg.name) if cfg.source == "embedded" else tokenizer_source(cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised: classifier.*" report is expected
+    hf_logging.disable_progress_bar()  # a bar for loading 100 tensors is noise in every run's log
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
@@ -77,3 +78,4 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
         raise ConfigError("model.name", path, f"could not be loaded: {_first_line(error)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()

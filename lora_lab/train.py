@@ -230,7 +230,7 @@ def _inference_latency(model, method, loader, device, tcfg) -> dict:
         medians = measure.interleaved_latency(
             model, inputs, device,
             {"unmerged": lambda: method.undo_inference(model), "merged": lambda: method.prepare_inference(model)},
-            rounds=tcfg.latency_repeats)
+            rounds=tcfg.latency_repeats, repeats=1)
         method.undo_inference(model)
     return {"inference_ms": medians["merged"], "inference_unmerged_ms": medians["unmerged"],
             "inference_merged_ms": medians["merged"],

@@ -1,11 +1,11 @@
-"""Slow: the real embedded MiniLM-L6 on real Rotten Tomatoes snippets (about a minute each on 2 cores)."""
+"""Slow: the real embedded MiniLM-L6 on real Rotten Tomatoes snippets (1-2 minutes each on 2 cores)."""
 import pytest
 
 from conftest import compose_config
 from lora_lab import records
 from lora_lab.train import run_training
 
-REAL = ["logger=disabled", "data.max_train=1000", "data.max_eval=400", "data.max_length=64", "trainer.epochs=1",
+REAL = ["logger=disabled", "data.max_train=2000", "data.max_eval=400", "data.max_length=64", "trainer.epochs=1",
         "trainer.progress_bar=false"]
 
 
