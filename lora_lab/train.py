@@ -221,7 +221,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
 def _inference_latency(model, method, loader, device, tcfg) -> dict:
     """Forward latency of one evaluation batch; for methods that merge, unmerged vs merged (A/B)."""
     batch = to_device(next(iter(loader)), device)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v[: tcfg.batch_size] for k, v in batch.items() if k != "labels"}  # a training-size batch
     model.eval()
     with autocast(device, tcfg.precision):
         if not method.supports_merge:

@@ -1,0 +1,167 @@
+"""lora-lab-bench: runs end to end on the tiny random model and stores figures whose ratios are the
+quotients of the stored medians. Nothing here asserts how fast anything is."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF
+from lora_lab import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["full", "head", "houlsby", "pfeiffer", "lora_r1", "lora_r8", "lora_r64"]
+
+
+def bench_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="bench", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One real command-line run: every section, the tiny model, quick settings, one thread."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lab.bench", "model=tiny", "quick=true", "batch_size=4", "seq_len=16",
+         "threads=1", f"data.cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((tmp / "run" / "bench.json").read_text())
+
+
+def test_writes_json_and_prints_markdown_tables(quick_run):
+    stdout, result = quick_run
+    assert "### 1. Training step" in stdout and "| method | trainable | step ms |" in stdout
+    assert "### Targets" in stdout and result["table_markdown"] in stdout
+    assert result["setup"]["model"] == "tiny-random-bert" and result["config"]["quick"] is True
+    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 7
+
+
+def test_training_ratios_are_quotients_of_the_stored_medians(quick_run):
+    _, result = quick_run
+    rows = result["train_step"]["rows"]
+    assert set(METHODS) | {bench.REFERENCE, bench.CONTROL} <= set(rows)
+    ref = rows[bench.REFERENCE]["step_ms"]["median"]
+    for name, row in rows.items():
+        s = row["step_ms"]
+        assert len(s["samples"]) == 2 and s["min"] <= s["median"] <= s["max"]
+        assert row["ratio_to_frozen"] == pytest.approx(s["median"] / ref, rel=1e-12)
+    assert rows[bench.REFERENCE]["ratio_to_frozen"] == 1.0
+    # the A/A control: the same model measured in the same rounds
+    assert 1 / 3 < rows[bench.CONTROL]["ratio_to_frozen"] < 3
+    assert rows["full"]["trainable_params"] > rows["lora_r64"]["trainable_params"] > rows["lora_r8"]["trainable_params"]
+    assert rows[bench.REFERENCE]["trainable_params"] == rows["head"]["trainable_params"]
+    load = result["train_step"]["other_processes_cpu_share"]
+    if load["available"]:  # Linux: one share per timed sample, reported with the section
+        assert load["samples"] == 2 * len(rows) and 0 <= load["median"] <= load["max"]
+        assert result["setup"]["disturbed_samples"] >= load["disturbed_samples"]
+
+
+def test_peft_comparison_or_a_note(quick_run):
+    _, result = quick_run
+    peft = result["peft"]
+    if "skipped" in peft:
+        assert "peft" in peft["skipped"]
+        return
+    row = peft["r8"]
+    assert row["ratio"] == pytest.approx(row["ours_ms"]["median"] / row["peft_ms"]["median"], rel=1e-12)
+    assert row["trainable_ours"] == row["trainable_peft"]  # same targets, rank and head
+
+
+def test_inference_memory_data_path_startup(quick_run):
+    _, result = quick_run
+    inf = result["inference"]
+    base = inf["rows"]["base"]["latency_ms"]["median"]
+    for name, row in inf["rows"].items():
+        assert row["ratio_to_base"] == pytest.approx(row["latency_ms"]["median"] / base, rel=1e-12)
+    assert inf["merged"] == inf["rows"]["lora_merged"]["ratio_to_base"]
+    assert inf["merged_vs_unmerged_max_abs_logit_diff"] < 1e-4
+
+    mem = result["memory"]
+    for name, m in mem.items():
+        assert m["gradients_mb"] == pytest.approx(m["trainable_params_mb"])
+        # AdamW keeps two moments per trainable parameter (plus one step counter per tensor)
+        assert 2 * m["trainable_params_mb"] <= m["optimizer_state_mb"] < 2 * m["trainable_params_mb"] + 0.01
+    assert mem["full"]["gradients_mb"] == pytest.approx(mem["full"]["weights_mb"])
+    assert mem["lora_r8"]["optimizer_state_mb"] < mem["full"]["optimizer_state_mb"] / 50
+    assert mem["head"]["activations_saved_mb"] < mem[bench.REFERENCE]["activations_saved_mb"]
+
+    dp = result["data_path"]
+    rows = dp["rows"]
+    assert dp["ratio"] == pytest.approx(rows["batch"]["tokens_per_s"] / rows["max_length"]["tokens_per_s"])
+    assert rows["max_length"]["padded_length_mean"] == dp["max_length"]
+    assert rows["batch"]["padded_length_mean"] <= dp["max_length"]
+
+    st = result["startup"]
+    assert "error" not in st, st.get("error")
+    assert st["cold"] > 0 and st["warm"] > 0 and st["warm_over_cold"] == pytest.approx(st["warm"] / st["cold"])
+    assert st["cache_entries_after_cold"] == 1 and "model=tiny" in st["command"]
+    assert "ratio" in result["subspace"] or "skipped" in result["subspace"]
+
+
+def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    cfg = bench_config("model=tiny", "quick=true", "batch_size=2", "seq_len=8", "threads=1", "methods=[lora_r8]",
+                       "control=false", "inference.enabled=false", "data_path.enabled=false",
+                       "startup.enabled=false", "subspace.enabled=false", f"output={tmp_path / 'b.json'}")
+    lines = []
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run_benchmark(cfg, out=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert "pip install peft" in result["peft"]["skipped"]
+    assert set(result["train_step"]["rows"]) == {bench.REFERENCE, "lora_r8"}
+    assert json.loads((tmp_path / "b.json").read_text())["peft"] == result["peft"]
+    assert any("Skipped: peft is not importable" in line for line in lines)
+    verdicts = {t["key"]: t["result"] for t in result["targets"]}
+    assert verdicts["r8"] == verdicts["merged"] == verdicts["warm"] == "n/a"
+
+
+def test_a_figure_compared_with_itself_is_exactly_one():
+    s = bench.summarise([0.010, 0.012, 0.011], scale=1000)
+    assert s["median"] == pytest.approx(11.0) and (s["min"], s["max"]) == pytest.approx((10.0, 12.0))
+    c = bench.compare(s, s)
+    assert c["ratio"] == 1.0 and c["paired_min"] == c["paired_max"] == 1.0
+    slower = bench.summarise([0.020, 0.024, 0.022], scale=1000)
+    assert bench.compare(slower, s)["ratio"] == pytest.approx(2.0)
+
+
+def test_round_robin_interleaves_rotates_and_drops_warmup():
+    calls = []
+    fns = {name: (lambda k, name=name: calls.append((k, name))) for name in "ABC"}
+    samples = bench.round_robin(fns, rounds=3, warmup=1, device=torch.device("cpu"))
+    assert {k: len(v) for k, v in samples.items()} == {"A": 3, "B": 3, "C": 3}
+    assert [n for _, n in calls] == list("ABC" "BCA" "CAB" "ABC")
+    assert [k for k, _ in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+
+
+def test_unknown_method_name_is_a_config_error():
+    from lora_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="methods='prefix'"):
+        bench.method_config("prefix", bench_config())
+    m = bench.method_config("lora_r64", bench_config())
+    assert m.r == 64 and m.dropout == 0.0 and list(m.targets) == ["q", "v"]
+    assert bench.method_config("pfeiffer", bench_config()).variant == "pfeiffer"
+
+
+def test_model_and_data_overrides_are_passed_to_lora_lab():
+    cfg = bench_config("model=tiny", "threads=1")
+    got = bench.forwarded_overrides(["model=minilm", "data=rotten_tomatoes", "model=tiny", "model.hidden_size=64",
+                                     "data.cache_dir=/x", "data.max_length=64", "batch_size=8"], cfg)
+    assert got == ["data=rotten_tomatoes", "model=tiny", "model.hidden_size=64", "data.max_length=64",
+                   "trainer.threads=1", "trainer.device=auto"]
+
+
+def test_bench_config_reuses_the_model_and_data_groups():
+    cfg = bench_config("model=tiny", "batch_size=8", "seq_len=32")
+    assert cfg.model.source == "random" and cfg.data.name == "rotten_tomatoes"
+    assert cfg.batch_size == 8 and cfg.inference.seq_len == 32 and cfg.output is None
+    assert bench_config().model.name == "all-MiniLM-L6-v2"
