@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_lab.errors import ConfigError
+from lora_lab.errors import ConfigError, first_line
 
 SPLITS = ("train", "validation", "test")
 CACHE_VERSION = 1  # bump when loading, splitting or tokenising changes, so stale caches are not reused
@@ -79,9 +79,8 @@ def _load_raw(cfg):
         try:
             raw = datasets.load_dataset(cfg.path, cfg.get("subset"))
         except Exception as error:  # noqa: BLE001 - not found, bad subset, no network: all one line
-            first = next((ln for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
             raise ConfigError("data.path", cfg.path, f"could not be loaded (subset {cfg.get('subset')!r}): "
-                              f"{first}") from None
+                              f"{first_line(error)}") from None
         return raw, None
     if cfg.source == "files":
         files = check_files(cfg)

@@ -1,6 +1,7 @@
 """Measurements every run reports: parameter counts, peak memory, throughput and latency."""
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -109,8 +110,6 @@ def process_age_seconds() -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        import os
-
         return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time() - _IMPORTED_AT

