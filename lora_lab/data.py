@@ -20,7 +20,7 @@ import torch
 from lora_lab.errors import ConfigError, first_line
 
 SPLITS = ("train", "validation", "test")
-CACHE_VERSION = 1  # bump when loading, splitting or tokenising changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when loading, splitting or tokenising changes, so stale caches are not reused
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -29,6 +29,7 @@ class TaskData:
     splits: dict  # split name -> tokenised datasets.Dataset (input_ids, attention_mask, labels, ...)
     label_names: list[str]
     pad_token_id: int
+    regression: bool = False  # one float target per example (e.g. STS-B similarity); num_labels = 1
 
     @property
     def num_labels(self) -> int:
@@ -118,8 +119,13 @@ def _normalise_columns(raw, cfg):
     return datasets.DatasetDict(out)
 
 
-def _encode_labels(dsets, label_names):
-    """Map labels to ids 0..K-1; string labels sorted unless the source names them."""
+def _encode_labels(dsets, label_names, regression: bool = False):
+    """Map labels to ids 0..K-1; string labels sorted unless the source names them. Regression
+    targets stay floats; unlabeled rows (GLUE test) are -1 either way."""
+    if regression:
+        import datasets
+
+        return dsets.cast_column("label", datasets.Value("float32")), ["score"]
     feature = dsets["train"].features["label"]
     if hasattr(feature, "names"):
         return dsets, list(feature.names)
@@ -172,12 +178,19 @@ def _split(dsets, cfg):
     return datasets.DatasetDict(chosen)
 
 
+def is_regression(cfg) -> bool:
+    task_type = cfg.get("task_type") or "classification"
+    if task_type not in ("classification", "regression"):
+        raise ConfigError("data.task_type", task_type, "must be 'classification' or 'regression'")
+    return task_type == "regression"
+
+
 # ---------------------------------------------------------------- tokenisation with a disk cache
 
 def cache_key(cfg, tokenizer) -> str:
     """Everything that changes the tokenised result, hashed."""
     fields = {k: cfg.get(k) for k in ("source", "name", "path", "subset", "text_column", "text_pair_column",
-                                       "label_column", "val_fraction", "test_fraction", "split_seed",
+                                       "label_column", "task_type", "val_fraction", "test_fraction", "split_seed",
                                        "max_train", "max_eval", "max_length")}
     fields["splits"] = dict(cfg.splits)
     fields["files"] = {}
@@ -210,6 +223,7 @@ def load_task_data(cfg, tokenizer) -> TaskData:
     datasets.disable_progress_bars()
     if cfg.source == "files":
         check_files(cfg)
+    regression = is_regression(cfg)
     cache_root = Path(cfg.cache_dir).expanduser() / "tokenized" if cfg.get("cache_dir") else None
     key = cache_key(cfg, tokenizer)
     cached = cache_root / key if cache_root else None
@@ -219,14 +233,15 @@ def load_task_data(cfg, tokenizer) -> TaskData:
     else:
         raw, label_names = _load_raw(cfg)
         dsets = _normalise_columns(raw, cfg)
-        dsets, label_names = _encode_labels(dsets, label_names)
+        dsets, label_names = _encode_labels(dsets, label_names, regression)
         dsets = _split(dsets, cfg)
         splits = _tokenise(dsets, tokenizer, cfg.max_length)
         meta = {"label_names": label_names, "sizes": {k: len(v) for k, v in splits.items()}}
         if cached is not None:
             _save_atomically(splits, meta, cached)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TaskData(splits={k: splits[k] for k in SPLITS}, label_names=meta["label_names"], pad_token_id=pad)
+    return TaskData(splits={k: splits[k] for k in SPLITS}, label_names=meta["label_names"], pad_token_id=pad,
+                    regression=regression)
 
 
 def _save_atomically(splits, meta, target: Path) -> None:
@@ -246,10 +261,12 @@ def _save_atomically(splits, meta, target: Path) -> None:
 class Collator:
     """Pads each batch to its own longest sequence (``padding=batch``) or to ``max_length``."""
 
-    def __init__(self, pad_token_id: int, padding: str = "batch", max_length: int | None = None):
+    def __init__(self, pad_token_id: int, padding: str = "batch", max_length: int | None = None,
+                 label_dtype: torch.dtype = torch.long):
         if padding not in ("batch", "max_length"):
             raise ConfigError("data.padding", padding, "must be 'batch' or 'max_length'")
         self.pad_token_id, self.padding, self.max_length = pad_token_id, padding, max_length
+        self.label_dtype = label_dtype
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(r["input_ids"]) for r in rows)
@@ -262,7 +279,7 @@ class Collator:
                 for i, r in enumerate(rows):
                     t[i, : len(r[key])] = torch.as_tensor(r[key])
                 batch[key] = t
-        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=self.label_dtype)
         return batch
 
 

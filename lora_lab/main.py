@@ -23,6 +23,8 @@ from lora_lab.errors import ConfigError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# ${join:${method.targets}} -> "q+v", used in sweep presets' job directory names
+OmegaConf.register_new_resolver("join", lambda items: "+".join(map(str, items)), replace=True)
 
 
 def run_name(cfg) -> str:
@@ -65,6 +67,29 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         raise
 
 
+def plan_job(cfg: DictConfig, run_dir: Path) -> float:
+    """``dry_run=true``: resolve and validate the job's config without loading a model or data, and
+    print one line saying what would run. Returns NaN (no metric)."""
+    from analysis.compare import method_label
+    from lora_lab.data import check_files, is_regression
+    from lora_lab.methods import build_method
+    from lora_lab.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
+    build_method(cfg.method)
+    allowed = REGRESSION_METRICS if is_regression(cfg.data) else CLASSIFICATION_METRICS
+    if cfg.trainer.monitor not in allowed:
+        raise ConfigError("trainer.monitor", cfg.trainer.monitor, f"must be one of {list(allowed)} for this data")
+    if cfg.data.source == "files":
+        check_files(cfg.data)
+    data, t = resolved["data"], resolved["trainer"]
+    task = "/".join(str(x) for x in (data.get("path") or data["name"], data.get("subset")) if x)
+    print(f"[dry run] {method_label(resolved)} | {cfg.model.name} | {task} | lr {t['lr']:g}, batch "
+          f"{t['batch_size']}, {t['epochs']} epochs, max length {data['max_length']}, monitor {t['monitor']} | "
+          f"seed {cfg.seed} -> {run_dir}")
+    return math.nan
+
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -72,8 +97,18 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def app(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    sweep_name = Path(hydra_cfg.sweep.dir).name if multirun else None  # W&B groups a sweep's runs
-    return train_and_record(cfg, Path(hydra_cfg.runtime.output_dir), multirun, sweep_name)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.get("dry_run"):
+        try:
+            return plan_job(cfg, run_dir)
+        except ConfigError as error:
+            print(f"lora-lab: error: {error}", file=sys.stderr)
+            if multirun:
+                return math.nan
+            sys.exit(2)
+    # W&B groups a sweep's runs: a Hydra multirun by its directory's name, a W&B sweep by its id
+    sweep_name = Path(hydra_cfg.sweep.dir).name if multirun else os.environ.get("WANDB_SWEEP_ID")
+    return train_and_record(cfg, run_dir, multirun, sweep_name)
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
-"""Classification metrics (scikit-learn)."""
+"""Classification metrics (scikit-learn) and regression correlations (STS-B style)."""
 from __future__ import annotations
 
-METRICS = ("accuracy", "macro_f1", "mcc")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman")
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 
 
 def classification_metrics(labels, predictions) -> dict[str, float]:
@@ -18,3 +20,12 @@ def classification_metrics(labels, predictions) -> dict[str, float]:
 def majority_class_accuracy(labels) -> float:
     labels = list(labels)
     return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def regression_metrics(targets, predictions) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+
+    if len(set(predictions)) < 2 or len(set(targets)) < 2:  # correlation undefined: report no skill
+        return {"pearson": 0.0, "spearman": 0.0}
+    return {"pearson": float(pearsonr(targets, predictions)[0]),
+            "spearman": float(spearmanr(targets, predictions)[0])}

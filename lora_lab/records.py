@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,14 @@ def write_json(path: Path, obj) -> None:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
             f.flush()
             os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
 
     _atomic(path, write)
 
@@ -109,4 +118,9 @@ def find_run_dirs(*roots: Path) -> list[Path]:
         if (root / RECORD_FILE).exists():
             found.add(root)
         found.update(p.parent for p in root.rglob(RECORD_FILE))
-    return sorted(found)
+    return sorted(found, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list:
+    """Job directories in job order: 2_lora before 10_lora."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]

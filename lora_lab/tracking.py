@@ -31,7 +31,7 @@ class Tracker:
     @classmethod
     def start(cls, config: dict, mode: str = "auto", project: str = "lora_lab", name: str | None = None,
               group: str | None = None, tags=None, directory: str | Path | None = None,
-              entity: str | None = None) -> "Tracker":
+              entity: str | None = None, job_type: str | None = None) -> "Tracker":
         mode = resolve_mode(mode)
         if mode == "disabled":
             return cls(None)
@@ -40,7 +40,7 @@ class Tracker:
         if directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=project, entity=entity, name=name, group=group, tags=list(tags or []),
-                         config=config, mode=mode, dir=str(directory) if directory else None,
+                         config=config, mode=mode, job_type=job_type, dir=str(directory) if directory else None,
                          reinit="finish_previous")
         return cls(run)
 

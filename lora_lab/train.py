@@ -20,7 +20,8 @@ from lora_lab import measure, records
 from lora_lab.data import Collator, load_task_data, make_loader
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.metrics import METRICS, classification_metrics, majority_class_accuracy
+from lora_lab.metrics import (CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, classification_metrics,
+                              majority_class_accuracy, regression_metrics)
 from lora_lab.modeling import load_model, load_tokenizer
 from lora_lab.run_info import environment_info
 from lora_lab.tracking import Tracker
@@ -89,8 +90,13 @@ def evaluate(model, loader, device, precision: str) -> tuple[dict[str, float], l
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         measure.synchronize(device)
         latencies.append(1000 * (time.perf_counter() - start))
-        predictions.extend(logits.argmax(-1).tolist())
+        if logits.shape[-1] == 1:  # regression: the single output is the prediction
+            predictions.extend(logits.float().squeeze(-1).tolist())
+        else:
+            predictions.extend(logits.argmax(-1).tolist())
         labels.extend(batch["labels"].tolist())
+    if logits.shape[-1] == 1:
+        return regression_metrics(labels, predictions), latencies
     return classification_metrics(labels, predictions), latencies
 
 
@@ -116,13 +122,18 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer)
+    allowed = REGRESSION_METRICS if data.regression else CLASSIFICATION_METRICS
+    if tcfg.monitor not in allowed:
+        kind = "regression" if data.regression else "classification"
+        raise ConfigError("trainer.monitor", tcfg.monitor, f"must be one of {list(allowed)} for {kind} data")
     set_seed(cfg.seed)
     model = load_model(cfg.model, data.num_labels, data.label_names)
     method.apply(model)
     model.to(device)
     counts = measure.parameter_counts(model, method)
 
-    collator = Collator(data.pad_token_id, cfg.data.padding, cfg.data.max_length)
+    collator = Collator(data.pad_token_id, cfg.data.padding, cfg.data.max_length,
+                        torch.float if data.regression else torch.long)
     train_loader = make_loader(data.splits["train"], tcfg.batch_size, collator, shuffle=True, seed=cfg.seed)
     eval_loaders = {s: make_loader(data.splits[s], tcfg.eval_batch_size, collator, shuffle=False, seed=0)
                     for s in ("validation", "test")}
@@ -136,7 +147,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     info = {"parameters": counts, "data_sizes": {k: len(v) for k, v in data.splits.items()},
-            "majority_class_test_accuracy": majority_class_accuracy(data.splits["test"]["labels"]),
+            "majority_class_test_accuracy": None if data.regression else
+            majority_class_accuracy(data.splits["test"]["labels"]),
             "device": str(device)}
     tracker.summary({f"parameters/{k}": v for k, v in counts.items()})
     print(f"[lora_lab] {method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
@@ -204,6 +216,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     record = {
         "status": "completed",
         "method": method.name,
+        "method_resolved": method.resolved,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "epochs": epochs,
         "best": best,

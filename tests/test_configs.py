@@ -10,7 +10,7 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "data", "method", "trainer", "logger", "experiment", "sweep"])
+@pytest.mark.parametrize("group", ["model", "data", "method", "trainer", "logger", "experiment", "sweep", "arm", "launcher", "task", "lora_scaling"])
 def test_every_option_of_every_group_composes(group):
     for option in options(group):
         cfg = compose_config(f"{group}={option}")

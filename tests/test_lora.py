@@ -143,3 +143,42 @@ def test_unknown_target_lists_linear_layers():
     text = str(info.value)
     assert "method.targets='gate_proj'" in text and "bert.encoder.layer.N.attention.self.query" in text
     assert "\n" not in text
+
+
+
+def test_budget_chooses_r_per_target_set():
+    """2 layers; q is 32x32 (64 parameters per rank and layer), ffn_in 64x32 (96)."""
+    for targets, r in ((["q"], 8), (["q", "ffn_in"], 3)):
+        model = tiny_bert(layers=2, hidden=32)
+        method = build_method(method_cfg("lora", budget=1024, targets=targets, r=None))
+        method.apply(model)
+        count = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert method.resolved == {"r": r, "lora_parameters": count}
+        assert abs(count - 1024) <= count // r  # within one rank step
+    with pytest.raises(ConfigError, match="method.budget=-5: must be a positive number"):
+        build_method(method_cfg("lora", budget=-5))
+
+
+def test_init_from_starts_a_b_from_an_earlier_run(tmp_path):
+    from lora_lab import records
+
+    first = tiny_bert(seed=0)
+    method = build_method(method_cfg("lora", r=4))
+    method.apply(first)
+    with torch.no_grad():
+        for n, p in first.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    state = {n: p for n, p in first.named_parameters() if p.requires_grad}
+    records.save_tensors(tmp_path / "trainable.safetensors", state)
+
+    second = tiny_bert(seed=1)
+    build_method(method_cfg("lora", r=4, init_from=str(tmp_path))).apply(second)
+    for name, p in second.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p, state[name])
+    assert not torch.equal(dict(second.named_parameters())["classifier.weight"], state["classifier.weight"])
+    with pytest.raises(ConfigError, match="method.init_from=.*another r"):
+        build_method(method_cfg("lora", r=2, init_from=str(tmp_path))).apply(tiny_bert())
+    with pytest.raises(ConfigError, match="is neither a run directory nor a .safetensors file"):
+        build_method(method_cfg("lora", init_from=str(tmp_path / "nope"))).apply(tiny_bert())

@@ -129,3 +129,22 @@ def test_tracker_offline_writes_a_wandb_run(tmp_path, monkeypatch):
     tracker.summary({"best/accuracy": 0.9})
     tracker.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_regression_task_trains_with_float_targets_and_reports_correlations(tmp_path):
+    """STS-B style data: one float target, MSE loss, Pearson/Spearman on validation and test."""
+    import csv
+
+    rows = [(f"{'good ' * (i % 6)}movie number {i}", f"{(i % 6) / 5 * 5:.2f}") for i in range(120)]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    cfg = smoke_cfg(tmp_path, "data=files", f"data.files.train={tmp_path / 'train.csv'}", "data.task_type=regression",
+                    "trainer.monitor=pearson", "method=lora", "trainer.epochs=2", "trainer.lr=0.01")
+    record = run_training(cfg, tmp_path / "run")
+    best = record["best"]
+    assert set(best) >= {"validation/pearson", "validation/spearman", "test/pearson"}
+    assert -1 <= best["test/pearson"] <= 1 and record["majority_class_test_accuracy"] is None
+    assert record["parameters"]["trainable_head"] > 0
+    with pytest.raises(ConfigError, match="trainer.monitor='accuracy': must be one of \\['pearson', 'spearman'\\]"):
+        run_training(smoke_cfg(tmp_path, "data=files", f"data.files.train={tmp_path / 'train.csv'}",
+                               "data.task_type=regression"), tmp_path / "bad")

@@ -45,6 +45,7 @@ class Method:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.resolved: dict = {}  # settings decided when applied (e.g. LoRA's r for a parameter budget)
 
     def check(self) -> None:
         """Validate the method's own settings before any model is loaded (raise ConfigError)."""

@@ -7,6 +7,7 @@ the top-r singular directions of W0 and freezes the residual W0 - s B A (the pri
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,10 @@ class LoRA(Method):
 
     def check(self) -> None:
         cfg = self.cfg
-        if not isinstance(cfg.r, int) or cfg.r <= 0:
+        budget = cfg.get("budget")
+        if budget is not None and (not isinstance(budget, int) or budget <= 0):
+            raise ConfigError("method.budget", budget, "must be a positive number of LoRA parameters or null")
+        if budget is None and (not isinstance(cfg.r, int) or cfg.r <= 0):
             raise ConfigError("method.r", cfg.r, "must be a positive integer")
         if cfg.alpha is None or float(cfg.alpha) <= 0:
             raise ConfigError("method.alpha", cfg.alpha, "must be > 0")
@@ -93,13 +97,20 @@ class LoRA(Method):
         matched = resolve_targets(model, cfg.targets)
         freeze_all(model)
         self.adapted: list[str] = sorted({n for names in matched.values() for n in names})
-        for name in self.adapted:
+        bases = {name: model.get_submodule(name) for name in self.adapted}
+        r = cfg.r
+        if cfg.get("budget") is not None:
+            r = rank_for_budget(int(cfg.budget), [(b.out_features, b.in_features) for b in bases.values()])
+        for name, base in bases.items():
+            if min(base.out_features, base.in_features) < r and cfg.init == "svd":
+                raise ConfigError("method.r", r, f"exceeds the rank of {name} ({base.out_features})")
             parent, child = get_submodule_parent(model, name)
-            base = getattr(parent, child)
-            if base.out_features < cfg.r and cfg.init == "svd":
-                raise ConfigError("method.r", cfg.r, f"exceeds the rank of {name} ({base.out_features})")
-            setattr(parent, child, LoRALinear(base, cfg.r, float(cfg.alpha), float(cfg.dropout),
+            setattr(parent, child, LoRALinear(base, r, float(cfg.alpha), float(cfg.dropout),
                                               bool(cfg.rslora), cfg.init))
+        lora_parameters = r * sum(b.in_features + b.out_features for b in bases.values())
+        self.resolved = {"r": r, "lora_parameters": lora_parameters}
+        if cfg.get("init_from"):
+            self.load_factors(model, cfg.init_from)
         params = dict(model.named_parameters())
         for name in self.method_parameter_names(model):
             params[name].requires_grad_(True)
@@ -109,6 +120,29 @@ class LoRA(Method):
 
     def method_parameter_names(self, model: nn.Module) -> set[str]:
         return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+    @torch.no_grad()
+    def load_factors(self, model: nn.Module, source: str) -> None:
+        """Start A and B from an earlier run's trainable state (the LoRA paper starts MRPC, RTE and
+        STS-B from the MNLI LoRA weights). The head is not loaded: label sets differ between tasks."""
+        from safetensors.torch import load_file
+
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = path / "trainable.safetensors"
+        if not path.is_file():
+            raise ConfigError("method.init_from", source, "is neither a run directory nor a .safetensors file")
+        saved = load_file(str(path))
+        params = dict(model.named_parameters())
+        names = sorted(self.method_parameter_names(model))
+        missing = [n for n in names if n not in saved]
+        if missing:
+            raise ConfigError("method.init_from", source, f"has no {missing[0]} (other targets or model?)")
+        for name in names:
+            if saved[name].shape != params[name].shape:
+                raise ConfigError("method.init_from", source, f"{name} has shape {tuple(saved[name].shape)}, "
+                                  f"this run needs {tuple(params[name].shape)} (another r?)")
+            params[name].copy_(saved[name])  # ΔW stays measured from the pretrained W0
 
     def lora_modules(self, model: nn.Module) -> dict[str, LoRALinear]:
         return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -136,6 +170,13 @@ class LoRA(Method):
     def undo_inference(self, model: nn.Module) -> None:
         for m in self.lora_modules(model).values():
             m.unmerge()
+
+
+def rank_for_budget(budget: int, shapes: list[tuple[int, int]]) -> int:
+    """The rank whose LoRA parameter count, r * sum(d_in + d_out) over the adapted matrices, is
+    nearest to ``budget`` (the LoRA paper's Table 5: every target set trains the same number)."""
+    per_rank = sum(d_out + d_in for d_out, d_in in shapes)
+    return max(1, round(budget / per_rank))
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -1,0 +1,449 @@
+"""Paper-style tables from run records: one row per method and size, one column per task.
+
+    python -m analysis.tables outputs/embedded_study/2026-11-22_22-18-15 --tune trainer.lr --out report/
+    python -m analysis.tables outputs/multirun/a outputs/multirun/b --epoch last --agg mean_std
+    python -m analysis.tables --wandb my-team/lora_lab --wandb-group 2026-11-22_22-18-15 --out report/
+
+Each cell is the median over seeds (or mean ± std) of the test metric at the best epoch (chosen on
+validation) or the last epoch. With ``--tune KEY`` (e.g. trainer.lr) the runs of a row are split by
+that key's value, the value with the best median validation metric is chosen per row and task, and
+the cell reports test at that value: the fair protocol in which every method gets the same grid.
+Runs of one row that differ in any other setting are an error, so seeds are never mixed across
+configurations by accident. Writes <name>.md, <name>.tex (booktabs), <name>.csv and
+<name>_selection.csv (every configuration with its seed count and validation/test medians); with
+``--plot`` also accuracy vs trainable parameters and accuracy vs LoRA rank.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analysis.compare import method_label
+from lora_lab.errors import ConfigError
+from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
+
+# Settings that do not change what a run learns; they may differ between the seeds of one row.
+IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.threads", "trainer.device",
+                "trainer.log_every", "trainer.latency_repeats", "trainer.throughput_warmup_steps",
+                "data.cache_dir", "trainer.eval_batch_size", "dry_run")
+FAMILY_ORDER = {"full": 0, "head": 1, "adapter": 2, "lora": 3}
+
+
+class TableError(ValueError):
+    """Runs that cannot be tabulated as asked; the message is the one-line explanation."""
+
+
+@dataclass
+class Run:
+    """What a table needs from one run record."""
+    config: dict
+    status: str
+    val: float | None = None
+    test: float | None = None
+    trainable: int | None = None
+    total: int | None = None
+    peak_memory_mb: float | None = None
+    samples_per_s: float | None = None
+    resolved: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed" and self.val is not None and math.isfinite(self.val)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def lookup(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError("--tune", dotted, "is not a key of the runs' configs")
+        value = value[part]
+    return value
+
+
+def run_from_record(record: dict, metric: str, epoch: str, source: str = "") -> Run:
+    config = record.get("config", {})
+    if record.get("status") != "completed":
+        return Run(config=config, status=record.get("status", "failed"), source=source)
+    row = record[epoch]
+    if f"validation/{metric}" not in row:
+        raise ConfigError("--metric", metric, f"is not in the records (have: "
+                          f"{sorted(k.split('/', 1)[1] for k in row if k.startswith('validation/'))})")
+    p, m = record.get("parameters", {}), record.get("measurements", {})
+    return Run(config=config, status="completed", val=row[f"validation/{metric}"], test=row[f"test/{metric}"],
+               trainable=p.get("trainable"), total=p.get("total"), peak_memory_mb=m.get("peak_memory_mb"),
+               samples_per_s=m.get("train_samples_per_s"), resolved=record.get("method_resolved") or {},
+               source=source)
+
+
+def record_from_wandb(config: dict, summary: dict, state: str) -> dict:
+    """A W&B run (config + summary, as the trainer logs them) in the shape of a local run record."""
+    def section(prefix):
+        return {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
+
+    if state != "finished" or "best/epoch" not in summary:
+        return {"status": "failed" if state in ("failed", "crashed", "killed") else state, "config": config}
+    return {"status": "completed", "config": config, "best": section("best/"), "last": section("last/"),
+            "parameters": section("parameters/"), "measurements": section("measure/")}
+
+
+def load_wandb_records(path: str, group: str | None = None) -> list[tuple[str, dict]]:
+    import wandb
+
+    filters = {"group": group} if group else None
+    out = []
+    for run in wandb.Api().runs(path, filters=filters):
+        config = {k: v for k, v in run.config.items() if not k.startswith("_")}
+        out.append((f"wandb:{run.path[-1]}", record_from_wandb(config, dict(run.summary), run.state)))
+    if not out:
+        raise ConfigError("--wandb", path, f"has no runs{f' in group {group}' if group else ''}")
+    return out
+
+
+def row_label(run: Run) -> str:
+    config = run.config
+    if run.resolved.get("r") and config.get("method", {}).get("budget"):
+        method = dict(config["method"], r=run.resolved["r"])
+        return method_label({**config, "method": method}) + f" [budget {config['method']['budget']:,}]"
+    return method_label(config)
+
+
+def row_sort_key(run: Run) -> tuple:
+    m = run.config.get("method", {})
+    size = m.get("top_layers") or m.get("bottleneck") or run.resolved.get("r") or m.get("r") or 0
+    return (FAMILY_ORDER.get(m.get("name"), 9), str(m.get("variant", "")), len(m.get("targets") or []),
+            size if isinstance(size, (int, float)) else 0)
+
+
+def task_label(config: dict) -> str:
+    data = config.get("data", {})
+    return str(data.get("subset") or data.get("name") or "task")
+
+
+def check_same_settings(runs: list[Run], row: str, tune: list[str]) -> None:
+    """The runs of one row (and one tuned value) may differ in seed only."""
+    ignored = tuple(IGNORED_KEYS) + tuple(tune)
+    flat = [{k: v for k, v in flatten(r.config).items() if not k.startswith(ignored)} for r in runs]
+    for other, run in zip(flat[1:], runs[1:]):
+        diff = sorted(k for k in set(flat[0]) | set(other) if flat[0].get(k) != other.get(k))
+        if diff:
+            key = diff[0]
+            raise TableError(f"the runs of {row!r} differ in {key} ({flat[0].get(key)!r} vs "
+                             f"{other.get(key)!r}, {run.source}); pass --tune {key} to choose it on validation")
+
+
+def aggregate(values: list[float], how: str) -> tuple[float, float | None]:
+    if not values:
+        return math.nan, None
+    if how == "median":
+        return statistics.median(values), None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass
+class Cell:
+    value: float
+    spread: float | None
+    seeds: int
+    failed: int
+    chosen: dict
+    values: list = field(default_factory=list)  # per-seed test values behind the cell
+
+
+@dataclass
+class Table:
+    rows: list[str]
+    tasks: list[str]
+    cells: dict            # (row, task) -> Cell
+    params: dict           # row -> (trainable, total)
+    efficiency: dict       # row -> (peak memory MB, samples/s), medians over the chosen runs
+    selection: list[dict]  # one entry per (row, task, tuned value)
+    metric: str
+    epoch: str
+    agg: str
+    tune: list[str]
+
+    def average(self, row: str) -> float:
+        values = [self.cells[(row, t)].value for t in self.tasks if (row, t) in self.cells]
+        return statistics.fmean(values) if len(values) == len(self.tasks) else math.nan
+
+
+def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", agg: str = "median",
+                tune: list[str] | None = None) -> Table:
+    tune = list(tune or [])
+    grouped: dict = defaultdict(lambda: defaultdict(list))
+    order: dict[str, tuple] = {}
+    for run in runs:
+        row = row_label(run)
+        order[row] = min(order.get(row, (99,)), row_sort_key(run))
+        tuned = tuple(lookup(run.config, key) for key in tune)
+        grouped[(row, task_label(run.config))][tuned].append(run)
+
+    cells, selection, chosen_runs = {}, [], defaultdict(list)
+    for (row, task), by_value in grouped.items():
+        best_value, best_val = None, -math.inf
+        for tuned, group in sorted(by_value.items(), key=lambda kv: str(kv[0])):
+            check_same_settings(group, row, tune)
+            done = [r for r in group if r.completed]
+            val, _ = aggregate([r.val for r in done], "median")
+            test, _ = aggregate([r.test for r in done], "median")
+            entry = {"row": row, "task": task, **dict(zip(tune, tuned)), "seeds": len(done),
+                     "failed": len(group) - len(done), f"validation_{metric}": val, f"test_{metric}": test}
+            selection.append(entry)
+            if done and val > best_val:
+                best_value, best_val = tuned, val
+        if best_value is None:
+            failed = sum(len(g) for g in by_value.values())
+            cells[(row, task)] = Cell(math.nan, None, 0, failed, {})
+            continue
+        done = [r for r in by_value[best_value] if r.completed]
+        value, spread = aggregate([r.test for r in done], agg)
+        cells[(row, task)] = Cell(value, spread, len(done), len(by_value[best_value]) - len(done),
+                                  dict(zip(tune, best_value)), [r.test for r in done])
+        for entry in selection:
+            if entry["row"] == row and entry["task"] == task:
+                entry["chosen"] = all(entry.get(k) == v for k, v in zip(tune, best_value))
+        chosen_runs[row].extend(done)
+
+    rows = sorted(order, key=lambda r: (order[r], r))
+    tasks = sorted({task for _, task in grouped})
+    params, efficiency = {}, {}
+    for row in rows:
+        done = chosen_runs.get(row) or [r for r in runs if row_label(r) == row and r.completed]
+        trainable = [r.trainable for r in done if r.trainable is not None]
+        total = [r.total for r in done if r.total is not None]
+        params[row] = (statistics.median(trainable) if trainable else None, statistics.median(total) if total else None)
+        memory = [r.peak_memory_mb for r in done if r.peak_memory_mb is not None]
+        speed = [r.samples_per_s for r in done if r.samples_per_s is not None and math.isfinite(r.samples_per_s)]
+        efficiency[row] = (statistics.median(memory) if memory else None, statistics.median(speed) if speed else None)
+    return Table(rows, tasks, cells, params, efficiency, selection, metric, epoch, agg, tune)
+
+
+# ---------------------------------------------------------------- formatting
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return f"{n:.0f}"
+
+
+def format_cell(cell: Cell | None, agg: str, scale: float = 100.0) -> str:
+    if cell is None or not math.isfinite(cell.value):
+        return "failed" if cell is not None and cell.failed else "-"
+    text = f"{scale * cell.value:.1f}"
+    if agg == "mean_std" and cell.spread is not None:
+        text += f" ± {scale * cell.spread:.1f}"
+    return text
+
+
+def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
+    """Header, formatted rows and, per value column, the indices of the rows holding its best value."""
+    header = ["Method", "Trainable params", "% of total", *table.tasks]
+    if len(table.tasks) > 1:
+        header.append("Avg.")
+    header += ["Peak memory (MB)", "Train samples/s"]
+    if table.tune and len(table.tasks) == 1:
+        header += [f"chosen {k}" for k in table.tune]
+    rows, best = [], {}
+    for i, row in enumerate(table.rows):
+        trainable, total = table.params[row]
+        percent = f"{100 * trainable / total:.2f}" if trainable is not None and total else "-"
+        line = [row, human_count(trainable), percent]
+        line += [format_cell(table.cells.get((row, task)), table.agg) for task in table.tasks]
+        if len(table.tasks) > 1:
+            avg = table.average(row)
+            line.append(f"{100 * avg:.1f}" if math.isfinite(avg) else "-")
+        memory, speed = table.efficiency[row]
+        line += [f"{memory:.0f}" if memory else "-", f"{speed:.1f}" if speed else "-"]
+        if table.tune and len(table.tasks) == 1:
+            cell = table.cells.get((row, table.tasks[0]))
+            line += [f"{cell.chosen.get(k):g}" if cell and isinstance(cell.chosen.get(k), float)
+                     else str(cell.chosen.get(k, "-") if cell else "-") for k in table.tune]
+        rows.append(line)
+    value_columns = list(range(3, 3 + len(table.tasks) + (len(table.tasks) > 1)))
+    for column in value_columns:
+        scores = {i: float(r[column].split(" ")[0]) for i, r in enumerate(rows) if _is_number(r[column])}
+        if scores:
+            top = max(scores.values())
+            best[column] = {i for i, v in scores.items() if v == top}
+    return header, rows, best
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.split(" ")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def caption(table: Table) -> str:
+    how = "median over seeds" if table.agg == "median" else "mean ± std over seeds"
+    epoch = "best epoch on validation" if table.epoch == "best" else "last epoch"
+    text = f"Test {table.metric} (x100), {how}, {epoch}."
+    if table.tune:
+        text += f" {', '.join(table.tune)} chosen per row and task by median validation {table.metric}."
+    seeds = sorted({c.seeds for c in table.cells.values()})
+    failed = sum(e["failed"] for e in table.selection)
+    text += f" Seeds per cell: {'/'.join(map(str, seeds))}."
+    if failed:
+        text += f" {failed} failed run(s) left out (listed in the selection CSV)."
+    return text
+
+
+def to_markdown(table: Table) -> str:
+    header, rows, best = table_cells(table)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    for i, row in enumerate(rows):
+        cells = [f"**{c}**" if i in best.get(j, ()) else c for j, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{caption(table)}\n"
+
+
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "α": r"$\alpha$", "±": r"$\pm$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: Table) -> str:
+    header, rows, best = table_cells(table)
+    spec = "l" + "r" * (len(header) - 1)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for i, row in enumerate(rows):
+        cells = [latex_escape(c) for c in row]
+        cells = [rf"\textbf{{{c}}}" if i in best.get(j, ()) else c for j, c in enumerate(cells)]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(caption(table))}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Raw numbers (not x100, not rounded): one line per row."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "trainable", "total", *[f"{t}_{table.metric}" for t in table.tasks],
+                     *[f"{t}_seeds" for t in table.tasks], "average", "peak_memory_mb", "train_samples_per_s"])
+    for row in table.rows:
+        cells = [table.cells.get((row, t)) for t in table.tasks]
+        memory, speed = table.efficiency[row]
+        writer.writerow([row, *table.params[row], *[c.value if c else "" for c in cells],
+                         *[c.seeds if c else 0 for c in cells], table.average(row), memory, speed])
+    return buffer.getvalue()
+
+
+def selection_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    keys = ["row", "task", *table.tune, "seeds", "failed", f"validation_{table.metric}",
+            f"test_{table.metric}", "chosen"]
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for entry in table.selection:
+        writer.writerow({"chosen": True, **entry} if not table.tune else entry)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- command
+
+def collect_runs(paths: list[Path], metric: str, epoch: str, wandb_path: str | None = None,
+                 wandb_group: str | None = None) -> list[Run]:
+    runs = []
+    if paths:
+        run_dirs = find_run_dirs(*paths)
+        if not run_dirs:
+            raise ConfigError("runs", [str(p) for p in paths], f"contain no {RECORD_FILE}")
+        runs += [run_from_record(load_record(d, require_completed=False), metric, epoch, str(d)) for d in run_dirs]
+    if wandb_path:
+        runs += [run_from_record(r, metric, epoch, s) for s, r in load_wandb_records(wandb_path, wandb_group)]
+    if not runs:
+        raise ConfigError("runs", None, "none given: pass run or sweep directories, or --wandb ENTITY/PROJECT")
+    return runs
+
+
+def write_outputs(table: Table, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {f"{name}.md": to_markdown(table), f"{name}.tex": to_latex(table), f"{name}.csv": to_csv(table),
+             f"{name}_selection.csv": selection_csv(table)}
+    for file, text in files.items():
+        write_text(out / file, text)
+    return [out / f for f in files]
+
+
+def log_to_wandb(table: Table, images: list[Path], project: str, name: str) -> None:
+    from lora_lab.tracking import Tracker
+
+    header, rows, _ = table_cells(table)
+    tracker = Tracker.start({"metric": table.metric, "epoch": table.epoch, "agg": table.agg, "tune": table.tune},
+                            project=project, name=name, job_type="analysis")
+    tracker.log_table(name, header, rows)
+    for image in images:
+        tracker.log_image(image.stem, image)
+    tracker.finish()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, help="run or sweep directories (searched recursively)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of a W&B project")
+    parser.add_argument("--wandb-group", help="only the W&B runs of this group (a sweep's name)")
+    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--epoch", choices=["best", "last"], default="best")
+    parser.add_argument("--agg", choices=["median", "mean_std"], default="median")
+    parser.add_argument("--tune", action="append", default=[], metavar="KEY",
+                        help="a swept key chosen per row on validation, e.g. trainer.lr (repeatable)")
+    parser.add_argument("--out", type=Path, help="write the table files here (default: the single run dir)")
+    parser.add_argument("--name", default="table")
+    parser.add_argument("--plot", action="store_true", help="also plot accuracy vs parameters and vs rank")
+    parser.add_argument("--log-wandb", metavar="PROJECT", help="log the table (and plots) to this W&B project")
+    args = parser.parse_args(argv)
+    try:
+        runs = collect_runs(args.runs, args.metric, args.epoch, args.wandb, args.wandb_group)
+        table = build_table(runs, args.metric, args.epoch, args.agg, args.tune)
+    except (ConfigError, TableError) as error:
+        print(f"tables: error: {error}", file=sys.stderr)
+        return 2
+    print(to_markdown(table))
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else None)
+    written, images = [], []
+    if out is not None:
+        written = write_outputs(table, out, args.name)
+        if args.plot:
+            from analysis.table_plots import plot_accuracy_vs_parameters, plot_accuracy_vs_rank
+
+            images = [p for p in (plot_accuracy_vs_parameters(runs, table, out / f"{args.name}_vs_params.png"),
+                                  plot_accuracy_vs_rank(runs, table, out / f"{args.name}_vs_rank.png")) if p]
+        print("wrote " + ", ".join(str(p) for p in written + images))
+    if args.log_wandb:
+        log_to_wandb(table, images, args.log_wandb, args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Sweep presets, launchers and the W&B sweep file: each composes into the grid it promises."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from conftest import CONF, compose_config, tiny_bert
+from lora_lab.methods import build_method
+from lora_lab.methods.lora import rank_for_budget
+from test_train import SMOKE, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hydra_view(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def expand(*overrides: str) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper would launch for a preset (+ command-line overrides)."""
+    cfg = hydra_view(*overrides)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    parsed = OverridesParser.create().parse_overrides(params)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def compose_job(preset: list[str], job: list[str]):
+    return compose_config(*[o for o in preset if not o.startswith("hydra.")], *job)
+
+
+def test_rank_sweep_grid():
+    jobs = expand("sweep=rank")
+    configs = [compose_job(["sweep=rank"], job) for job in jobs]
+    assert sorted({(c.method.r, c.seed) for c in configs}) == [(r, s) for r in (1, 2, 4, 8, 64) for s in (0, 1, 2)]
+    assert all(c.method.name == "lora" and c.method.alpha == 8 for c in configs)
+
+
+def test_alpha_sweep_covers_fixed_alpha_alpha_eq_r_and_rslora():
+    configs = [compose_job(["sweep=alpha"], job) for job in expand("sweep=alpha")]
+    assert len(configs) == 4 * 3 * 3
+    scales = {}
+    for c in configs:
+        method = build_method(c.method)
+        assert method.cfg.r in (2, 8, 32, 64)
+        scale = c.method.alpha / (c.method.r ** 0.5 if c.method.rslora else c.method.r)
+        scales.setdefault((c.method.r, c.method.rslora, c.method.alpha == c.method.r), set()).add(scale)
+    assert {scale for (r, rs, eq), s in scales.items() if eq and not rs for scale in s} == {1.0}  # alpha = r
+    assert scales[(64, False, False)] == {8 / 64}                                            # alpha fixed
+    assert scales[(64, True, False)] == {8 / 8}                                              # rsLoRA: 8/sqrt(64)
+
+
+def test_targets_sweep_lists_target_sets():
+    configs = [compose_job(["sweep=targets"], job) for job in expand("sweep=targets")]
+    sets = {tuple(c.method.targets) for c in configs}
+    assert ("q",) in sets and ("q", "k", "v", "o") in sets and ("ffn_in", "ffn_out") in sets
+    assert len(configs) == len(sets) * 3
+
+
+def test_budget_sweep_gives_equal_parameter_counts_within_one_rank_step():
+    counts = {}
+    for job in expand("sweep=budget"):
+        cfg = compose_job(["sweep=budget"], job)
+        if cfg.seed != 0:
+            continue
+        model = tiny_bert(layers=2, hidden=32)  # intermediate 64: FFN matrices are 32x64 and 64x32
+        method = build_method(cfg.method)
+        method.apply(model)
+        lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert lora == method.resolved["lora_parameters"]
+        step = lora // method.resolved["r"]
+        counts[tuple(cfg.method.targets)] = (lora, step)
+    budget = compose_config("sweep=budget").method.budget
+    assert len(counts) == 8
+    for targets, (lora, step) in counts.items():
+        assert abs(lora - budget) <= step, (targets, lora, budget, step)
+    # with square attention matrices the budget is met exactly by the paper's ranks 8 / 4 / 2
+    assert rank_for_budget(36864, [(384, 384)] * 6) == 8
+    assert rank_for_budget(36864, [(384, 384)] * 12) == 4
+    assert rank_for_budget(36864, [(384, 384)] * 24) == 2
+
+
+def test_fair_sweep_gives_every_arm_the_same_lr_grid_and_seeds():
+    configs = [compose_job(["sweep=fair"], job) for job in expand("sweep=fair")]
+    by_method: dict = {}
+    for c in configs:
+        key = (c.method.name, c.method.get("variant"), c.method.get("r"))
+        by_method.setdefault(key, set()).add((c.trainer.lr, c.seed))
+    grids = list(by_method.values())
+    assert len(grids) == 4 and all(g == grids[0] for g in grids)
+    assert {lr for lr, _ in grids[0]} == {1e-4, 3e-4, 1e-3, 3e-3} and {s for _, s in grids[0]} == {0, 1, 2}
+
+
+def test_embedded_study_grid():
+    jobs = expand("experiment=embedded_study")
+    configs = [compose_job(["experiment=embedded_study"], job) for job in jobs]
+    assert len(configs) == 10 * 3 * 3
+    ranks = sorted({c.method.r for c in configs if c.method.name == "lora"})
+    assert ranks == [1, 2, 4, 8, 64]
+    assert {c.method.get("top_layers") for c in configs if c.method.name == "head"} == {0, 2}
+    assert {c.method.variant for c in configs if c.method.name == "adapter"} == {"houlsby", "pfeiffer"}
+
+
+def test_paper_table2_uses_table9_settings():
+    configs = {c.data.subset: c for c in (compose_job(["experiment=paper_table2"], j)
+                                          for j in expand("experiment=paper_table2")) if c.seed == 0}
+    assert sorted(configs) == sorted(["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"])
+    order = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]
+    assert [configs[t].trainer.batch_size for t in order] == [16, 16, 16, 32, 32, 16, 32, 16]
+    assert [configs[t].trainer.epochs for t in order] == [30, 60, 30, 80, 25, 25, 80, 40]
+    assert [configs[t].trainer.lr for t in order] == [5e-4, 5e-4, 4e-4, 4e-4, 4e-4, 5e-4, 5e-4, 4e-4]
+    for c in configs.values():
+        assert c.model.name == "FacebookAI/roberta-base" and c.method.r == 8 and c.method.alpha == 8
+        assert list(c.method.targets) == ["q", "v"] and c.data.max_length == 512
+    assert configs["cola"].trainer.monitor == "mcc"
+    assert configs["stsb"].data.task_type == "regression" and configs["stsb"].trainer.monitor == "pearson"
+
+
+def test_launcher_configs_select_the_plugins():
+    assert "JoblibLauncher" in hydra_view("launcher=joblib").hydra.launcher._target_
+    slurm = hydra_view("launcher=slurm", "hydra.sweep.dir=/tmp/x").hydra.launcher
+    assert "SlurmLauncher" in slurm._target_ and slurm.gpus_per_node == 1
+    assert "BasicLauncher" in hydra_view("launcher=basic").hydra.launcher._target_
+    optuna = hydra_view("sweep=optuna").hydra.sweeper
+    assert "OptunaSweeper" in optuna._target_ and optuna.direction == "maximize"
+    assert set(optuna.params) == {"trainer.lr", "method.r", "method.alpha"}
+
+
+def test_wandb_sweep_file_drives_the_hydra_app():
+    sweep = yaml.safe_load((ROOT / "experiments" / "wandb_sweep" / "sweep.yaml").read_text())
+    assert "${args_no_hyphens}" in sweep["command"] and "lora_lab.main" in sweep["command"]
+    assert sweep["metric"]["name"] == "best/validation/accuracy" and sweep["metric"]["goal"] == "maximize"
+    overrides = []
+    for key, spec in sweep["parameters"].items():
+        value = spec.get("value", (spec.get("values") or [spec.get("min")])[0])
+        overrides.append(f"{key}={value}")
+    cfg = compose_config("method=lora", *overrides)  # every swept key exists in the config
+    for override in overrides:
+        key, value = override.split("=", 1)
+        assert str(OmegaConf.select(cfg, key)).replace(" ", "").replace("'", "") == value.replace(" ", "")
+
+
+def test_dry_run_composes_and_validates_every_job_without_loading(tmp_path):
+    out = cli("experiment=paper_table6", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+              "logger=disabled", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    plans = [line for line in out.stdout.splitlines() if line.startswith("[dry run]")]
+    assert len(plans) == 45 and all("FacebookAI/roberta-base" in p and "mnli" in p for p in plans)
+    assert not list((tmp_path / "sweep").rglob("record.json"))
+    bad = cli("experiment=paper_table6", "dry_run=true", "method.alpha=0", f"hydra.sweep.dir={tmp_path / 'b'}",
+              "logger=disabled", cwd=tmp_path)
+    assert bad.stderr.count("method.alpha=0: must be > 0") == 45
+
+
+def test_joblib_launcher_runs_a_small_real_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = cli("-m", *SMOKE, "launcher=joblib", f"data.cache_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
+              "arm=head,lora_r1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    done = [json.loads(p.read_text()) for p in sweep.rglob("record.json")]
+    assert sorted(r["method"] for r in done) == ["head", "lora"]
+    assert all(r["status"] == "completed" and r["config"]["trainer"]["threads"] == 1 for r in done)

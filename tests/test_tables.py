@@ -1,0 +1,167 @@
+"""The paper-table builder on hand-made run records: medians, tuning on validation, formats."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from analysis import tables
+from analysis.tables import build_table, collect_runs, record_from_wandb, to_csv, to_latex, to_markdown
+from lora_lab.records import write_json
+
+LORA = {"name": "lora", "r": 8, "alpha": 8, "targets": ["q", "v"], "rslora": False, "init": "kaiming"}
+FULL = {"name": "full"}
+
+
+def record(method, seed, val, test, *, lr=1e-3, task="rotten_tomatoes", last=None, trainable=1000,
+           total=100000, status="completed", memory=1000.0, speed=20.0):
+    config = {"method": method, "seed": seed, "trainer": {"lr": lr, "epochs": 2, "threads": None},
+              "data": {"name": task, "subset": None}, "logger": {"mode": "disabled"}}
+    if status != "completed":
+        return {"status": status, "config": config, "error": "FloatingPointError: training loss is nan"}
+    best = {"epoch": 1, "validation/accuracy": val, "test/accuracy": test}
+    last_val, last_test = last or (val, test)
+    return {"status": "completed", "config": config, "best": best,
+            "last": {"epoch": 2, "validation/accuracy": last_val, "test/accuracy": last_test},
+            "parameters": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
+            "measurements": {"peak_memory_mb": memory, "train_samples_per_s": speed}}
+
+
+def write_runs(root, records):
+    for i, rec in enumerate(records):
+        write_json(root / f"{i}_job" / "record.json", rec)
+    return root
+
+
+def table_from(tmp_path, records, **kwargs):
+    runs = collect_runs([write_runs(tmp_path / "sweep", records)], kwargs.pop("metric", "accuracy"),
+                        kwargs.get("epoch", "best"))
+    return build_table(runs, **kwargs)
+
+
+def test_median_over_seeds_and_percent_of_total(tmp_path):
+    t = table_from(tmp_path, [record(LORA, 0, .70, .60), record(LORA, 1, .71, .90), record(LORA, 2, .72, .65),
+                              record(FULL, 0, .80, .80, trainable=100000)])
+    lora = "LoRA r=8 α=8 (q+v)"
+    assert t.rows == ["Full FT", lora]  # family order, not file order
+    assert t.cells[(lora, "rotten_tomatoes")].value == pytest.approx(.65)  # median, not mean (.7167)
+    assert t.cells[(lora, "rotten_tomatoes")].seeds == 3
+    md = to_markdown(t)
+    assert f"| {lora} | 1.0K | 1.00 | 65.0 |" in md and "| Full FT | 100.0K | 100.00 | **80.0** |" in md
+
+
+def test_mean_std_option(tmp_path):
+    t = table_from(tmp_path, [record(LORA, s, .7, v) for s, v in enumerate((.60, .70, .80))], agg="mean_std")
+    cell = t.cells[("LoRA r=8 α=8 (q+v)", "rotten_tomatoes")]
+    assert cell.value == pytest.approx(.70) and cell.spread == pytest.approx(.10)
+    assert "70.0 ± 10.0" in to_markdown(t)
+
+
+def test_best_vs_last_epoch(tmp_path):
+    runs = [record(LORA, s, .7, .70, last=(.6, .50)) for s in range(3)]
+    best = table_from(tmp_path / "a", runs, epoch="best")
+    last = table_from(tmp_path / "b", runs, epoch="last")
+    key = ("LoRA r=8 α=8 (q+v)", "rotten_tomatoes")
+    assert best.cells[key].value == pytest.approx(.70) and last.cells[key].value == pytest.approx(.50)
+    assert "last epoch" in to_markdown(last)
+
+
+def test_tuning_picks_lr_on_validation_and_reports_test(tmp_path):
+    runs = []
+    for seed in range(3):
+        runs.append(record(LORA, seed, .60, .95, lr=1e-4))   # best test, worse validation: must not win
+        runs.append(record(LORA, seed, .75, .70, lr=1e-3))
+        runs.append(record(LORA, seed, 0, 0, lr=1e-2, status="failed"))
+    t = table_from(tmp_path, runs, tune=["trainer.lr"])
+    cell = t.cells[("LoRA r=8 α=8 (q+v)", "rotten_tomatoes")]
+    assert cell.chosen == {"trainer.lr": 1e-3} and cell.value == pytest.approx(.70)
+    chosen = [e for e in t.selection if e.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["trainer.lr"] == 1e-3
+    failed = [e for e in t.selection if e["trainer.lr"] == 1e-2][0]
+    assert failed["failed"] == 3 and failed["seeds"] == 0
+    assert "chosen trainer.lr" in to_markdown(t) and "| 0.001 |" in to_markdown(t)
+
+
+def test_runs_differing_in_an_untuned_key_are_an_error(tmp_path):
+    with pytest.raises(tables.TableError, match="differ in trainer.lr .*pass --tune trainer.lr"):
+        table_from(tmp_path, [record(LORA, 0, .7, .7, lr=1e-4), record(LORA, 1, .7, .7, lr=1e-3)])
+
+
+def test_several_tasks_give_an_average_column(tmp_path):
+    t = table_from(tmp_path, [record(LORA, 0, .7, .80, task="sst2"), record(LORA, 0, .7, .60, task="mrpc"),
+                              record(FULL, 0, .7, .90, task="sst2")])
+    assert t.tasks == ["mrpc", "sst2"]
+    assert t.average("LoRA r=8 α=8 (q+v)") == pytest.approx(.70)
+    assert math.isnan(t.average("Full FT"))  # a missing task is not averaged as if it were there
+    header = to_markdown(t).splitlines()[0]
+    assert header.startswith("| Method | Trainable params | % of total | mrpc | sst2 | Avg. |")
+
+
+def test_latex_is_booktabs_and_escaped(tmp_path):
+    t = table_from(tmp_path, [record(LORA, 0, .7, .7), record(FULL, 0, .8, .8)])
+    tex = to_latex(t)
+    assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
+    body = tex[tex.index(r"\midrule"):tex.index(r"\bottomrule")].strip().splitlines()[1:]
+    columns = tex.split(r"\begin{tabular}{")[1].split("}")[0]
+    assert len(body) == 2 and all(line.endswith(r"\\") for line in body)
+    assert all(line.count("&") == len(columns) - 1 for line in body)
+    assert r"\% of total" in tex and r"rotten\_tomatoes" in tex and r"$\alpha$" in tex
+    assert r"\textbf{80.0}" in tex
+
+
+def test_csv_has_raw_numbers(tmp_path):
+    t = table_from(tmp_path, [record(LORA, 0, .7, .61), record(LORA, 1, .7, .63)])
+    rows = list(csv.DictReader(io.StringIO(to_csv(t))))
+    assert len(rows) == 1 and float(rows[0]["rotten_tomatoes_accuracy"]) == pytest.approx(.62)
+    assert int(float(rows[0]["trainable"])) == 1000 and rows[0]["rotten_tomatoes_seeds"] == "2"
+
+
+def test_command_writes_all_formats_and_plots(tmp_path, capsys):
+    lora = [dict(LORA, r=r) for r in (1, 4, 16)]
+    runs = [record(m, s, .6 + .01 * m["r"], .6 + .01 * m["r"] + .001 * s, trainable=100 * m["r"])
+            for m in lora for s in range(2)]
+    runs += [record(FULL, s, .8, .8, trainable=100000) for s in range(2)]
+    sweep = write_runs(tmp_path / "sweep", runs)
+    assert tables.main([str(sweep), "--out", str(tmp_path / "out"), "--plot"]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["table.csv", "table.md", "table.tex", "table_selection.csv", "table_vs_params.png",
+                       "table_vs_rank.png"]
+    assert all((tmp_path / "out" / p).stat().st_size > 0 for p in written)
+    assert (tmp_path / "out" / "table_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    assert tables.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    write_runs(tmp_path / "s", [record(LORA, 0, .7, .7)])
+    assert tables.main([str(tmp_path / "s"), "--metric", "pearson"]) == 2
+    assert "--metric='pearson': is not in the records (have: ['accuracy'])" in capsys.readouterr().err
+
+
+def test_wandb_runs_become_records():
+    summary = {"best/epoch": 2, "best/validation/accuracy": .7, "best/test/accuracy": .68,
+               "last/epoch": 3, "last/validation/accuracy": .69, "last/test/accuracy": .66,
+               "parameters/trainable": 10, "parameters/total": 100, "measure/peak_memory_mb": 900.0,
+               "measure/train_samples_per_s": 12.0}
+    rec = record_from_wandb({"method": LORA, "seed": 0}, summary, "finished")
+    run = tables.run_from_record(rec, "accuracy", "best")
+    assert (run.val, run.test, run.trainable, run.peak_memory_mb) == (.7, .68, 10, 900.0)
+    assert tables.run_from_record(rec, "accuracy", "last").test == .66
+    assert record_from_wandb({}, {}, "crashed")["status"] == "failed"
+
+
+def test_records_written_by_the_trainer_are_read(tmp_path):
+    """The builder reads the keys the trainer actually writes (same-named fields, not assumed ones)."""
+    from test_train import smoke_cfg
+
+    from lora_lab.train import run_training
+
+    run_training(smoke_cfg(tmp_path, "method=lora", "method.r=2"), tmp_path / "sweep" / "0_run")
+    t = build_table(collect_runs([tmp_path / "sweep"], "accuracy", "best"))
+    (row,) = t.rows
+    assert row.startswith("LoRA r=2") and t.cells[(row, "rotten_tomatoes")].seeds == 1
+    assert t.params[row][0] > 0 and t.efficiency[row][0] > 0
+    assert json.loads((tmp_path / "sweep" / "0_run" / "record.json").read_text())["method_resolved"]["r"] == 2
