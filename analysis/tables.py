@@ -78,6 +78,10 @@ def lookup(config: dict, dotted: str):
     return value
 
 
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
 def run_from_record(record: dict, metric: str, epoch: str, source: str = "") -> Run:
     config = record.get("config", {})
     if record.get("status") != "completed":
@@ -193,7 +197,7 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
     for run in runs:
         row = row_label(run)
         order[row] = min(order.get(row, (99,)), row_sort_key(run))
-        tuned = tuple(lookup(run.config, key) for key in tune)
+        tuned = tuple(_hashable(lookup(run.config, key)) for key in tune)
         grouped[(row, task_label(run.config))][tuned].append(run)
 
     cells, selection, chosen_runs = {}, [], defaultdict(list)
@@ -365,7 +369,7 @@ def selection_csv(table: Table) -> str:
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for entry in table.selection:
-        writer.writerow({"chosen": True, **entry} if not table.tune else entry)
+        writer.writerow(entry)
     return buffer.getvalue()
 
 
@@ -395,12 +399,16 @@ def write_outputs(table: Table, out: Path, name: str) -> list[Path]:
     return [out / f for f in files]
 
 
-def log_to_wandb(table: Table, images: list[Path], project: str, name: str) -> None:
+def log_to_wandb(table: Table, images: list[Path], project: str, name: str, directory: Path | None) -> None:
+    """One W&B run of job type "analysis" holding the table (and plots); offline without an API key."""
+    import os
+
     from lora_lab.tracking import Tracker
 
     header, rows, _ = table_cells(table)
     tracker = Tracker.start({"metric": table.metric, "epoch": table.epoch, "agg": table.agg, "tune": table.tune},
-                            project=project, name=name, job_type="analysis")
+                            mode=os.environ.get("WANDB_MODE", "auto"), project=project, name=name,
+                            job_type="analysis", directory=directory)
     tracker.log_table(name, header, rows)
     for image in images:
         tracker.log_image(image.stem, image)
@@ -441,7 +449,7 @@ def main(argv=None) -> int:
                                   plot_accuracy_vs_rank(runs, table, out / f"{args.name}_vs_rank.png")) if p]
         print("wrote " + ", ".join(str(p) for p in written + images))
     if args.log_wandb:
-        log_to_wandb(table, images, args.log_wandb, args.name)
+        log_to_wandb(table, images, args.log_wandb, args.name, out)
     return 0
 
 

@@ -165,3 +165,11 @@ def test_records_written_by_the_trainer_are_read(tmp_path):
     assert row.startswith("LoRA r=2") and t.cells[(row, "rotten_tomatoes")].seeds == 1
     assert t.params[row][0] > 0 and t.efficiency[row][0] > 0
     assert json.loads((tmp_path / "sweep" / "0_run" / "record.json").read_text())["method_resolved"]["r"] == 2
+
+
+def test_table_is_logged_to_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = write_runs(tmp_path / "sweep", [record(LORA, 0, .7, .7), record(FULL, 0, .8, .8)])
+    assert tables.main([str(sweep), "--out", str(tmp_path / "out"), "--log-wandb", "lora_lab_tests"]) == 0
+    (run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    assert list(run.glob("*.wandb"))
