@@ -142,7 +142,7 @@ def task_label(config: dict) -> str:
 
 
 def check_same_settings(runs: list[Run], row: str, tune: list[str]) -> None:
-    """The runs of one row (and one tuned value) may differ in seed only."""
+    """The completed runs of one row (and one tuned value) may differ in seed only."""
     ignored = tuple(IGNORED_KEYS) + tuple(tune)
     flat = [{k: v for k, v in flatten(r.config).items() if not k.startswith(ignored)} for r in runs]
     for other, run in zip(flat[1:], runs[1:]):
@@ -204,8 +204,8 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
     for (row, task), by_value in grouped.items():
         best_value, best_val = None, -math.inf
         for tuned, group in sorted(by_value.items(), key=lambda kv: str(kv[0])):
-            check_same_settings(group, row, tune)
             done = [r for r in group if r.completed]
+            check_same_settings(done, row, tune)
             val, _ = aggregate([r.val for r in done], "median")
             test, _ = aggregate([r.test for r in done], "median")
             entry = {"row": row, "task": task, **dict(zip(tune, tuned)), "seeds": len(done),

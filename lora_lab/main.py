@@ -34,6 +34,23 @@ def run_name(cfg) -> str:
     return "-".join(x for x in (m.name, size, f"s{cfg.seed}") if x)
 
 
+def resolved_or_raw(cfg: DictConfig) -> dict:
+    """The config as completed runs record it (resolved), unless resolving is what failed."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - e.g. a bad interpolation: keep it as written
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name: str | None = None) -> float:
     """Run one job. Any failure is written to the run record; in a multirun the sweep carries on."""
     from lora_lab.tracking import Tracker
@@ -50,8 +67,9 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         return float(record["best"][f"validation/{cfg.trainer.monitor}"])
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
         failed = {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                  "traceback": traceback.format_exc(), "config": OmegaConf.to_container(cfg, resolve=False)}
+                  "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)}
         records.write_json(run_dir / records.RECORD_FILE, failed)
+        release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
         if tracker is not None:
             tracker.finish(exit_code=1)
         if isinstance(error, KeyboardInterrupt):
