@@ -183,6 +183,7 @@ class Table:
     epoch: str
     agg: str
     tune: list[str]
+    expected: list[dict] = field(default_factory=list)  # reference rows (e.g. a paper's), x100
 
     def average(self, row: str) -> float:
         values = [self.cells[(row, t)].value for t in self.tasks if (row, t) in self.cells]
@@ -269,8 +270,8 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
     header += ["Peak memory (MB)", "Train samples/s"]
     if table.tune and len(table.tasks) == 1:
         header += [f"chosen {k}" for k in table.tune]
-    rows, best = [], {}
-    for i, row in enumerate(table.rows):
+    rows = []
+    for row in table.rows:
         trainable, total = table.params[row]
         percent = f"{100 * trainable / total:.2f}" if trainable is not None and total else "-"
         line = [row, human_count(trainable), percent]
@@ -286,12 +287,27 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
                      else str(cell.chosen.get(k, "-") if cell else "-") for k in table.tune]
         rows.append(line)
     value_columns = list(range(3, 3 + len(table.tasks) + (len(table.tasks) > 1)))
+    best = _best_rows(rows, value_columns)
+    for reference in table.expected:  # after the best values are found: only our runs are bolded
+        values = [reference.get(task) for task in table.tasks]
+        line = [reference["method"], reference.get("trainable params") or "-", "-"]
+        line += [f"{float(v):.1f}" if v not in (None, "") else "-" for v in values]
+        if len(table.tasks) > 1:
+            known = [float(v) for v in values if v not in (None, "")]
+            line.append(f"{statistics.fmean(known):.1f}" if len(known) == len(values) else "-")
+        line += ["-"] * (len(header) - len(line))
+        rows.append(line)
+    return header, rows, best
+
+
+def _best_rows(rows: list[list[str]], value_columns: list[int]) -> dict:
+    best = {}
     for column in value_columns:
         scores = {i: float(r[column].split(" ")[0]) for i, r in enumerate(rows) if _is_number(r[column])}
         if scores:
             top = max(scores.values())
             best[column] = {i for i, v in scores.items() if v == top}
-    return header, rows, best
+    return best
 
 
 def _is_number(text: str) -> bool:
@@ -390,6 +406,16 @@ def collect_runs(paths: list[Path], metric: str, epoch: str, wandb_path: str | N
     return runs
 
 
+def load_expected(path: Path) -> list[dict]:
+    """Reference rows from a CSV: a ``method`` column, optionally ``trainable params``, then one
+    column per task (the task names of the table, values x100)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "method" not in rows[0]:
+        raise ConfigError("--expected", str(path), "needs a header with a 'method' column and task columns")
+    return rows
+
+
 def write_outputs(table: Table, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {f"{name}.md": to_markdown(table), f"{name}.tex": to_latex(table), f"{name}.csv": to_csv(table),
@@ -429,11 +455,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the table files here (default: the single run dir)")
     parser.add_argument("--name", default="table")
     parser.add_argument("--plot", action="store_true", help="also plot accuracy vs parameters and vs rank")
+    parser.add_argument("--expected", type=Path, help="CSV of reference rows (e.g. a paper's) shown below ours")
     parser.add_argument("--log-wandb", metavar="PROJECT", help="log the table (and plots) to this W&B project")
     args = parser.parse_args(argv)
     try:
         runs = collect_runs(args.runs, args.metric, args.epoch, args.wandb, args.wandb_group)
         table = build_table(runs, args.metric, args.epoch, args.agg, args.tune)
+        if args.expected:
+            table.expected = load_expected(args.expected)
     except (ConfigError, TableError) as error:
         print(f"tables: error: {error}", file=sys.stderr)
         return 2

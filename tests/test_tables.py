@@ -173,3 +173,17 @@ def test_table_is_logged_to_wandb(tmp_path, monkeypatch):
     assert tables.main([str(sweep), "--out", str(tmp_path / "out"), "--log-wandb", "lora_lab_tests"]) == 0
     (run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
     assert list(run.glob("*.wandb"))
+
+
+def test_expected_rows_are_shown_below_ours_and_never_bolded(tmp_path):
+    from pathlib import Path
+
+    runs = [record(LORA, 0, .9, .95, task="sst2"), record(LORA, 0, .9, .80, task="mrpc")]
+    sweep = write_runs(tmp_path / "sweep", runs)
+    expected = Path(__file__).resolve().parent.parent / "experiments" / "paper_table2" / "expected.csv"
+    assert tables.main([str(sweep), "--out", str(tmp_path / "out"), "--expected", str(expected)]) == 0
+    md = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert md[0] == "| Method | Trainable params | % of total | mrpc | sst2 | Avg. | Peak memory (MB) | Train samples/s |"
+    assert md[2] == "| LoRA r=8 α=8 (q+v) | 1.0K | 1.00 | **80.0** | **95.0** | **87.5** | 1000 | 20.0 |"
+    assert md[3] == "| FT (paper) | 125.0M | - | 90.2 | 94.8 | 92.5 | - | - |"
+    assert md[4] == "| LoRA r=8 (paper) | 0.3M | - | 89.7 | 95.1 | 92.4 | - | - |"  # 95.1 > ours, not bold
