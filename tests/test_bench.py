@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import CONF
 from lora_lab import bench
+from lora_lab.bench import startup, timing, variants
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["full", "head", "houlsby", "pfeiffer", "lora_r1", "lora_r8", "lora_r64"]
@@ -125,18 +126,18 @@ def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
 
 
 def test_a_figure_compared_with_itself_is_exactly_one():
-    s = bench.summarise([0.010, 0.012, 0.011], scale=1000)
+    s = timing.summarise([0.010, 0.012, 0.011], scale=1000)
     assert s["median"] == pytest.approx(11.0) and (s["min"], s["max"]) == pytest.approx((10.0, 12.0))
-    c = bench.compare(s, s)
+    c = timing.compare(s, s)
     assert c["ratio"] == 1.0 and c["paired_min"] == c["paired_max"] == 1.0
-    slower = bench.summarise([0.020, 0.024, 0.022], scale=1000)
-    assert bench.compare(slower, s)["ratio"] == pytest.approx(2.0)
+    slower = timing.summarise([0.020, 0.024, 0.022], scale=1000)
+    assert timing.compare(slower, s)["ratio"] == pytest.approx(2.0)
 
 
 def test_round_robin_interleaves_rotates_and_drops_warmup():
     calls = []
     fns = {name: (lambda k, name=name: calls.append((k, name))) for name in "ABC"}
-    samples = bench.round_robin(fns, rounds=3, warmup=1, device=torch.device("cpu"))
+    samples = timing.round_robin(fns, rounds=3, warmup=1, device=torch.device("cpu"))
     assert {k: len(v) for k, v in samples.items()} == {"A": 3, "B": 3, "C": 3}
     assert [n for _, n in calls] == list("ABC" "BCA" "CAB" "ABC")
     assert [k for k, _ in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
@@ -146,15 +147,15 @@ def test_unknown_method_name_is_a_config_error():
     from lora_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="methods='prefix'"):
-        bench.method_config("prefix", bench_config())
-    m = bench.method_config("lora_r64", bench_config())
+        variants.method_config("prefix", bench_config())
+    m = variants.method_config("lora_r64", bench_config())
     assert m.r == 64 and m.dropout == 0.0 and list(m.targets) == ["q", "v"]
-    assert bench.method_config("pfeiffer", bench_config()).variant == "pfeiffer"
+    assert variants.method_config("pfeiffer", bench_config()).variant == "pfeiffer"
 
 
 def test_model_and_data_overrides_are_passed_to_lora_lab():
     cfg = bench_config("model=tiny", "threads=1")
-    got = bench.forwarded_overrides(["model=minilm", "data=rotten_tomatoes", "model=tiny", "model.hidden_size=64",
+    got = startup.forwarded_overrides(["model=minilm", "data=rotten_tomatoes", "model=tiny", "model.hidden_size=64",
                                      "data.cache_dir=/x", "data.max_length=64", "batch_size=8"], cfg)
     assert got == ["data=rotten_tomatoes", "model=tiny", "model.hidden_size=64", "data.max_length=64",
                    "trainer.threads=1", "trainer.device=auto"]

@@ -1,0 +1,3 @@
+from lora_lab.bench.run import main
+
+main()

@@ -1,0 +1,76 @@
+"""Section 4: memory per method split into weights, gradients, optimiser state and saved activations."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from lora_lab.bench.timing import MiB, nbytes
+from lora_lab.bench.variants import Variant
+
+
+class SavedTensorBytes:
+    """Bytes of the distinct storages autograd saves for backward, parameters and buffers excluded."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.storages = exclude, {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            key, size = id(t), nbytes(t)
+        if key not in self.exclude:
+            self.storages[key] = max(size, self.storages.get(key, 0))
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
+    """One more training step of a variant, taken apart: weights (every parameter), gradients (what
+    backward leaves in .grad), AdamW state (read from the optimiser after the step), activations
+    (the tensors one forward saves for backward) and, on CUDA, the peak allocation of the step."""
+    model = v.model
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    exclude = {t.untyped_storage().data_ptr() for t in params + buffers}
+    v.optimizer.zero_grad(set_to_none=True)
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    saved = SavedTensorBytes(exclude)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = sum(nbytes(p.grad) for p in params if p.grad is not None)
+    v.optimizer.step()
+    optim = sum(nbytes(t) for state in v.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    out = {
+        "weights_mb": sum(nbytes(p) for p in params) / MiB,
+        "buffers_mb": sum(nbytes(b) for b in buffers) / MiB,
+        "gradients_mb": grads / MiB,
+        "trainable_params_mb": sum(nbytes(p) for p in params if p.requires_grad) / MiB,
+        "optimizer_state_mb": optim / MiB,
+        "activations_saved_mb": saved.total / MiB,
+    }
+    out["total_mb"] = (out["weights_mb"] + out["buffers_mb"] + out["gradients_mb"] + out["optimizer_state_mb"]
+                       + out["activations_saved_mb"])
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        out["cuda_peak_allocated_mb"] = peak / MiB
+        out["cuda_activations_mb"] = (peak - before - grads) / MiB  # peak minus weights, state and grads
+    v.optimizer.zero_grad(set_to_none=True)
+    out["kind"] = "analytic from tensors" + (" + cuda peak allocated" if cuda else "")
+    return out

@@ -1,0 +1,47 @@
+"""Sections 1 and 2: training step time per method against the frozen-backbone limit, ours vs PEFT."""
+from __future__ import annotations
+
+
+import torch
+
+from lora_lab.bench.timing import compare, load_summary, round_robin, summarise
+from lora_lab.bench.variants import REFERENCE, Variant, _PEFT_SPEC, label
+
+
+def bench_train_step(cfg, variants: dict[str, Variant], batch: dict, device: torch.device,
+                     peft_note: str | None) -> tuple[dict, dict]:
+    fns = {name: (lambda k, v=v: v.step(batch)) for name, v in variants.items()}
+    other: dict[str, list] = {}
+    times = round_robin(fns, int(cfg.repeats), int(cfg.warmup), device, int(cfg.steps_per_sample), other)
+    ref = summarise(times[REFERENCE], 1000)
+    rows = {}
+    for name, v in variants.items():
+        s = summarise(times[name], 1000)
+        c = compare(s, ref)
+        rows[name] = {"label": label(name, cfg.lora_targets), "trainable_params": v.trainable, "step_ms": s,
+                      "ratio_to_frozen": s["median"] / ref["median"],
+                      "paired_ratio_min": c["paired_min"], "paired_ratio_max": c["paired_max"]}
+    train = {"unit": "ms", "reference": REFERENCE, "batch_size": int(cfg.batch_size), "seq_len": int(cfg.seq_len),
+             "repeats": int(cfg.repeats), "warmup": int(cfg.warmup), "steps_per_sample": int(cfg.steps_per_sample),
+             "other_processes_cpu_share": load_summary(other), "rows": rows}
+    peft_rows: dict = {}
+    if peft_note:
+        peft_rows["skipped"] = peft_note
+    for name in variants:
+        m = _PEFT_SPEC.match(name)
+        if m:
+            ours, theirs = rows[f"lora_r{m.group(1)}"]["step_ms"], rows[name]["step_ms"]
+            c = compare(ours, theirs)
+            peft_rows[f"r{m.group(1)}"] = {
+                "ours_ms": ours, "peft_ms": theirs, "ratio": ours["median"] / theirs["median"],
+                "paired_ratio_min": c["paired_min"], "paired_ratio_max": c["paired_max"],
+                "trainable_ours": variants[f"lora_r{m.group(1)}"].trainable,
+                "trainable_peft": variants[name].trainable}
+    if peft_rows:
+        import importlib.metadata as md
+
+        try:
+            peft_rows["peft_version"] = md.version("peft")
+        except md.PackageNotFoundError:
+            pass
+    return train, peft_rows
