@@ -169,3 +169,14 @@ def test_joblib_launcher_runs_a_small_real_multirun(tmp_path):
     done = [json.loads(p.read_text()) for p in sweep.rglob("record.json")]
     assert sorted(r["method"] for r in done) == ["head", "lora"]
     assert all(r["status"] == "completed" and r["config"]["trainer"]["threads"] == 1 for r in done)
+
+
+def test_submitit_runs_the_app_in_job_processes(tmp_path):
+    """SLURM jobs go through submitit; its local executor pickles and runs the app the same way."""
+    sweep = tmp_path / "sweep"
+    out = cli("-m", *SMOKE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+              "hydra.launcher.gpus_per_node=0", f"data.cache_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
+              "method.r=2,4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    done = sorted(json.loads(p.read_text())["config"]["method"]["r"] for p in sweep.rglob("record.json"))
+    assert done == [2, 4] and list(sweep.glob(".submitit/*"))
