@@ -53,12 +53,14 @@ def plot_accuracy_vs_parameters(runs, table, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     seen = set()
-    for row, family, x, mid, low, high in points:
+    for i, (row, family, x, mid, low, high) in enumerate(sorted(points, key=lambda p: p[2])):
         label, color, marker = FAMILY_STYLE.get(family, (family, "tab:purple", "x"))
         ax.errorbar(x, mid, yerr=[[mid - low], [high - mid]], fmt=marker, color=color, capsize=3,
                     label=None if family in seen else label)
         seen.add(family)
-        ax.annotate(row.split(" (")[0], (x, mid), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        text = row.split(" α=")[0].replace("LoRA ", "") if family == "lora" else row.split(" (")[0]
+        # neighbours on the log axis overlap: alternate the labels above and below the points
+        ax.annotate(text, (x, mid), textcoords="offset points", xytext=(5, 5 if i % 2 else -11), fontsize=7)
     lora = sorted((x, mid) for _, family, x, mid, *_ in points if family == "lora")
     if len(lora) > 1:
         ax.plot(*zip(*lora), color=FAMILY_STYLE["lora"][1], alpha=0.4, linewidth=1)
@@ -103,6 +105,8 @@ def plot_accuracy_vs_rank(runs, table, path: Path) -> Path | None:
     if full and _task_values(table, full[0]):
         ax.axhline(_task_values(table, full[0])[0], color="black", linestyle="--", linewidth=1, label="Full FT")
     ax.set_xscale("log", base=2)
+    ranks = sorted({p[0] for points in series.values() for p in points})
+    ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel(_ylabel(table))
     ax.grid(alpha=0.3)

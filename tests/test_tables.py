@@ -187,3 +187,16 @@ def test_expected_rows_are_shown_below_ours_and_never_bolded(tmp_path):
     assert md[2] == "| LoRA r=8 α=8 (q+v) | 1.0K | 1.00 | **80.0** | **95.0** | **87.5** | 1000 | 20.0 |"
     assert md[3] == "| FT (paper) | 125.0M | - | 90.2 | 94.8 | 92.5 | - | - |"
     assert md[4] == "| LoRA r=8 (paper) | 0.3M | - | 89.7 | 95.1 | 92.4 | - | - |"  # 95.1 > ours, not bold
+
+
+def test_committed_study_table_is_what_its_committed_records_give(tmp_path):
+    """experiments/embedded_study: the table files are regenerated, byte for byte, from the run
+    records committed beside them, so every number there traces back to a run."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "experiments" / "embedded_study"
+    records = list((root / "records").rglob("record.json"))
+    assert len(records) == 90
+    assert tables.main([str(root / "records"), "--tune", "trainer.lr", "--out", str(tmp_path), "--name", "study"]) == 0
+    for name in ("study.md", "study.tex", "study.csv", "study_selection.csv"):
+        assert (tmp_path / name).read_text() == (root / name).read_text(), name
