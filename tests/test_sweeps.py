@@ -180,3 +180,14 @@ def test_submitit_runs_the_app_in_job_processes(tmp_path):
     assert out.returncode == 0, out.stderr
     done = sorted(json.loads(p.read_text())["config"]["method"]["r"] for p in sweep.rglob("record.json"))
     assert done == [2, 4] and list(sweep.glob(".submitit/*"))
+
+
+def test_optuna_maximises_the_metric_the_app_returns(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = cli(*SMOKE, "sweep=optuna", "hydra.sweeper.n_trials=3", f"data.cache_dir={tmp_path}",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    returned = [json.loads(p.read_text())["best"]["validation/accuracy"] for p in sweep.rglob("record.json")]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert len(returned) == 3 and result["best_value"] == max(returned)
+    assert set(result["best_params"]) == {"trainer.lr", "method.r", "method.alpha"}

@@ -200,3 +200,32 @@ def test_committed_study_table_is_what_its_committed_records_give(tmp_path):
     assert tables.main([str(root / "records"), "--tune", "trainer.lr", "--out", str(tmp_path), "--name", "study"]) == 0
     for name in ("study.md", "study.tex", "study.csv", "study_selection.csv"):
         assert (tmp_path / name).read_text() == (root / name).read_text(), name
+
+
+def test_runs_are_read_from_a_wandb_project(monkeypatch):
+    """--wandb: runs come from the W&B API (faked here: the real one needs the network)."""
+    import sys
+    import types
+
+    summary = {"best/epoch": 1, "best/validation/accuracy": .7, "best/test/accuracy": .66,
+               "last/epoch": 1, "last/validation/accuracy": .7, "last/test/accuracy": .66,
+               "parameters/trainable": 10, "parameters/total": 100}
+
+    class FakeRun:
+        def __init__(self, seed, state):
+            self.config = {"method": LORA, "seed": seed, "data": {"name": "rt"}, "_wandb": {"x": 1}}
+            self.summary, self.state, self.path = summary, state, ["team", "proj", f"run{seed}"]
+
+    calls = []
+
+    class FakeApi:
+        def runs(self, path, filters=None):
+            calls.append((path, filters))
+            return [FakeRun(0, "finished"), FakeRun(1, "finished"), FakeRun(2, "crashed")]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=FakeApi))
+    runs = collect_runs([], "accuracy", "best", "team/proj", "sweep-1")
+    assert calls == [("team/proj", {"group": "sweep-1"})]
+    t = build_table(runs)
+    cell = t.cells[("LoRA r=8 α=8 (q+v)", "rt")]
+    assert (cell.seeds, cell.failed, cell.value) == (2, 1, .66)
