@@ -15,13 +15,17 @@ COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)
            "val {m}", "test {m}", "epoch", "failed"]
 
 
-def method_label(config: dict) -> str:
+def method_label(config: dict, resolved: dict | None = None) -> str:
+    """A row name: the method and its size. ``resolved`` (a record's ``method_resolved``) gives the
+    settings chosen at run time, e.g. the rank LoRA picked for a parameter budget."""
     m = config.get("method", {})
     name = m.get("name", "?")
     if name == "lora":
         extra = "" if m.get("init", "kaiming") == "kaiming" else f", {m['init']} init"
         scale = ", rsLoRA" if m.get("rslora") else ""
-        return f"LoRA r={m.get('r')} α={m.get('alpha')} ({'+'.join(map(str, m.get('targets', [])))}{scale}{extra})"
+        r = (resolved or {}).get("r") or m.get("r")
+        budget = f" [budget {m['budget']:,}]" if m.get("budget") else ""
+        return f"LoRA r={r} α={m.get('alpha')} ({'+'.join(map(str, m.get('targets', [])))}{scale}{extra}){budget}"
     if name == "adapter":
         size = m.get("bottleneck") or f"d/{m.get('reduction_factor')}"
         return f"Adapter {str(m.get('variant')).capitalize()} m={size}"
@@ -39,12 +43,12 @@ def comparison_rows(run_dirs: list[Path], metric: str = "accuracy") -> list[list
         record = load_record(run_dir, require_completed=False)
         config = record.get("config", {})
         if record.get("status") != "completed":
-            rows.append([method_label(config), config.get("seed", ""), "", "", "", "", "", "", "",
+            rows.append([method_label(config, record.get("method_resolved")), config.get("seed", ""), "", "", "", "", "", "", "",
                          record.get("error", "failed")[:100]])
             continue
         p, meas, best = record["parameters"], record["measurements"], record["best"]
         rows.append([
-            method_label(config), config.get("seed", ""),
+            method_label(config, record.get("method_resolved")), config.get("seed", ""),
             f"{p['trainable']:,}", f"{p['trainable_percent']:.2f}", f"{meas['peak_memory_mb']:.0f}",
             f"{meas['train_samples_per_s']:.1f}", f"{best[f'validation/{metric}']:.4f}",
             f"{best[f'test/{metric}']:.4f}", str(best["epoch"]), "",

@@ -122,11 +122,7 @@ def load_wandb_records(path: str, group: str | None = None) -> list[tuple[str, d
 
 
 def row_label(run: Run) -> str:
-    config = run.config
-    if run.resolved.get("r") and config.get("method", {}).get("budget"):
-        method = dict(config["method"], r=run.resolved["r"])
-        return method_label({**config, "method": method}) + f" [budget {config['method']['budget']:,}]"
-    return method_label(config)
+    return method_label(run.config, run.resolved)
 
 
 def row_sort_key(run: Run) -> tuple:

@@ -229,3 +229,15 @@ def test_runs_are_read_from_a_wandb_project(monkeypatch):
     t = build_table(runs)
     cell = t.cells[("LoRA r=8 α=8 (q+v)", "rt")]
     assert (cell.seeds, cell.failed, cell.value) == (2, 1, .66)
+
+
+def test_budget_runs_are_labelled_with_the_rank_they_chose(tmp_path):
+    from analysis.compare import write_comparison
+
+    budget = dict(LORA, budget=36864, targets=["q", "k"])
+    rec = record(budget, 0, .7, .7)
+    rec["method_resolved"] = {"r": 4, "lora_parameters": 36864}
+    sweep = write_runs(tmp_path / "sweep", [rec])
+    label = "LoRA r=4 α=8 (q+k) [budget 36,864]"
+    assert build_table(collect_runs([sweep], "accuracy", "best")).rows == [label]
+    assert f"| {label} |" in write_comparison(sweep)
