@@ -10,21 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from analysis.tables import row_label  # noqa: E402
+
 FAMILY_STYLE = {"full": ("Full FT", "black", "s"), "head": ("Head / FT-top-K", "tab:gray", "v"),
                 "adapter": ("Adapters", "tab:orange", "D"), "lora": ("LoRA", "tab:blue", "o")}
 
 
-def _family(table, row: str, runs) -> str:
+def _family(row: str, runs) -> str:
     for run in runs:
-        if run.completed and _row_of(run) == row:
+        if run.completed and row_label(run) == row:
             return run.config.get("method", {}).get("name", "other")
     return "other"
-
-
-def _row_of(run) -> str:
-    from analysis.tables import row_label
-
-    return row_label(run)
 
 
 def _task_values(table, row: str) -> tuple[float, float, float] | None:
@@ -48,7 +44,7 @@ def plot_accuracy_vs_parameters(runs, table, path: Path) -> Path | None:
     for row in table.rows:
         values, trainable = _task_values(table, row), table.params[row][0]
         if values and trainable:
-            points.append((row, _family(table, row, runs), trainable, *values))
+            points.append((row, _family(row, runs), trainable, *values))
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -81,7 +77,7 @@ def plot_accuracy_vs_rank(runs, table, path: Path) -> Path | None:
     """One line per LoRA setting other than r (targets, scaling, init); x = r on a log2 axis."""
     series: dict[str, list] = defaultdict(list)
     for row in table.rows:
-        lora = [r for r in runs if r.completed and _row_of(r) == row and r.config["method"].get("name") == "lora"]
+        lora = [r for r in runs if r.completed and row_label(r) == row and r.config["method"].get("name") == "lora"]
         values = _task_values(table, row)
         if not lora or values is None:
             continue
@@ -101,7 +97,7 @@ def plot_accuracy_vs_rank(runs, table, path: Path) -> Path | None:
         rs, mids, lows, highs = zip(*points)
         ax.errorbar(rs, mids, yerr=[[m - lo for m, lo in zip(mids, lows)], [h - m for m, h in zip(mids, highs)]],
                     marker="o", capsize=3, label=label)
-    full = [row for row in table.rows if _family(table, row, runs) == "full"]
+    full = [row for row in table.rows if _family(row, runs) == "full"]
     if full and _task_values(table, full[0]):
         ax.axhline(_task_values(table, full[0])[0], color="black", linestyle="--", linewidth=1, label="Full FT")
     ax.set_xscale("log", base=2)

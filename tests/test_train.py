@@ -1,9 +1,7 @@
 import json
-import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
