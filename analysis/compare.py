@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lora_lab.errors import ConfigError
-from lora_lab.records import RECORD_FILE, find_run_dirs, load_record
+from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
 
 COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)", "train samples/s",
            "val {m}", "test {m}", "epoch", "failed"]
@@ -76,7 +76,7 @@ def write_comparison(*roots: Path, metric: str = "accuracy") -> str:
     note = f"\nMajority class (test): {majority:.4f}. Metric: {metric}, best epoch on validation.\n" if majority else ""
     text = table + "\n" + note
     if len(roots) == 1:
-        (Path(roots[0]) / "comparison.md").write_text(text)
+        write_text(Path(roots[0]) / "comparison.md", text)
     return text
 
 

@@ -10,17 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.tables import row_label  # noqa: E402
-
 FAMILY_STYLE = {"full": ("Full FT", "black", "s"), "head": ("Head / FT-top-K", "tab:gray", "v"),
                 "adapter": ("Adapters", "tab:orange", "D"), "lora": ("LoRA", "tab:blue", "o")}
 
 
-def _family(row: str, runs) -> str:
-    for run in runs:
-        if run.completed and row_label(run) == row:
-            return run.config.get("method", {}).get("name", "other")
-    return "other"
+def _completed(table, row: str) -> list:
+    return [run for run in table.members.get(row, []) if run.completed]
+
+
+def _family(table, row: str) -> str:
+    done = _completed(table, row)
+    return done[0].config.get("method", {}).get("name", "other") if done else "other"
 
 
 def _task_values(table, row: str) -> tuple[float, float, float] | None:
@@ -39,12 +39,12 @@ def _ylabel(table) -> str:
     return f"test {table.metric} ({tasks})"
 
 
-def plot_accuracy_vs_parameters(runs, table, path: Path) -> Path | None:
+def plot_accuracy_vs_parameters(table, path: Path) -> Path | None:
     points = []
     for row in table.rows:
         values, trainable = _task_values(table, row), table.params[row][0]
         if values and trainable:
-            points.append((row, _family(row, runs), trainable, *values))
+            points.append((row, _family(table, row), trainable, *values))
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -73,11 +73,11 @@ def plot_accuracy_vs_parameters(runs, table, path: Path) -> Path | None:
     return Path(path)
 
 
-def plot_accuracy_vs_rank(runs, table, path: Path) -> Path | None:
+def plot_accuracy_vs_rank(table, path: Path) -> Path | None:
     """One line per LoRA setting other than r (targets, scaling, init); x = r on a log2 axis."""
     series: dict[str, list] = defaultdict(list)
     for row in table.rows:
-        lora = [r for r in runs if r.completed and row_label(r) == row and r.config["method"].get("name") == "lora"]
+        lora = [r for r in _completed(table, row) if r.config["method"].get("name") == "lora"]
         values = _task_values(table, row)
         if not lora or values is None:
             continue
@@ -97,7 +97,7 @@ def plot_accuracy_vs_rank(runs, table, path: Path) -> Path | None:
         rs, mids, lows, highs = zip(*points)
         ax.errorbar(rs, mids, yerr=[[m - lo for m, lo in zip(mids, lows)], [h - m for m, h in zip(mids, highs)]],
                     marker="o", capsize=3, label=label)
-    full = [row for row in table.rows if _family(row, runs) == "full"]
+    full = [row for row in table.rows if _family(table, row) == "full"]
     if full and _task_values(table, full[0]):
         ax.axhline(_task_values(table, full[0])[0], color="black", linestyle="--", linewidth=1, label="Full FT")
     ax.set_xscale("log", base=2)

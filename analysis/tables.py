@@ -174,6 +174,7 @@ class Table:
     cells: dict            # (row, task) -> Cell
     params: dict           # row -> (trainable, total)
     efficiency: dict       # row -> (peak memory MB, samples/s), medians over the chosen runs
+    members: dict          # row -> every run of that row (completed or not), in input order
     selection: list[dict]  # one entry per (row, task, tuned value)
     metric: str
     epoch: str
@@ -191,15 +192,17 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
     tune = list(tune or [])
     grouped: dict = defaultdict(lambda: defaultdict(list))
     order: dict[str, tuple] = {}
+    members: dict[str, list] = defaultdict(list)
     for run in runs:
         row = row_label(run)
+        members[row].append(run)
         order[row] = min(order.get(row, (99,)), row_sort_key(run))
         tuned = tuple(_hashable(lookup(run.config, key)) for key in tune)
         grouped[(row, task_label(run.config))][tuned].append(run)
 
     cells, selection, chosen_runs = {}, [], defaultdict(list)
     for (row, task), by_value in grouped.items():
-        best_value, best_val = None, -math.inf
+        best_value, best_val, entries = None, -math.inf, []
         for tuned, group in sorted(by_value.items(), key=lambda kv: str(kv[0])):
             done = [r for r in group if r.completed]
             check_same_settings(done, row, tune)
@@ -207,9 +210,10 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
             test, _ = aggregate([r.test for r in done], "median")
             entry = {"row": row, "task": task, **dict(zip(tune, tuned)), "seeds": len(done),
                      "failed": len(group) - len(done), f"validation_{metric}": val, f"test_{metric}": test}
-            selection.append(entry)
+            entries.append(entry)
             if done and val > best_val:
                 best_value, best_val = tuned, val
+        selection.extend(entries)
         if best_value is None:
             failed = sum(len(g) for g in by_value.values())
             cells[(row, task)] = Cell(math.nan, None, 0, failed, {})
@@ -218,23 +222,22 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
         value, spread = aggregate([r.test for r in done], agg)
         cells[(row, task)] = Cell(value, spread, len(done), len(by_value[best_value]) - len(done),
                                   dict(zip(tune, best_value)), [r.test for r in done])
-        for entry in selection:
-            if entry["row"] == row and entry["task"] == task:
-                entry["chosen"] = all(entry.get(k) == v for k, v in zip(tune, best_value))
+        for entry in entries:
+            entry["chosen"] = all(entry.get(k) == v for k, v in zip(tune, best_value))
         chosen_runs[row].extend(done)
 
     rows = sorted(order, key=lambda r: (order[r], r))
     tasks = sorted({task for _, task in grouped})
     params, efficiency = {}, {}
     for row in rows:
-        done = chosen_runs.get(row) or [r for r in runs if row_label(r) == row and r.completed]
+        done = chosen_runs.get(row) or [r for r in members[row] if r.completed]
         trainable = [r.trainable for r in done if r.trainable is not None]
         total = [r.total for r in done if r.total is not None]
         params[row] = (statistics.median(trainable) if trainable else None, statistics.median(total) if total else None)
         memory = [r.peak_memory_mb for r in done if r.peak_memory_mb is not None]
         speed = [r.samples_per_s for r in done if r.samples_per_s is not None and math.isfinite(r.samples_per_s)]
         efficiency[row] = (statistics.median(memory) if memory else None, statistics.median(speed) if speed else None)
-    return Table(rows, tasks, cells, params, efficiency, selection, metric, epoch, agg, tune)
+    return Table(rows, tasks, cells, params, efficiency, dict(members), selection, metric, epoch, agg, tune)
 
 
 # ---------------------------------------------------------------- formatting
@@ -470,8 +473,8 @@ def main(argv=None) -> int:
         if args.plot:
             from analysis.table_plots import plot_accuracy_vs_parameters, plot_accuracy_vs_rank
 
-            images = [p for p in (plot_accuracy_vs_parameters(runs, table, out / f"{args.name}_vs_params.png"),
-                                  plot_accuracy_vs_rank(runs, table, out / f"{args.name}_vs_rank.png")) if p]
+            images = [p for p in (plot_accuracy_vs_parameters(table, out / f"{args.name}_vs_params.png"),
+                                  plot_accuracy_vs_rank(table, out / f"{args.name}_vs_rank.png")) if p]
         print("wrote " + ", ".join(str(p) for p in written + images))
     if args.log_wandb:
         log_to_wandb(table, images, args.log_wandb, args.name, out)

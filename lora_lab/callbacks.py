@@ -9,8 +9,9 @@ from hydra.experimental.callback import Callback
 class ComparisonTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         from analysis.compare import write_comparison
-        from lora_lab.records import find_run_dirs
+        from lora_lab.errors import ConfigError
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.exists() and find_run_dirs(sweep_dir):  # a dry run leaves no records
-            print(write_comparison(sweep_dir))
+        try:
+            print(write_comparison(Path(config.hydra.sweep.dir)))
+        except ConfigError:  # no run records, e.g. after a dry run
+            pass

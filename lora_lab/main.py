@@ -91,13 +91,11 @@ def plan_job(cfg: DictConfig, run_dir: Path) -> float:
     from analysis.compare import method_label
     from lora_lab.data import check_files, is_regression
     from lora_lab.methods import build_method
-    from lora_lab.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+    from lora_lab.metrics import check_monitor
 
     resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
     build_method(cfg.method)
-    allowed = REGRESSION_METRICS if is_regression(cfg.data) else CLASSIFICATION_METRICS
-    if cfg.trainer.monitor not in allowed:
-        raise ConfigError("trainer.monitor", cfg.trainer.monitor, f"must be one of {list(allowed)} for this data")
+    check_monitor(cfg.trainer.monitor, is_regression(cfg.data))
     if cfg.data.source == "files":
         check_files(cfg.data)
     data, t = resolved["data"], resolved["trainer"]

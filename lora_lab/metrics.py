@@ -6,6 +6,16 @@ REGRESSION_METRICS = ("pearson", "spearman")
 METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 
 
+def check_monitor(monitor: str, regression: bool) -> None:
+    """The validation metric that picks the best epoch must be one the task's data produces."""
+    from lora_lab.errors import ConfigError
+
+    allowed = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
+    if monitor not in allowed:
+        kind = "regression" if regression else "classification"
+        raise ConfigError("trainer.monitor", monitor, f"must be one of {list(allowed)} for {kind} data")
+
+
 def classification_metrics(labels, predictions) -> dict[str, float]:
     # imported here: scikit-learn adds about a second to every run's start-up
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef

@@ -20,8 +20,8 @@ from lora_lab import measure, records
 from lora_lab.data import Collator, load_task_data, make_loader
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.metrics import (CLASSIFICATION_METRICS, METRICS, REGRESSION_METRICS, classification_metrics,
-                              majority_class_accuracy, regression_metrics)
+from lora_lab.metrics import (METRICS, check_monitor, classification_metrics, majority_class_accuracy,
+                              regression_metrics)
 from lora_lab.modeling import load_model, load_tokenizer
 from lora_lab.run_info import environment_info
 from lora_lab.tracking import Tracker
@@ -122,10 +122,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer)
-    allowed = REGRESSION_METRICS if data.regression else CLASSIFICATION_METRICS
-    if tcfg.monitor not in allowed:
-        kind = "regression" if data.regression else "classification"
-        raise ConfigError("trainer.monitor", tcfg.monitor, f"must be one of {list(allowed)} for {kind} data")
+    check_monitor(tcfg.monitor, data.regression)
     set_seed(cfg.seed)
     model = load_model(cfg.model, data.num_labels, data.label_names)
     method.apply(model)
