@@ -394,6 +394,9 @@ def collect_runs(paths: list[Path], metric: str, epoch: str, wandb_path: str | N
                  wandb_group: str | None = None) -> list[Run]:
     runs = []
     if paths:
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise ConfigError("runs", missing[0], "does not exist")
         run_dirs = find_run_dirs(*paths)
         if not run_dirs:
             raise ConfigError("runs", [str(p) for p in paths], f"contain no {RECORD_FILE}")

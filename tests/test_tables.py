@@ -241,3 +241,8 @@ def test_budget_runs_are_labelled_with_the_rank_they_chose(tmp_path):
     label = "LoRA r=4 α=8 (q+k) [budget 36,864]"
     assert build_table(collect_runs([sweep], "accuracy", "best")).rows == [label]
     assert f"| {label} |" in write_comparison(sweep)
+
+
+def test_a_missing_directory_is_named(tmp_path, capsys):
+    assert tables.main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"tables: error: runs='{tmp_path / 'nope'}': does not exist"
