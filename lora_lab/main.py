@@ -18,11 +18,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab import records
+from lora_lab import measure, records
 from lora_lab.errors import ConfigError
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_SILENT", "true")
+ENVIRONMENT_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+
+
+def apply_environment_defaults() -> None:
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+apply_environment_defaults()
 # ${join:${method.targets}} -> "q+v", used in sweep presets' job directory names
 OmegaConf.register_new_resolver("join", lambda items: "+".join(map(str, items)), replace=True)
 
@@ -111,6 +118,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def app(cfg: DictConfig) -> float:
+    measure.mark_job_start()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -128,6 +136,7 @@ def app(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    apply_environment_defaults()  # again: a job forked from the warm server gets its command's environment
     app()
 
 

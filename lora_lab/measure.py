@@ -1,7 +1,6 @@
 """Measurements every run reports: parameter counts, peak memory, throughput and latency."""
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import time
@@ -10,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lora_lab import warm
 from lora_lab.architectures import head_parameter_names
 
 
@@ -101,18 +101,36 @@ class PeakMemory:
 # ---------------------------------------------------------------- time
 
 _IMPORTED_AT = time.time()
+_PROCESS_START: dict = {}  # set when the job runs in a process forked from the warm server
+
+
+def set_process_start(unix_time: float, via: str) -> None:
+    """Count start-up from the launching ``lora-lab`` command's start, not from the fork."""
+    _PROCESS_START.update(time=unix_time, via=via)
+
+
+def launched_via() -> str:
+    return _PROCESS_START.get("via", "fresh process")
 
 
 def process_age_seconds() -> float:
-    """Seconds since this process started (Linux /proc), else since lora_lab.measure was imported."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time() - _IMPORTED_AT
+    """Seconds since this process (or the command it runs for) started: Linux /proc, else since
+    lora_lab.measure was imported."""
+    start = _PROCESS_START.get("time") or warm.process_start_time() or _IMPORTED_AT
+    return time.time() - start
+
+
+_JOB_START: dict = {}
+
+
+def mark_job_start() -> None:
+    """The Hydra job began (a multirun's later jobs start long after the process did)."""
+    _JOB_START["time"] = time.perf_counter()
+
+
+def job_age_seconds() -> float | None:
+    return time.perf_counter() - _JOB_START["time"] if "time" in _JOB_START else None
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

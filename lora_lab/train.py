@@ -154,7 +154,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     peak = measure.PeakMemory(device)
     peak.reset()
     throughput = measure.Throughput(tcfg.throughput_warmup_steps, device)
-    epochs, step, best, eval_latencies, startup_seconds = [], 0, None, [], None
+    epochs, step, best, eval_latencies, startup_seconds, job_startup_seconds = [], 0, None, [], None, None
     train_start = time.perf_counter()
     for epoch in range(1, tcfg.epochs + 1):
         model.train()
@@ -176,7 +176,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             if step == 1:
-                startup_seconds = measure.process_age_seconds()
+                startup_seconds, job_startup_seconds = measure.process_age_seconds(), measure.job_age_seconds()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
@@ -200,7 +200,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     train_seconds = time.perf_counter() - train_start
 
     measurements = {**peak.read(), **throughput.summary(), "train_seconds": train_seconds,
-                    "process_start_to_first_step_s": startup_seconds,
+                    "process_start_to_first_step_s": startup_seconds, "launched_via": measure.launched_via(),
+                    "job_start_to_first_step_s": job_startup_seconds,
                     "eval_batch_ms_median": statistics.median(eval_latencies) if eval_latencies else None}
     measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg))
 

@@ -41,7 +41,7 @@ def test_writes_json_and_prints_markdown_tables(quick_run):
     assert "### 1. Training step" in stdout and "| method | trainable | step ms |" in stdout
     assert "### Targets" in stdout and result["table_markdown"] in stdout
     assert result["setup"]["model"] == "tiny-random-bert" and result["config"]["quick"] is True
-    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 7
+    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 8
 
 
 def test_training_ratios_are_quotients_of_the_stored_medians(quick_run):
@@ -103,6 +103,11 @@ def test_inference_memory_data_path_startup(quick_run):
     assert "error" not in st, st.get("error")
     assert st["cold"] > 0 and st["warm"] > 0 and st["warm_over_cold"] == pytest.approx(st["warm"] / st["cold"])
     assert st["cache_entries_after_cold"] == 1 and "model=tiny" in st["command"]
+    assert [r["launched_via"] for r in st["runs"]["warm"]] == ["fresh process"]
+    assert [r["launched_via"] for r in st["runs"]["warm_server"]] == ["warm server"]
+    assert st["warm_server"] == st["runs"]["warm_server"][0]["process_start_to_first_step_s"]
+    assert st["warm_server_range"] == [st["warm_server"]] * 2
+    assert st["warm_server_over_warm"] == pytest.approx(st["warm_server"] / st["warm"])
     assert "ratio" in result["subspace"] or "skipped" in result["subspace"]
 
 

@@ -31,7 +31,7 @@ def apply_quick(cfg) -> None:
         cfg.inference.repeats, cfg.inference.warmup = min(int(cfg.inference.repeats), 3), 1
         cfg.data_path.steps, cfg.data_path.warmup = min(int(cfg.data_path.steps), 2), 1
         cfg.startup.max_train, cfg.startup.max_eval = min(int(cfg.startup.max_train), 32), 16
-        cfg.startup.floor = False
+        cfg.startup.floor, cfg.startup.repeats = False, 1
         cfg.subspace.d, cfg.subspace.r, cfg.subspace.r_small = 128, 16, 4
         cfg.subspace.layers, cfg.subspace.repeats, cfg.subspace.dense_repeats = 1, 1, 1
         cfg.subspace.factored_repeats = 2
@@ -115,10 +115,11 @@ def run_benchmark(cfg, forwarded: list[str] | None = None, out=print) -> dict:
     if cfg.data_path.enabled:
         section("data_path", "5. data path ...")
         results["data_path"] = bench_data_path(cfg, data, lora_variant(int(cfg.data_path.r)), device)
-    del variants
+    variants.clear()
     gc.collect()
     if cfg.startup.enabled:
-        section("startup", "6. start-up overhead (two lora-lab processes) ...")
+        section("startup", f"6. start-up overhead ({cfg.startup.repeats} x lora-lab cold, warm"
+                f"{', warm server' if cfg.startup.server else ''}) ...")
         results["startup"] = bench_startup(cfg, forwarded if forwarded is not None else [])
     if cfg.subspace.enabled:
         section("subspace", "7. subspace analysis ...")
