@@ -75,7 +75,7 @@ def main() -> None:
     if os.environ.get(warm.DISABLE_ENV, "").lower() not in ("off", "0", "false", "no"):
         try:
             sys.exit(run_on_server(sys.argv[1:]))
-        except _Refused as why:
+        except (_Refused, warm.UnsafeSocket) as why:
             print(f"lora-lab: the warm server cannot take this job ({why}); running it in this process",
                   file=sys.stderr)
         except (warm.ServerUnavailable, ConnectionError, TimeoutError):

@@ -61,10 +61,10 @@ class Server:
 
     def listen(self) -> socket.socket:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.path.parent.stat().st_uid != os.getuid():
-            raise SystemExit(f"lora-lab-server: {self.path.parent} belongs to another user; set "
-                             f"{warm.SOCKET_ENV} to a path in a directory of your own")
-        os.chmod(self.path.parent, 0o700)
+        problem = warm.private_directory_problem(self.path.parent)
+        if problem:
+            raise SystemExit(f"lora-lab-server: {problem}; set {warm.SOCKET_ENV} to a path in a directory "
+                             f"only you can write to")
         if self.path.exists():
             try:
                 warm.request({"op": "ping"}, self.path, timeout=2)
@@ -281,6 +281,11 @@ def _start(args) -> int:
         pass
     log = warm.log_path()
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    problem = warm.private_directory_problem(log.parent)
+    if problem:
+        print(f"lora-lab-server: {problem}; set {warm.SOCKET_ENV} to a path in a directory only you can "
+              f"write to", file=sys.stderr)
+        return 2
     command = [sys.executable, "-m", "lora_lab.server", "serve", "--idle-timeout", str(args.idle_timeout)]
     if args.preload:
         command += ["--preload", *args.preload]

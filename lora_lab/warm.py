@@ -32,6 +32,19 @@ class ServerUnavailable(Exception):
     """No compatible warm server: the command runs the job in its own process."""
 
 
+class UnsafeSocket(ServerUnavailable):
+    """The socket or its directory could be replaced by another user."""
+
+
+def private_directory_problem(folder: Path) -> str | None:
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        return f"{folder} belongs to another user"
+    if info.st_mode & 0o022:
+        return f"{folder} is writable by others"
+    return None
+
+
 def server_key() -> str:
     """One server per interpreter and checkout, so two virtual environments never share one."""
     text = f"{os.path.realpath(sys.executable)}\n{PACKAGE_DIRS[0]}"
@@ -127,11 +140,11 @@ def receive_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict | None,
 def check_private(path: Path) -> None:
     """The socket and its directory must be this user's alone: the command sends the server its
     environment, which may hold API keys."""
-    uid = os.getuid()
-    folder, sock = path.parent.stat(), path.stat()
-    if folder.st_uid != uid or folder.st_mode & 0o022 or sock.st_uid != uid:
-        raise ServerUnavailable(f"{path} or its directory belongs to another user or is writable by others; "
-                                f"not using it")
+    problem = private_directory_problem(path.parent)
+    if problem is None and path.stat().st_uid != os.getuid():
+        problem = f"{path} belongs to another user"
+    if problem:
+        raise UnsafeSocket(f"{problem}, so {path} is not used")
 
 
 def connect(path: Path | None = None, timeout: float | None = 5.0) -> socket.socket:

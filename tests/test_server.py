@@ -84,8 +84,13 @@ def test_a_socket_others_can_write_to_is_not_trusted(tmp_path, monkeypatch):
     listener.bind(str(shared / "s.sock"))
     listener.listen(1)
     monkeypatch.setenv(warm.SOCKET_ENV, str(shared / "s.sock"))
-    with listener, pytest.raises(warm.ServerUnavailable, match="writable by others"):
+    with listener, pytest.raises(warm.UnsafeSocket, match="writable by others"):
         run_on_server(["model=tiny"])  # the environment, API keys included, is never sent
+    (shared / "s.sock").unlink()
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.server", "start"], capture_output=True, text=True,
+                          env={**os.environ, warm.SOCKET_ENV: str(shared / "s.sock")}, timeout=60)
+    assert proc.returncode == 2 and "is writable by others" in proc.stderr
+    assert (shared.stat().st_mode & 0o777) == 0o777  # left as it was
 
 
 # ---------------------------------------------------------------- one real server for the rest
