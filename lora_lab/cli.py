@@ -12,6 +12,7 @@ import time
 
 from lora_lab import warm
 
+REPLY_TIMEOUT_S = 60.0
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
@@ -40,7 +41,13 @@ def run_on_server(argv: list[str]) -> int:
                    "cwd": os.getcwd(), "env": dict(os.environ), "fingerprint": warm.code_fingerprint(),
                    "launched_at": launched_at, "fds": fds}
         warm.send_message(sock, request, fds)
-        reply, _ = warm.receive_message(sock)
+        sock.settimeout(REPLY_TIMEOUT_S)
+        try:
+            reply, _ = warm.receive_message(sock)
+        except TimeoutError:  # it may have started the job: running it here too could run it twice
+            raise SystemExit(f"lora-lab: the warm server at {warm.socket_path()} did not answer within "
+                             f"{REPLY_TIMEOUT_S:g} s; `lora-lab-server stop`, or set "
+                             f"{warm.DISABLE_ENV}=off") from None
         if reply is None:
             raise _Refused("the server closed the connection")
         if not reply.get("ok"):

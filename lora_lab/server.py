@@ -75,6 +75,7 @@ class Server:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.path))
         os.chmod(self.path, 0o600)
+        self.socket_inode = self.path.stat().st_ino
         listener.listen(16)
         return listener
 
@@ -103,13 +104,23 @@ class Server:
                     last_activity = time.monotonic()
                 elif self.idle_timeout and time.monotonic() - last_activity > self.idle_timeout:
                     self.stop(f"idle for {self.idle_timeout:g} s")
-                if self.stopping and self.path.exists():
-                    self.path.unlink()
+                if self.stopping:
+                    self.remove_socket()  # new commands run elsewhere while running jobs finish
         finally:
             listener.close()
-            if self.path.exists():
-                self.path.unlink()
+            self.remove_socket()
         print(f"lora-lab-server: stopped ({self.stop_reason}) after {self.jobs} jobs", flush=True)
+
+    def remove_socket(self) -> None:
+        """Remove our socket file, never one that a server started since has put at the same path."""
+        if getattr(self, "socket_inode", None) is None:
+            return
+        try:
+            if self.path.stat().st_ino == self.socket_inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self.socket_inode = None
 
     def stop(self, reason: str) -> None:
         if not self.stopping:

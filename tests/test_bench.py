@@ -171,3 +171,29 @@ def test_bench_config_reuses_the_model_and_data_groups():
     assert cfg.model.source == "random" and cfg.data.name == "rotten_tomatoes"
     assert cfg.batch_size == 8 and cfg.inference.seq_len == 32 and cfg.output is None
     assert bench_config().model.name == "all-MiniLM-L6-v2"
+
+
+def test_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_optimiser_state():
+    from conftest import tiny_bert
+    from lora_lab.bench.memory import memory_breakdown
+    from lora_lab.errors import ConfigError
+
+    base = tiny_bert(hidden=64).train()
+    batch = variants.synthetic_batch(base, 2, 8, 60, 0, torch.device("cpu"))
+    breakdown = {}
+    for precision in ("fp32", "bf16"):
+        v = variants.build_ours("lora_r8", base, bench_config("model=tiny", f"precision={precision}"),
+                                torch.device("cpu"))
+        with v.autocast():
+            logits = v.model(**{k: t for k, t in batch.items() if k != "labels"}).logits
+        assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        v.step(batch)
+        assert all(p.dtype == torch.float32 for p in v.model.parameters())
+        breakdown[precision] = memory_breakdown(v, batch, torch.device("cpu"))
+    assert breakdown["bf16"]["weights_mb"] == breakdown["fp32"]["weights_mb"]
+    assert breakdown["bf16"]["optimizer_state_mb"] == breakdown["fp32"]["optimizer_state_mb"]
+    # most saved activations are the bf16 outputs of linear layers: well under the fp32 bytes
+    assert breakdown["bf16"]["activations_saved_mb"] < 0.8 * breakdown["fp32"]["activations_saved_mb"]
+    with pytest.raises(ConfigError, match="precision='fp16'"):
+        variants.precision_of(bench_config("precision=fp16"))
+    assert startup.forwarded_overrides([], bench_config("precision=bf16"))[-1] == "trainer.precision=bf16"

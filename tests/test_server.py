@@ -14,7 +14,7 @@ import pytest
 
 from lora_lab import records, warm
 from lora_lab.cli import run_on_server
-from lora_lab.server import _exit_code
+from lora_lab.server import Server, _exit_code
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the warm server needs fork")
 
@@ -91,6 +91,20 @@ def test_a_socket_others_can_write_to_is_not_trusted(tmp_path, monkeypatch):
                           env={**os.environ, warm.SOCKET_ENV: str(shared / "s.sock")}, timeout=60)
     assert proc.returncode == 2 and "is writable by others" in proc.stderr
     assert (shared.stat().st_mode & 0o777) == 0o777  # left as it was
+
+
+def test_a_stopping_server_never_removes_the_socket_of_the_one_started_after_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(warm.SOCKET_ENV, str(tmp_path / "s.sock"))
+    old = Server(preload=(), idle_timeout=0)
+    listener = old.listen()
+    old.remove_socket()  # it stops: commands must no longer find it, while its jobs finish
+    assert not old.path.exists()
+    newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    newer.bind(str(old.path))
+    old.remove_socket()  # its last jobs ended: it exits
+    assert old.path.exists()
+    listener.close()
+    newer.close()
 
 
 # ---------------------------------------------------------------- one real server for the rest

@@ -8,7 +8,7 @@ from torch import nn
 
 from lora_lab.methods.lora import merge_and_unload
 from lora_lab.bench.timing import compare, load_summary, round_robin, summarise
-from lora_lab.bench.variants import Variant, synthetic_batch
+from lora_lab.bench.variants import Variant, autocast, precision_of, synthetic_batch
 
 
 def bench_inference(cfg, base: nn.Module, lora: Variant, batch: dict, device: torch.device) -> dict:
@@ -20,7 +20,7 @@ def bench_inference(cfg, base: nn.Module, lora: Variant, batch: dict, device: to
     lora.method.prepare_inference(merged)
     unloaded = merge_and_unload(copy.deepcopy(lora.model)).eval()
     models = {"base": base_model, "lora_unmerged": unmerged, "lora_merged": merged, "lora_merged_unloaded": unloaded}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision_of(cfg), device):
         diff = float((merged(**inputs).logits - unmerged(**inputs).logits).abs().max())
         other: dict[str, list] = {}
         times = round_robin({name: (lambda k, m=m: m(**inputs)) for name, m in models.items()},

@@ -50,7 +50,7 @@ def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     saved = SavedTensorBytes(exclude)
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), v.autocast():
         loss = model(**batch).loss
     loss.backward()
     grads = sum(nbytes(p.grad) for p in params if p.grad is not None)

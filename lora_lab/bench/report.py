@@ -78,7 +78,7 @@ def render(results: dict) -> str:
     t = results["targets"]
     env = results["setup"]
     parts = [f"## lora-lab-bench: {env['model']} on {env['device']} ({env['threads']} threads), "
-             f"torch {env['torch']}",
+             f"{env.get('precision', 'fp32')}, torch {env['torch']}",
              f"Load average (1 min) before {env['loadavg_before'][0]:.2f}, after {env['loadavg_after'][0]:.2f}; "
              "figures are medians over the timed rounds, with their min–max; ratios are ratios of medians, "
              "'per-round' the range of the ratios within each round."]

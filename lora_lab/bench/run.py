@@ -14,7 +14,7 @@ from lora_lab import records
 from lora_lab.errors import ConfigError
 from lora_lab.bench.variants import (
     CONFIG_DIR, CONTROL, REFERENCE, Variant, build_frozen, build_ours, build_peft, method_config, peft_missing,
-    synthetic_batch)
+    precision_of, synthetic_batch)
 from lora_lab.bench.training_step import bench_train_step
 from lora_lab.bench.inference import bench_inference, inference_batch
 from lora_lab.bench.memory import memory_breakdown
@@ -52,6 +52,7 @@ def run_benchmark(cfg, forwarded: list[str] | None = None, out=print) -> dict:
         apply_quick(cfg)
     if not cfg.get("output"):
         raise ConfigError("output", cfg.get("output"), "needs a path for the JSON results")
+    precision_of(cfg)
     for spec in cfg.methods:
         method_config(str(spec), cfg)  # unknown names fail before anything is loaded
     if cfg.get("threads"):
@@ -126,7 +127,8 @@ def run_benchmark(cfg, forwarded: list[str] | None = None, out=print) -> dict:
         results["subspace"] = bench_subspace(cfg)
 
     section("report", "done")
-    results["setup"] = {"model": str(cfg.model.name), "device": str(device), "threads": torch.get_num_threads(),
+    results["setup"] = {"model": str(cfg.model.name), "device": str(device), "precision": precision_of(cfg),
+                        "threads": torch.get_num_threads(),
                         "torch": torch.__version__, "loadavg_before": list(load_before),
                         "loadavg_after": list(os.getloadavg()), "cpu_count": os.cpu_count(),
                         "seconds": time.perf_counter() - started}

@@ -144,4 +144,6 @@ def forwarded_overrides(task_overrides: list[str], cfg) -> list[str]:
     if cfg.get("threads"):
         out.append(f"trainer.threads={int(cfg.threads)}")
     out.append(f"trainer.device={cfg.device}")
+    if cfg.get("precision", "fp32") != "fp32":
+        out.append(f"trainer.precision={cfg.precision}")
     return out

@@ -55,19 +55,40 @@ def label(name: str, lora_targets) -> str:
             "pfeiffer": "Pfeiffer adapters"}.get(name, name)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_of(cfg) -> str:
+    precision = str(cfg.get("precision", "fp32"))
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", precision, f"must be one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16: forward passes autocast to bfloat16 (weights, gradients and AdamW state stay fp32), on
+    CUDA as the trainer does, and on CPU too, so that the benchmark can be checked without a GPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @dataclass
 class Variant:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     method: object | None = None
+    precision: str = "fp32"
 
     @property
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def autocast(self):
+        return autocast(self.precision, next(self.model.parameters()).device)
+
     def step(self, batch: dict) -> None:
-        loss = self.model(**batch).loss
+        with self.autocast():
+            loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -85,7 +106,7 @@ def build_ours(spec: str, base: nn.Module, cfg, device: torch.device) -> Variant
     method = build_method(method_config(spec, cfg))
     method.apply(model)
     model.to(device).train()
-    return Variant(spec, model, _optimizer(model, cfg), method)
+    return Variant(spec, model, _optimizer(model, cfg), method, precision_of(cfg))
 
 
 def _outputs_require_grad(module, inputs, output):
@@ -126,7 +147,7 @@ def build_peft(r: int, base: nn.Module, cfg, device: torch.device) -> Variant:
         if name in head:
             p.requires_grad_(True)
     wrapped.to(device).train()
-    return Variant(f"peft_lora_r{r}", wrapped, _optimizer(wrapped, cfg))
+    return Variant(f"peft_lora_r{r}", wrapped, _optimizer(wrapped, cfg), precision=precision_of(cfg))
 
 
 def synthetic_batch(model: nn.Module, num_labels: int, batch_size: int, seq_len: int, seed: int,
