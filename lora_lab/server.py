@@ -55,9 +55,9 @@ class Server:
     # ------------------------------------------------------------ set-up
 
     def warm_up(self) -> None:
+        self.fingerprint = warm.code_fingerprint()  # before importing: a file edited meanwhile makes it stale
         for name in self.preload:
             importlib.import_module(name)
-        self.fingerprint = warm.code_fingerprint()
 
     def listen(self) -> socket.socket:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

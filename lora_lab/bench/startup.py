@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lora_lab import records, warm
+from lora_lab.bench.timing import summarise
 
 
 # The same start in a bare process: import torch and transformers, load the tokenizer and the model,
@@ -119,12 +119,11 @@ def bench_startup(cfg, forwarded: list[str]) -> dict:
             subprocess.run(_server_command("stop"), capture_output=True, env=env, timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
     for name, runs in out["runs"].items():
-        out[name] = statistics.median(r["process_start_to_first_step_s"] for r in runs)
-        out[f"{name}_range"] = [min(r["process_start_to_first_step_s"] for r in runs),
-                                max(r["process_start_to_first_step_s"] for r in runs)]
+        first_step = summarise([r["process_start_to_first_step_s"] for r in runs])
+        out[name], out[f"{name}_range"] = first_step["median"], [first_step["min"], first_step["max"]]
         jobs = [r["job_start_to_first_step_s"] for r in runs if r["job_start_to_first_step_s"] is not None]
-        out[f"{name}_job"] = statistics.median(jobs) if jobs else None
-        out[f"{name}_wall"] = statistics.median(r["wall_s"] for r in runs)
+        out[f"{name}_job"] = summarise(jobs)["median"] if jobs else None
+        out[f"{name}_wall"] = summarise([r["wall_s"] for r in runs])["median"]
     out["warm_over_cold"] = out["warm"] / out["cold"]
     if "warm_server" in out:
         out["warm_server_over_warm"] = out["warm_server"] / out["warm"]
