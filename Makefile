@@ -21,7 +21,7 @@ compare: install
 STUDY_DIR ?= outputs/embedded_study/latest
 study: install
 	$(PYTHON) -m lora_lab.main experiment=embedded_study launcher=joblib hydra.sweep.dir=$(STUDY_DIR)
-	$(PYTHON) -m analysis.tables $(STUDY_DIR) --tune trainer.lr --plot --out experiments/embedded_study --name study
+	$(PYTHON) -m lora_lab.analysis.tables $(STUDY_DIR) --tune trainer.lr --plot --out experiments/embedded_study --name study
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -1,7 +1,7 @@
 """Benchmark of the subspace analysis at LLaMA-7B shapes, on synthetic factors built in memory.
 
-    python -m analysis.bench_subspace            # d=4096, r=64, 32 layers x (q, v), r=8 vs r=64
-    python -m analysis.bench_subspace --quick    # small shapes, a few seconds
+    lora-lab-bench-subspace            # d=4096, r=64, 32 layers x (q, v), r=8 vs r=64
+    lora-lab-bench-subspace --quick    # small shapes, a few seconds
 
 1. The SVD of one ΔW = B @ A (d x r times r x d): from the factors (QR of B and A^T, SVD of the r x r
    core, float64) against a dense torch.linalg.svd of the formed d x d product (float32, the cheaper
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from analysis.subspace import AnalysisOptions, RunDeltas, analyse_runs, factored_svd
+from lora_lab.analysis.subspace import AnalysisOptions, RunDeltas, analyse_runs, factored_svd
 from lora_lab.methods.base import DeltaW
 
 
@@ -108,7 +108,7 @@ def run_benchmark(d: int, r: int, r_small: int, layers: int, repeats: int, dense
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.bench_subspace", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="lora-lab-bench-subspace", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes (d=512, 2 layers) for a smoke test")
     p.add_argument("--d", type=int, default=None, help="hidden size (default 4096; 512 with --quick)")

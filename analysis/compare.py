@@ -1,6 +1,6 @@
 """The comparison table of a set of runs: method, trainable parameters, memory, speed, accuracy.
 
-    python -m analysis.compare outputs/compare/2026-11-22_20-00-00 [more dirs] [--metric accuracy]
+    lora-lab-compare outputs/compare/2026-11-22_20-00-00 [more dirs] [--metric accuracy]
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from lora_lab.errors import ConfigError
+from lora_lab.markdown import markdown_table
+from lora_lab.methods import describe_method
 from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
 
 COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)", "train samples/s",
@@ -16,25 +18,9 @@ COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)
 
 
 def method_label(config: dict, resolved: dict | None = None) -> str:
-    """A row name: the method and its size. ``resolved`` (a record's ``method_resolved``) gives the
-    settings chosen at run time, e.g. the rank LoRA picked for a parameter budget."""
-    m = config.get("method", {})
-    name = m.get("name", "?")
-    if name == "lora":
-        extra = "" if m.get("init", "kaiming") == "kaiming" else f", {m['init']} init"
-        scale = ", rsLoRA" if m.get("rslora") else ""
-        r = (resolved or {}).get("r") or m.get("r")
-        budget = f" [budget {m['budget']:,}]" if m.get("budget") else ""
-        return f"LoRA r={r} α={m.get('alpha')} ({'+'.join(map(str, m.get('targets', [])))}{scale}{extra}){budget}"
-    if name == "adapter":
-        size = m.get("bottleneck") or f"d/{m.get('reduction_factor')}"
-        return f"Adapter {str(m.get('variant')).capitalize()} m={size}"
-    if name == "head":
-        k = m.get("top_layers", 0)
-        return f"FT top-{k} + head" if k else "Head only"
-    if name == "full":
-        return "Full FT"
-    return name
+    """A row name: the method and its size, as the method itself describes it. ``resolved`` (a
+    record's ``method_resolved``) gives the settings chosen at run time, e.g. a budget's rank."""
+    return describe_method(config.get("method"), resolved).label()
 
 
 def comparison_rows(run_dirs: list[Path], metric: str = "accuracy") -> list[list]:
@@ -54,12 +40,6 @@ def comparison_rows(run_dirs: list[Path], metric: str = "accuracy") -> list[list
             f"{best[f'test/{metric}']:.4f}", str(best["epoch"]), "",
         ])
     return rows
-
-
-def markdown_table(columns: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_comparison(*roots: Path, metric: str = "accuracy") -> str:

@@ -1,6 +1,6 @@
 """Subspace report over saved runs: spectra, effective ranks, phi heatmaps and the paper's Table 7.
 
-    python -m analysis.subspace_report RUN_DIR [RUN_DIR ...] --out REPORT_DIR [options]
+    lora-lab-subspace RUN_DIR [RUN_DIR ...] --out REPORT_DIR [options]
 
 Each RUN_DIR is a completed lora_lab run (record.json and delta_w.safetensors). Modules shared by all
 runs are analysed, one at a time, streamed from the safetensors files. phi compares pairs of runs
@@ -22,9 +22,11 @@ from typing import Sequence
 
 import torch
 
-from analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions, AnalysisResult, RunDeltas,
+from lora_lab.analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions, AnalysisResult, RunDeltas,
                                analyse_runs, make_pairs, short_type_names)
 from lora_lab.errors import ConfigError
+from lora_lab.markdown import markdown_table as format_markdown
+from lora_lab.methods import describe_method
 from lora_lab.methods.base import DeltaW
 from lora_lab.records import DELTA_FILE, load_record, save_tensors
 
@@ -65,9 +67,7 @@ class DeltaFile:
             else:
                 raise ConfigError("run", str(self.path.parent),
                                   f"{DELTA_FILE} holds neither a dense ΔW nor factors B and A for {name}")
-        if not self.shapes:
-            raise ConfigError("run", str(self.path.parent), f"{DELTA_FILE} holds no ΔW")
-        self._parts = parts
+        self._parts = parts  # no entries: the method changed no weight matrix (ΔW = 0, e.g. BitFit)
 
     def load(self, name: str) -> DeltaW:
         from safetensors import safe_open
@@ -81,16 +81,16 @@ class DeltaFile:
 
 def run_label(record: dict) -> str:
     cfg = record.get("config") or {}
-    method = cfg.get("method") or {}
-    label = str(method.get("name", "run"))
-    if method.get("r") is not None:
-        label += f" r={method['r']}"
+    method = describe_method(cfg.get("method"), record.get("method_resolved"))
+    label = method.label()
     if cfg.get("seed") is not None:
         label += f" seed={cfg['seed']}"
     return label
 
 
-def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dict]]:
+def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dict], list[str]]:
+    """The runs with their ΔW, their records, and the labels of runs whose method changed no weight
+    matrix (ΔW = 0 everywhere, e.g. BitFit): those have nothing to analyse and are left out."""
     records, files = [], []
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
@@ -104,11 +104,15 @@ def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dic
             labels[i] = f"{label} ({Path(run_dirs[i]).name})"
     if len(set(labels)) < len(labels):  # same label and same folder name: number them
         labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
-    runs = []
+    runs, kept, unchanged = [], [], []
     for label, record, f in zip(labels, records, files):
-        r = ((record.get("config") or {}).get("method") or {}).get("r")
-        runs.append(RunDeltas(label, f.shapes, f.load, f.factored, r if isinstance(r, int) and r > 0 else None))
-    return runs, records
+        if not f.shapes:
+            unchanged.append(label)
+            continue
+        kept.append(record)
+        r = describe_method((record.get("config") or {}).get("method"), record.get("method_resolved")).rank()
+        runs.append(RunDeltas(label, f.shapes, f.load, f.factored, r))
+    return runs, kept, unchanged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,12 +146,7 @@ def write_table(out: Path, stem: str, columns: list[str], rows: list[list]) -> t
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        return (v if isinstance(v, str) else _fmt(v)).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return format_markdown(columns, rows, cell=lambda v: (v if isinstance(v, str) else _fmt(v)).replace("|", "\\|"))
 
 
 def _mean(values) -> float | None:
@@ -173,7 +172,7 @@ def _select_layers(layers: list, wanted: list[int] | None) -> list:
 
 def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
                  heatmap_layers: list[int] | None = None, elapsed: float | None = None) -> dict:
-    from analysis import subspace_plots as plots
+    from lora_lab.analysis import subspace_plots as plots
 
     out.mkdir(parents=True, exist_ok=True)
     opts = res.options
@@ -350,7 +349,7 @@ def _table7_section(res, out, short, tables) -> list[str]:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.subspace_report", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="lora-lab-subspace", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="completed lora_lab run directories")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="folder for report.md, figures and tables")
@@ -406,13 +405,27 @@ def run_report(args: argparse.Namespace) -> dict:
                            block=args.block, seed=args.seed)
     if "phi" in analyses and len(args.runs) < 2:  # say so before reading any file
         opts.check([RunDeltas(str(r), {}, None, {}) for r in args.runs], [])
-    runs, records = load_runs(args.runs)
+    runs, records, unchanged = load_runs(args.runs)
+    out = Path(args.out)
+    zero_note = (f"ΔW = 0 for every weight matrix of {', '.join(unchanged)}: the method trains no weight "
+                 "matrix (e.g. BitFit), so there is nothing to analyse there; left out.") if unchanged else None
+    if zero_note:
+        print(f"note: {zero_note}")
+    if not runs:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(f"# Subspace analysis of ΔW (LoRA paper, Section 7)\n\n{zero_note}\n")
+        return {"images": [], "tables": {}, "report": out / "report.md"}
+    if "phi" in opts.analyses and len(runs) < 2:
+        opts.analyses = tuple(a for a in opts.analyses if a != "phi")
+        print("note: subspace similarity (phi) needs two runs with a non-zero ΔW; skipped")
+    kept_dirs = [record["run_dir"] for record in records]
     pairs = make_pairs(len(runs), args.pairs)
     t0 = time.perf_counter()
     res = analyse_runs(runs, pairs, opts, progress=None if not args.no_progress else False)
     elapsed = time.perf_counter() - t0
-    out = Path(args.out)
-    written = write_report(res, args.runs, out, layers, elapsed)
+    if zero_note:
+        res.notes.append(zero_note)
+    written = write_report(res, kept_dirs, out, layers, elapsed)
     if args.wandb:
         _log_wandb(args, res, records, written)
     return written

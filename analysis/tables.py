@@ -1,8 +1,8 @@
 """Paper-style tables from run records: one row per method and size, one column per task.
 
-    python -m analysis.tables outputs/embedded_study/2026-11-22_22-18-15 --tune trainer.lr --out report/
-    python -m analysis.tables outputs/multirun/a outputs/multirun/b --epoch last --agg mean_std
-    python -m analysis.tables --wandb my-team/lora_lab --wandb-group 2026-11-22_22-18-15 --out report/
+    lora-lab-table outputs/embedded_study/2026-11-22_22-18-15 --tune trainer.lr --out report/
+    lora-lab-table outputs/multirun/a outputs/multirun/b --epoch last --agg mean_std
+    lora-lab-table --wandb my-team/lora_lab --wandb-group 2026-11-22_22-18-15 --out report/
 
 Each cell is the median over seeds (or mean ± std) of the test metric at the best epoch (chosen on
 validation) or the last epoch. With ``--tune KEY`` (e.g. trainer.lr) the runs of a row are split by
@@ -25,15 +25,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.compare import method_label
 from lora_lab.errors import ConfigError
+from lora_lab.markdown import markdown_table
+from lora_lab.methods import Method, describe_method
 from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
 
 # Settings that do not change what a run learns; they may differ between the seeds of one row.
 IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.threads", "trainer.device",
                 "trainer.log_every", "trainer.latency_repeats", "trainer.throughput_warmup_steps",
                 "data.cache_dir", "trainer.eval_batch_size", "dry_run")
-FAMILY_ORDER = {"full": 0, "head": 1, "adapter": 2, "lora": 3}
 
 
 class TableError(ValueError):
@@ -53,6 +53,11 @@ class Run:
     samples_per_s: float | None = None
     resolved: dict = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def method(self) -> Method:
+        """The run's method, described from its config (row label, size, order, plot style)."""
+        return describe_method(self.config.get("method"), self.resolved)
 
     @property
     def completed(self) -> bool:
@@ -122,14 +127,11 @@ def load_wandb_records(path: str, group: str | None = None) -> list[tuple[str, d
 
 
 def row_label(run: Run) -> str:
-    return method_label(run.config, run.resolved)
+    return run.method.label()
 
 
 def row_sort_key(run: Run) -> tuple:
-    m = run.config.get("method", {})
-    size = m.get("top_layers") or m.get("bottleneck") or run.resolved.get("r") or m.get("r") or 0
-    return (FAMILY_ORDER.get(m.get("name"), 9), str(m.get("variant", "")), len(m.get("targets") or []),
-            size if isinstance(size, (int, float)) else 0)
+    return run.method.sort_key()
 
 
 def task_label(config: dict) -> str:
@@ -333,12 +335,9 @@ def caption(table: Table) -> str:
 
 def to_markdown(table: Table) -> str:
     header, rows, best = table_cells(table)
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    for i, row in enumerate(rows):
-        cells = [f"**{c}**" if i in best.get(j, ()) else c for j, c in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{caption(table)}\n"
+    rows = [[f"**{c}**" if i in best.get(j, ()) else c for j, c in enumerate(row)] for i, row in enumerate(rows)]
+    align = ["l"] + ["r"] * (len(header) - 1)
+    return markdown_table(header, rows, align=align) + f"\n\n{caption(table)}\n"
 
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -444,7 +443,7 @@ def log_to_wandb(table: Table, images: list[Path], project: str, name: str, dire
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lora-lab-table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of a W&B project")
@@ -474,7 +473,7 @@ def main(argv=None) -> int:
     if out is not None:
         written = write_outputs(table, out, args.name)
         if args.plot:
-            from analysis.table_plots import plot_accuracy_vs_parameters, plot_accuracy_vs_rank
+            from lora_lab.analysis.table_plots import plot_accuracy_vs_parameters, plot_accuracy_vs_rank
 
             images = [p for p in (plot_accuracy_vs_parameters(table, out / f"{args.name}_vs_params.png"),
                                   plot_accuracy_vs_rank(table, out / f"{args.name}_vs_rank.png")) if p]

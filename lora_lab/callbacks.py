@@ -8,7 +8,7 @@ from hydra.experimental.callback import Callback
 
 class ComparisonTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
-        from analysis.compare import write_comparison
+        from lora_lab.analysis.compare import write_comparison
         from lora_lab.errors import ConfigError
 
         try:

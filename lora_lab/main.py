@@ -4,6 +4,7 @@
     lora-lab method=full trainer.epochs=3      # any key is an override
     lora-lab -m method=lora method.r=1,8,64 seed=0,1,2
     lora-lab experiment=compare                # the default method comparison (a multirun)
+    lora-lab hydra.searchpath=[file:///abs/my_conf] method=my_method   # your own config folders
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab import measure, records
+from lora_lab import records
+from lora_lab.configs import CONFIG_PATH
 from lora_lab.errors import ConfigError
+from lora_lab.methods import build_method, describe_method
 
 ENVIRONMENT_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 
@@ -35,10 +38,7 @@ OmegaConf.register_new_resolver("join", lambda items: "+".join(map(str, items)),
 
 
 def run_name(cfg) -> str:
-    m = cfg.method
-    size = {"lora": lambda: f"r{m.r}", "adapter": lambda: f"{m.variant}",
-            "head": lambda: f"top{m.top_layers}" if m.top_layers else ""}.get(m.name, lambda: "")()
-    return "-".join(x for x in (m.name, size, f"s{cfg.seed}") if x)
+    return f"{describe_method(cfg.method).run_tag()}-s{cfg.seed}"
 
 
 def resolved_or_raw(cfg: DictConfig) -> dict:
@@ -58,17 +58,22 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name: str | None = None) -> float:
-    """Run one job. Any failure is written to the run record; in a multirun the sweep carries on."""
+def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name: str | None = None,
+                     wandb_run=None) -> float:
+    """Run one job. Any failure is written to the run record; in a multirun the sweep carries on.
+    ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into."""
     from lora_lab.tracking import Tracker
     from lora_lab.train import run_training
 
     tracker = None
     try:
-        tracker = Tracker.start(
-            OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, project=cfg.logger.project,
-            entity=cfg.logger.get("entity"), name=run_name(cfg), group=cfg.logger.get("group") or sweep_name,
-            tags=cfg.logger.get("tags"), directory=run_dir)
+        settings = dict(name=run_name(cfg), group=cfg.logger.get("group") or sweep_name)
+        if wandb_run is not None:
+            tracker = Tracker.attach(wandb_run, OmegaConf.to_container(cfg, resolve=True), **settings)
+        else:
+            tracker = Tracker.start(
+                OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, project=cfg.logger.project,
+                entity=cfg.logger.get("entity"), tags=cfg.logger.get("tags"), directory=run_dir, **settings)
         record = run_training(cfg, run_dir, tracker)
         tracker.finish(exit_code=0)
         return float(record["best"][f"validation/{cfg.trainer.monitor}"])
@@ -95,30 +100,24 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
 def plan_job(cfg: DictConfig, run_dir: Path) -> float:
     """``dry_run=true``: resolve and validate the job's config without loading a model or data, and
     print one line saying what would run. Returns NaN (no metric)."""
-    from analysis.compare import method_label
     from lora_lab.data import check_files, is_regression
-    from lora_lab.methods import build_method
     from lora_lab.metrics import check_monitor
 
     resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
-    build_method(cfg.method)
+    method = build_method(cfg.method)
     check_monitor(cfg.trainer.monitor, is_regression(cfg.data))
     if cfg.data.source == "files":
         check_files(cfg.data)
     data, t = resolved["data"], resolved["trainer"]
     task = "/".join(str(x) for x in (data.get("path") or data["name"], data.get("subset")) if x)
-    print(f"[dry run] {method_label(resolved)} | {cfg.model.name} | {task} | lr {t['lr']:g}, batch "
+    print(f"[dry run] {method.label()} | {cfg.model.name} | {task} | lr {t['lr']:g}, batch "
           f"{t['batch_size']}, {t['epochs']} epochs, max length {data['max_length']}, monitor {t['monitor']} | "
           f"seed {cfg.seed} -> {run_dir}")
     return math.nan
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def app(cfg: DictConfig) -> float:
-    measure.mark_job_start()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -136,7 +135,6 @@ def app(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    apply_environment_defaults()  # again: a job forked from the warm server gets its command's environment
     app()
 
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lora_lab import warm
+from lora_lab.timing import synchronize
 from lora_lab.architectures import head_parameter_names
 
 
@@ -100,43 +100,6 @@ class PeakMemory:
 
 # ---------------------------------------------------------------- time
 
-_IMPORTED_AT = time.time()
-_PROCESS_START: dict = {}  # set when the job runs in a process forked from the warm server
-
-
-def set_process_start(unix_time: float, via: str) -> None:
-    """Count start-up from the launching ``lora-lab`` command's start, not from the fork."""
-    _PROCESS_START.update(time=unix_time, via=via)
-
-
-def launched_via() -> str:
-    return _PROCESS_START.get("via", "fresh process")
-
-
-def process_age_seconds() -> float:
-    """Seconds since this process (or the command it runs for) started: Linux /proc, else since
-    lora_lab.measure was imported."""
-    start = _PROCESS_START.get("time") or warm.process_start_time() or _IMPORTED_AT
-    return time.time() - start
-
-
-_JOB_START: dict = {}
-
-
-def mark_job_start() -> None:
-    """The Hydra job began (a multirun's later jobs start long after the process did)."""
-    _JOB_START["time"] = time.perf_counter()
-
-
-def job_age_seconds() -> float | None:
-    return time.perf_counter() - _JOB_START["time"] if "time" in _JOB_START else None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Throughput:
     """Training throughput over the steps after the first ``warmup_steps``."""
 
@@ -170,35 +133,3 @@ class Throughput:
             "train_step_ms_median": 1000 * statistics.median(self.step_times),
             "measured_steps": len(self.step_times),
         }
-
-
-@torch.no_grad()
-def forward_latency_ms(model: nn.Module, batch: dict, device: torch.device, repeats: int = 10,
-                       warmup: int = 2) -> list[float]:
-    """Times of ``repeats`` forward passes of one batch, in ms (after ``warmup`` untimed passes)."""
-    times = []
-    for i in range(warmup + repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        model(**batch)
-        synchronize(device)
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return times
-
-
-def interleaved_latency(model: nn.Module, batch: dict, device: torch.device, variants: dict, rounds: int = 5,
-                        repeats: int = 3) -> dict[str, float]:
-    """Median forward latency of several variants of one model, measured A/B/A/B.
-
-    ``variants`` maps a name to a function that puts the model into that variant (e.g. merge LoRA).
-    """
-    samples = {name: [] for name in variants}
-    for name, enter in variants.items():  # one untimed pass each, so no variant pays the first-call cost
-        enter()
-        forward_latency_ms(model, batch, device, repeats=1, warmup=1)
-    for _ in range(rounds):
-        for name, enter in variants.items():
-            enter()
-            samples[name].extend(forward_latency_ms(model, batch, device, repeats=repeats, warmup=0))
-    return {name: statistics.median(times) for name, times in samples.items()}

@@ -44,6 +44,15 @@ class Tracker:
                          reinit="finish_previous")
         return cls(run)
 
+    @classmethod
+    def attach(cls, run, config: dict, name: str | None = None, **_) -> "Tracker":
+        """Log into a run that already exists, e.g. the one a W&B sweep agent started for a trial
+        (the sweep groups its runs): the trial's parameters stay, the resolved config is added."""
+        run.config.update({k: v for k, v in config.items() if k not in run.config}, allow_val_change=True)
+        if name:
+            run.name = f"{name}-{run.id}"
+        return cls(run)
+
     @property
     def enabled(self) -> bool:
         return self.run is not None

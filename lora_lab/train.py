@@ -23,7 +23,9 @@ from lora_lab.methods import build_method
 from lora_lab.metrics import (METRICS, check_monitor, classification_metrics, majority_class_accuracy,
                               regression_metrics)
 from lora_lab.modeling import load_model, load_tokenizer
+from lora_lab.precision import autocast
 from lora_lab.run_info import environment_info
+from lora_lab.timing import round_robin, synchronize
 from lora_lab.tracking import Tracker
 
 
@@ -41,13 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer.device", name, "CUDA is not available on this machine")
     return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError("trainer.precision", precision, "must be 'fp32' or 'bf16'")
-    enabled = precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
@@ -84,11 +79,11 @@ def evaluate(model, loader, device, precision: str) -> tuple[dict[str, float], l
     predictions, labels, latencies = [], [], []
     for batch in loader:
         batch = to_device(batch, device)
-        measure.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         with autocast(device, precision):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        measure.synchronize(device)
+        synchronize(device)
         latencies.append(1000 * (time.perf_counter() - start))
         if logits.shape[-1] == 1:  # regression: the single output is the prediction
             predictions.extend(logits.float().squeeze(-1).tolist())
@@ -154,7 +149,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     peak = measure.PeakMemory(device)
     peak.reset()
     throughput = measure.Throughput(tcfg.throughput_warmup_steps, device)
-    epochs, step, best, eval_latencies, startup_seconds, job_startup_seconds = [], 0, None, [], None, None
+    epochs, step, best, eval_latencies = [], 0, None, []
     train_start = time.perf_counter()
     for epoch in range(1, tcfg.epochs + 1):
         model.train()
@@ -175,8 +170,6 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step == 1:
-                startup_seconds, job_startup_seconds = measure.process_age_seconds(), measure.job_age_seconds()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
@@ -200,8 +193,6 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     train_seconds = time.perf_counter() - train_start
 
     measurements = {**peak.read(), **throughput.summary(), "train_seconds": train_seconds,
-                    "process_start_to_first_step_s": startup_seconds, "launched_via": measure.launched_via(),
-                    "job_start_to_first_step_s": job_startup_seconds,
                     "eval_batch_ms_median": statistics.median(eval_latencies) if eval_latencies else None}
     measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg))
 
@@ -230,19 +221,19 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
 
 def _inference_latency(model, method, loader, device, tcfg) -> dict:
-    """Forward latency of one evaluation batch; for methods that merge, unmerged vs merged (A/B)."""
+    """Forward latency of one training-size batch; for methods that merge, unmerged vs merged,
+    interleaved round by round."""
     batch = to_device(next(iter(loader)), device)
-    inputs = {k: v[: tcfg.batch_size] for k, v in batch.items() if k != "labels"}  # a training-size batch
+    inputs = {k: v[: tcfg.batch_size] for k, v in batch.items() if k != "labels"}
     model.eval()
-    with autocast(device, tcfg.precision):
-        if not method.supports_merge:
-            times = measure.forward_latency_ms(model, inputs, device, repeats=tcfg.latency_repeats)
-            return {"inference_ms": statistics.median(times)}
-        medians = measure.interleaved_latency(
-            model, inputs, device,
-            {"unmerged": lambda: method.undo_inference(model), "merged": lambda: method.prepare_inference(model)},
-            rounds=tcfg.latency_repeats, repeats=1)
-        method.undo_inference(model)
-    return {"inference_ms": medians["merged"], "inference_unmerged_ms": medians["unmerged"],
-            "inference_merged_ms": medians["merged"],
-            "merged_over_unmerged": medians["merged"] / medians["unmerged"]}
+    enter = ({"unmerged": lambda: method.undo_inference(model), "merged": lambda: method.prepare_inference(model)}
+             if method.supports_merge else {"model": lambda: None})
+    with torch.no_grad(), autocast(device, tcfg.precision):
+        times = round_robin({name: (lambda k: model(**inputs)) for name in enter}, int(tcfg.latency_repeats),
+                            warmup=1, device=device, enter=enter)
+    method.undo_inference(model)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    if not method.supports_merge:
+        return {"inference_ms": ms["model"]}
+    return {"inference_ms": ms["merged"], "inference_unmerged_ms": ms["unmerged"], "inference_merged_ms": ms["merged"],
+            "merged_over_unmerged": ms["merged"] / ms["unmerged"]}

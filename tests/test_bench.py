@@ -8,30 +8,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF
-from lora_lab import bench
-from lora_lab.bench import startup, timing, variants
+from lora_lab import bench, timing
+from lora_lab.bench import variants
+from lora_lab.configs import compose
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["full", "head", "houlsby", "pfeiffer", "lora_r1", "lora_r8", "lora_r64"]
+ARMS = ["full", "head", "houlsby", "pfeiffer", "lora_r1", "lora_r8", "lora_r64"]
+PEFT_ARMS = ["lora_r8"]
 
 
 def bench_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="bench", overrides=list(overrides))
+    return compose("bench", overrides)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One real command-line run: every section, the tiny model, quick settings, one thread."""
+    """One real command-line run from a directory outside the repository: every section, the tiny
+    model, quick settings, one thread."""
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, "-m", "lora_lab.bench", "model=tiny", "quick=true", "batch_size=4", "seq_len=16",
-         "threads=1", f"data.cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / 'run'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         "threads=1", f"hydra.run.dir={tmp / 'run'}"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads((tmp / "run" / "bench.json").read_text())
 
@@ -41,13 +41,14 @@ def test_writes_json_and_prints_markdown_tables(quick_run):
     assert "### 1. Training step" in stdout and "| method | trainable | step ms |" in stdout
     assert "### Targets" in stdout and result["table_markdown"] in stdout
     assert result["setup"]["model"] == "tiny-random-bert" and result["config"]["quick"] is True
-    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 8
+    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 7
 
 
 def test_training_ratios_are_quotients_of_the_stored_medians(quick_run):
     _, result = quick_run
     rows = result["train_step"]["rows"]
-    assert set(METHODS) | {bench.REFERENCE, bench.CONTROL} <= set(rows)
+    assert set(ARMS) | {bench.REFERENCE, bench.CONTROL} | {f"peft_{a}" for a in PEFT_ARMS} == set(rows)
+    assert rows["lora_r8"]["label"] == "LoRA r=8 α=8 (q+v)" and rows["peft_lora_r8"]["label"] == "PEFT LoRA r=8 α=8 (q+v)"
     ref = rows[bench.REFERENCE]["step_ms"]["median"]
     for name, row in rows.items():
         s = row["step_ms"]
@@ -64,24 +65,26 @@ def test_training_ratios_are_quotients_of_the_stored_medians(quick_run):
         assert result["setup"]["disturbed_samples"] >= load["disturbed_samples"]
 
 
-def test_peft_comparison_or_a_note(quick_run):
+def test_peft_twins_give_our_outputs_and_train_the_same_parameters(quick_run):
     _, result = quick_run
     peft = result["peft"]
-    if "skipped" in peft:
-        assert "peft" in peft["skipped"]
-        return
-    row = peft["r8"]
-    assert row["ratio"] == pytest.approx(row["ours_ms"]["median"] / row["peft_ms"]["median"], rel=1e-12)
-    assert row["trainable_ours"] == row["trainable_peft"]  # same targets, rank and head
+    assert "skipped" not in peft, peft.get("skipped")  # peft is a test dependency
+    assert set(peft) == set(PEFT_ARMS) | {"peft_version"}
+    for arm in PEFT_ARMS:
+        row = peft[arm]
+        assert row["ratio"] == pytest.approx(row["ours_ms"]["median"] / row["peft_ms"]["median"], rel=1e-12)
+        assert row["trainable_ours"] == row["trainable_peft"]  # same targets, rank and head
+        assert row["max_abs_logit_diff"] < 1e-5  # same weights, after two training steps of ours
 
 
-def test_inference_memory_data_path_startup(quick_run):
+def test_inference_and_memory(quick_run):
     _, result = quick_run
     inf = result["inference"]
     base = inf["rows"]["base"]["latency_ms"]["median"]
     for name, row in inf["rows"].items():
         assert row["ratio_to_base"] == pytest.approx(row["latency_ms"]["median"] / base, rel=1e-12)
-    assert inf["merged"] == inf["rows"]["lora_merged"]["ratio_to_base"]
+    assert set(inf["rows"]) == {"base", "unmerged", "merged", "merged_unloaded"}
+    assert inf["merged"] == inf["rows"]["merged"]["ratio_to_base"]
     assert inf["merged_vs_unmerged_max_abs_logit_diff"] < 1e-4
 
     mem = result["memory"]
@@ -93,29 +96,11 @@ def test_inference_memory_data_path_startup(quick_run):
     assert mem["lora_r8"]["optimizer_state_mb"] < mem["full"]["optimizer_state_mb"] / 50
     assert mem["head"]["activations_saved_mb"] < mem[bench.REFERENCE]["activations_saved_mb"]
 
-    dp = result["data_path"]
-    rows = dp["rows"]
-    assert dp["ratio"] == pytest.approx(rows["batch"]["tokens_per_s"] / rows["max_length"]["tokens_per_s"])
-    assert rows["max_length"]["padded_length_mean"] == dp["max_length"]
-    assert rows["batch"]["padded_length_mean"] <= dp["max_length"]
-
-    st = result["startup"]
-    assert "error" not in st, st.get("error")
-    assert st["cold"] > 0 and st["warm"] > 0 and st["warm_over_cold"] == pytest.approx(st["warm"] / st["cold"])
-    assert st["cache_entries_after_cold"] == 1 and "model=tiny" in st["command"]
-    assert [r["launched_via"] for r in st["runs"]["warm"]] == ["fresh process"]
-    assert [r["launched_via"] for r in st["runs"]["warm_server"]] == ["warm server"]
-    assert st["warm_server"] == st["runs"]["warm_server"][0]["process_start_to_first_step_s"]
-    assert st["warm_server_range"] == [st["warm_server"]] * 2
-    assert st["warm_server_over_warm"] == pytest.approx(st["warm_server"] / st["warm"])
-    assert "ratio" in result["subspace"] or "skipped" in result["subspace"]
-
 
 def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
-    cfg = bench_config("model=tiny", "quick=true", "batch_size=2", "seq_len=8", "threads=1", "methods=[lora_r8]",
-                       "control=false", "inference.enabled=false", "data_path.enabled=false",
-                       "startup.enabled=false", "subspace.enabled=false", f"output={tmp_path / 'b.json'}")
+    cfg = bench_config("model=tiny", "quick=true", "batch_size=2", "seq_len=8", "threads=1", "arms=[lora_r8]",
+                       "control=false", "inference.enabled=false", f"output={tmp_path / 'b.json'}")
     lines = []
     threads = torch.get_num_threads()
     try:
@@ -127,7 +112,7 @@ def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b.json").read_text())["peft"] == result["peft"]
     assert any("Skipped: peft is not importable" in line for line in lines)
     verdicts = {t["key"]: t["result"] for t in result["targets"]}
-    assert verdicts["r8"] == verdicts["merged"] == verdicts["warm"] == "n/a"
+    assert verdicts["lora_r8"] == verdicts["dora"] == verdicts["merged"] == "n/a"
 
 
 def test_a_figure_compared_with_itself_is_exactly_one():
@@ -148,27 +133,35 @@ def test_round_robin_interleaves_rotates_and_drops_warmup():
     assert [k for k, _ in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
 
 
-def test_unknown_method_name_is_a_config_error():
+def test_arms_come_from_conf_arm_and_unknown_ones_are_config_errors():
     from lora_lab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="methods='prefix'"):
+    with pytest.raises(ConfigError, match="arms='prefix'"):
         variants.method_config("prefix", bench_config())
     m = variants.method_config("lora_r64", bench_config())
-    assert m.r == 64 and m.dropout == 0.0 and list(m.targets) == ["q", "v"]
+    assert m.name == "lora" and m.r == 64 and m.dropout == 0.0 and list(m.targets) == ["q", "v"]
     assert variants.method_config("pfeiffer", bench_config()).variant == "pfeiffer"
+    wide = variants.method_config("lora_r8", bench_config("arm_overrides=['method.targets=[q,k,v,o]']"))
+    assert list(wide.targets) == ["q", "k", "v", "o"]
 
 
-def test_model_and_data_overrides_are_passed_to_lora_lab():
-    cfg = bench_config("model=tiny", "threads=1")
-    got = startup.forwarded_overrides(["model=minilm", "data=rotten_tomatoes", "model=tiny", "model.hidden_size=64",
-                                     "data.cache_dir=/x", "data.max_length=64", "batch_size=8"], cfg)
-    assert got == ["data=rotten_tomatoes", "model=tiny", "model.hidden_size=64", "data.max_length=64",
-                   "trainer.threads=1", "trainer.device=auto"]
+def test_an_arm_without_a_peft_counterpart_is_refused_before_timing(tmp_path):
+    from lora_lab.errors import ConfigError
+
+    cfg = bench_config("model=tiny", "quick=true", "batch_size=2", "seq_len=8", "threads=1", "arms=[]",
+                       "peft.arms=[houlsby]", "control=false", "inference.enabled=false",
+                       f"output={tmp_path / 'b.json'}")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(ConfigError, match="peft.arms='houlsby': method 'adapter' has no PEFT counterpart"):
+            bench.run_benchmark(cfg, out=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bench_config_reuses_the_model_and_data_groups():
     cfg = bench_config("model=tiny", "batch_size=8", "seq_len=32")
-    assert cfg.model.source == "random" and cfg.data.name == "rotten_tomatoes"
+    assert cfg.model.source == "random"
     assert cfg.batch_size == 8 and cfg.inference.seq_len == 32 and cfg.output is None
     assert bench_config().model.name == "all-MiniLM-L6-v2"
 
@@ -196,4 +189,3 @@ def test_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_optimiser_state()
     assert breakdown["bf16"]["activations_saved_mb"] < 0.8 * breakdown["fp32"]["activations_saved_mb"]
     with pytest.raises(ConfigError, match="precision='fp16'"):
         variants.precision_of(bench_config("precision=fp16"))
-    assert startup.forwarded_overrides([], bench_config("precision=bf16"))[-1] == "trainer.precision=bf16"

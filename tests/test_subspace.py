@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import bench_subspace
-from analysis.subspace import (AnalysisOptions, RunDeltas, amplification_table, analyse_runs, dense_svd,
+from lora_lab.analysis import bench_subspace
+from lora_lab.analysis.subspace import (AnalysisOptions, RunDeltas, amplification_table, analyse_runs, dense_svd,
                                factor_basis,
                                effective_rank, expected_random_phi, factored_svd, match_modules,
                                orthonormal_basis, phi_matrix, random_phi, split_module_name, subspace_similarity)
-from analysis.subspace_report import DeltaFile, main as report_main
+from lora_lab.analysis.subspace_report import DeltaFile, main as report_main
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
 from lora_lab.records import load_delta_weights, save_delta_weights, write_json
@@ -248,9 +248,29 @@ def make_run(run_dir: Path, r: int, seed: int, d: int = D, names=None, status="c
         deltas[name] = DeltaW(B=0.01 * torch.randn(d, r, generator=g), A=A,
                               base=torch.randn(d, d, generator=base_g), kind="lora")
     save_delta_weights(run_dir / "delta_w.safetensors", deltas)
-    write_json(run_dir / "record.json", {"status": status, "config": {"method": {"name": "lora", "r": r},
-                                                                       "seed": seed}})
+    write_json(run_dir / "record.json", {"status": status, "seed": seed, "config": {
+        "method": {"name": "lora", "r": r, "alpha": 8, "targets": ["q", "v"]}, "seed": seed}})
     return run_dir
+
+
+def make_bias_only_run(run_dir: Path) -> Path:
+    """A run whose method trains no weight matrix (BitFit): its ΔW file is empty."""
+    save_delta_weights(run_dir / "delta_w.safetensors", {})
+    write_json(run_dir / "record.json", {"status": "completed", "config": {"method": {"name": "bitfit"}, "seed": 0}})
+    return run_dir
+
+
+def test_a_run_that_changes_no_weight_matrix_is_named_and_left_out(runs, tmp_path, capsys):
+    bitfit = make_bias_only_run(tmp_path / "bitfit")
+    rc = report_main([str(bitfit), str(runs[0]), str(runs[1]), "--out", str(tmp_path / "rep"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ΔW = 0 for every weight matrix of BitFit seed=0" in out
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "ΔW = 0 for every weight matrix of BitFit seed=0" in report and "phi_pair1_query.png" in report
+    assert str(bitfit) not in report.split("## ")[0]  # not listed among the analysed runs
+
+    rc = report_main([str(bitfit), "--out", str(tmp_path / "alone"), "--no-progress", "--analyses", "spectra"])
+    assert rc == 0 and "nothing to analyse" in (tmp_path / "alone" / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +300,7 @@ def test_report_end_to_end(runs, tmp_path, capsys):
                     "spectra_run1.png", "spectra_run2.png"]
     for name in pngs + ["effective_rank.md", "phi_summary.md", "table7.md"]:
         assert f"({name})" in report
-    assert "lora r=4 seed=0" in report and "lora r=8 seed=1" in report
+    assert "LoRA r=4 α=8 (q+v) seed=0" in report and "LoRA r=8 α=8 (q+v) seed=1" in report
     with open(out / "phi_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == LAYERS * len(TYPES)
@@ -338,7 +358,7 @@ def test_report_rejects_bad_input(case, message, runs, tmp_path, capsys):
 
 
 def test_report_command_exits_non_zero_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "analysis.subspace_report", str(tmp_path / "missing"),
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.analysis.subspace_report", str(tmp_path / "missing"),
                            str(tmp_path / "missing2"), "--out", str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -395,4 +415,4 @@ def test_report_on_two_tiny_trained_lora_runs(tmp_path, capsys):
         t7 = list(csv.DictReader(f))
     assert len(t7) == 8 and all(float(t["amplification"]) > 0 and float(t["w_norm"]) > 0 for t in t7)
     report = (out / "report.md").read_text()
-    assert "lora r=4 seed=4" in report and "lora r=8 seed=8" in report
+    assert "LoRA r=4 α=8 (q+v) seed=4" in report and "LoRA r=8 α=8 (q+v) seed=8" in report

@@ -137,7 +137,7 @@ def test_launcher_configs_select_the_plugins():
 
 def test_wandb_sweep_file_drives_the_hydra_app():
     sweep = yaml.safe_load((ROOT / "experiments" / "wandb_sweep" / "sweep.yaml").read_text())
-    assert "${args_no_hyphens}" in sweep["command"] and "lora_lab.cli" in sweep["command"]
+    assert "${args_no_hyphens}" in sweep["command"] and "lora_lab.main" in sweep["command"]
     assert sweep["metric"]["name"] == "best/validation/accuracy" and sweep["metric"]["goal"] == "maximize"
     overrides = []
     for key, spec in sweep["parameters"].items():

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from analysis import tables
-from analysis.tables import build_table, collect_runs, record_from_wandb, to_csv, to_latex, to_markdown
+from lora_lab.analysis import tables
+from lora_lab.analysis.tables import build_table, collect_runs, record_from_wandb, to_csv, to_latex, to_markdown
 from lora_lab.records import write_json
 
 LORA = {"name": "lora", "r": 8, "alpha": 8, "targets": ["q", "v"], "rslora": False, "init": "kaiming"}
@@ -232,7 +232,7 @@ def test_runs_are_read_from_a_wandb_project(monkeypatch):
 
 
 def test_budget_runs_are_labelled_with_the_rank_they_chose(tmp_path):
-    from analysis.compare import write_comparison
+    from lora_lab.analysis.compare import write_comparison
 
     budget = dict(LORA, budget=36864, targets=["q", "k"])
     rec = record(budget, 0, .7, .7)

@@ -7,25 +7,28 @@ import torch
 from torch import nn
 
 from lora_lab.methods.lora import merge_and_unload
-from lora_lab.bench.timing import compare, load_summary, round_robin, summarise
-from lora_lab.bench.variants import Variant, autocast, precision_of, synthetic_batch
+from lora_lab.precision import autocast
+from lora_lab.timing import compare, load_summary, round_robin, summarise
+from lora_lab.bench.variants import Variant, precision_of, synthetic_batch
 
 
-def bench_inference(cfg, base: nn.Module, lora: Variant, batch: dict, device: torch.device) -> dict:
+def bench_inference(cfg, base: nn.Module, ours: Variant, batch: dict, device: torch.device) -> dict:
+    """Base model vs a mergeable arm unmerged, merged, and (LoRA) merged and unloaded to plain layers."""
     icfg = cfg.inference
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     base_model = copy.deepcopy(base).to(device).eval()
-    unmerged = copy.deepcopy(lora.model).eval()
-    merged = copy.deepcopy(lora.model).eval()
-    lora.method.prepare_inference(merged)
-    unloaded = merge_and_unload(copy.deepcopy(lora.model)).eval()
-    models = {"base": base_model, "lora_unmerged": unmerged, "lora_merged": merged, "lora_merged_unloaded": unloaded}
-    with torch.inference_mode(), autocast(precision_of(cfg), device):
+    unmerged = copy.deepcopy(ours.model).eval()
+    merged = copy.deepcopy(ours.model).eval()
+    ours.method.prepare_inference(merged)
+    models = {"base": base_model, "unmerged": unmerged, "merged": merged}
+    if ours.method.name == "lora":
+        models["merged_unloaded"] = merge_and_unload(copy.deepcopy(ours.model)).eval()
+    with torch.inference_mode(), autocast(device, precision_of(cfg), on_cpu=True, key="precision"):
         diff = float((merged(**inputs).logits - unmerged(**inputs).logits).abs().max())
         other: dict[str, list] = {}
         times = round_robin({name: (lambda k, m=m: m(**inputs)) for name, m in models.items()},
                             int(icfg.repeats), int(icfg.warmup), device, other_load=other)
-    out = {"unit": "ms", "r": int(icfg.r), "batch_size": int(inputs["input_ids"].shape[0]),
+    out = {"unit": "ms", "arm": str(icfg.arm), "label": ours.label, "batch_size": int(inputs["input_ids"].shape[0]),
            "seq_len": int(inputs["input_ids"].shape[1]), "repeats": int(icfg.repeats),
            "merged_vs_unmerged_max_abs_logit_diff": diff, "other_processes_cpu_share": load_summary(other),
            "rows": {}}
@@ -35,8 +38,8 @@ def bench_inference(cfg, base: nn.Module, lora: Variant, batch: dict, device: to
         c = compare(s, ref)
         out["rows"][name] = {"latency_ms": s, "ratio_to_base": s["median"] / ref["median"],
                              "paired_ratio_min": c["paired_min"], "paired_ratio_max": c["paired_max"]}
-    out["merged"] = out["rows"]["lora_merged"]["ratio_to_base"]
-    out["unmerged"] = out["rows"]["lora_unmerged"]["ratio_to_base"]
+    out["merged"] = out["rows"]["merged"]["ratio_to_base"]
+    out["unmerged"] = out["rows"]["unmerged"]["ratio_to_base"]
     return out
 
 

@@ -5,8 +5,13 @@ import gc
 
 import torch
 
-from lora_lab.bench.timing import MiB, nbytes
 from lora_lab.bench.variants import Variant
+
+MiB = 1024 * 1024
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class SavedTensorBytes:

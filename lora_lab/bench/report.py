@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 
-from lora_lab.bench.timing import DISTURBED, OtherLoad
-from lora_lab.bench.variants import label
+from lora_lab.markdown import markdown_table
+from lora_lab.timing import DISTURBED, OtherLoad
 
 
 # (section, key, label, comparison, threshold): the figures the benchmark is judged by.
@@ -11,16 +11,11 @@ TARGETS = (
     ("train_step", "lora_r8", "LoRA r=8 step / frozen-backbone limit", "<=", 1.10),
     ("train_step", "houlsby", "Houlsby adapters step / frozen-backbone limit", "<=", 1.15),
     ("train_step", "pfeiffer", "Pfeiffer adapter step / frozen-backbone limit", "<=", 1.15),
-    ("peft", "r8", "ours / PEFT, LoRA r=8 step", "<=", 1.00),
-    ("inference", "merged", "LoRA merged / base inference", "<=", 1.02),
-    ("data_path", "ratio", "per-batch / fixed-length padding tokens/s", ">=", 1.5),
-    ("startup", "warm", "warm-cache start-up to first step, fresh process (s)", "<=", 5.0),
-    ("startup", "warm_server", "warm-cache start-up to first step, warm server (s)", "<=", 5.0),
+    ("peft", "lora_r8", "ours / PEFT, LoRA r=8 step", "<=", 1.00),
+    ("peft", "dora", "ours / PEFT, DoRA r=8 step", "<=", 1.00),
+    ("peft", "ia3", "ours / PEFT, (IA)³ step", "<=", 1.00),
+    ("inference", "merged", "merged / base inference", "<=", 1.02),
 )
-
-
-def _seconds(value) -> str:
-    return "" if value is None else f"{value:.2f}"
 
 
 def check_targets(results: dict) -> list[dict]:
@@ -46,12 +41,6 @@ def _target(targets: list[dict], section: str, key: str) -> tuple[str, str]:
     return "", ""
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _range(s: dict, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(s['min'])}–{fmt.format(s['max'])}"
 
@@ -71,7 +60,7 @@ def _load_line(section: dict) -> str:
 
 def disturbed_samples(results: dict) -> int:
     return sum(results.get(s, {}).get("other_processes_cpu_share", {}).get("disturbed_samples", 0)
-               for s in ("train_step", "inference", "data_path"))
+               for s in ("train_step", "inference"))
 
 
 def render(results: dict) -> str:
@@ -94,38 +83,25 @@ def render(results: dict) -> str:
               markdown_table(["method", "trainable", "step ms", "min–max", "x frozen limit", "per-round x",
                               "target", "result"], rows), _load_line(tr)]
     pf = results.get("peft", {})
-    parts.append("### 2. Ours vs PEFT LoRA (same model, rank, targets, alpha, dropout 0; head trains in both)")
+    parts.append("### 2. Ours vs PEFT (same method, settings and weights; head trains in both)")
     rows = []
     for key, r in pf.items():
         if isinstance(r, dict) and "ratio" in r:
             target, verdict = _target(t, "peft", key)
-            rows.append([key, f"{r['ours_ms']['median']:.1f} ({_range(r['ours_ms'])})",
+            rows.append([r["label"], f"{r['ours_ms']['median']:.1f} ({_range(r['ours_ms'])})",
                          f"{r['peft_ms']['median']:.1f} ({_range(r['peft_ms'])})", f"{r['ratio']:.3f}",
-                         f"{r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}", target, verdict])
+                         f"{r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}",
+                         f"{r['max_abs_logit_diff']:.1e}", target, verdict])
     if rows:
-        parts.append(markdown_table(["rank", "ours ms", f"PEFT {pf.get('peft_version', '')} ms", "ours / PEFT",
-                                     "per-round", "target", "result"], rows))
+        parts.append(markdown_table(["method", "ours ms", f"PEFT {pf.get('peft_version', '')} ms", "ours / PEFT",
+                                     "per-round", "max |Δ logit|", "target", "result"], rows))
     if pf.get("skipped"):
         parts.append(f"Skipped: {pf['skipped']}")
-    inf = results.get("inference")
-    if inf:
-        rows = []
-        for name, r in inf["rows"].items():
-            key = {"lora_merged": "merged"}.get(name, "")
-            target, verdict = _target(t, "inference", key) if key else ("", "")
-            rows.append([name, f"{r['latency_ms']['median']:.1f}", _range(r["latency_ms"]),
-                         f"{r['ratio_to_base']:.3f}", f"{r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}",
-                         target, verdict])
-        parts += [f"### 3. Inference latency (eval, no grad), batch {inf['batch_size']} x {inf['seq_len']}, "
-                  f"LoRA r={inf['r']}; merged vs unmerged logits differ by at most "
-                  f"{inf['merged_vs_unmerged_max_abs_logit_diff']:.1e}",
-                  markdown_table(["model", "ms", "min–max", "/ base", "per-round", "target", "result"], rows),
-                  _load_line(inf)]
     mem = results["memory"]
     rows = []
     cuda = any("cuda_peak_allocated_mb" in m for m in mem.values())
     for name, m in mem.items():
-        row = [label(name, results["config"]["lora_targets"]), f"{m['weights_mb']:.1f}", f"{m['gradients_mb']:.1f}",
+        row = [m["label"], f"{m['weights_mb']:.1f}", f"{m['gradients_mb']:.1f}",
                f"{m['optimizer_state_mb']:.1f}", f"{m['activations_saved_mb']:.1f}", f"{m['total_mb']:.1f}"]
         if cuda:
             row += [f"{m['cuda_activations_mb']:.1f}", f"{m['cuda_peak_allocated_mb']:.1f}"]
@@ -133,59 +109,21 @@ def render(results: dict) -> str:
     header = ["method", "weights MiB", "gradients", "AdamW state", "saved activations", "total"]
     if cuda:
         header += ["CUDA activations (peak - rest)", "CUDA peak"]
-    parts += ["### 4. Memory of one training step (MiB; from the tensors: parameters, .grad, optimiser state, "
+    parts += ["### 3. Memory of one training step (MiB; from the tensors: parameters, .grad, optimiser state, "
               "tensors saved for backward)", markdown_table(header, rows)]
-    dp = results.get("data_path")
-    if dp and "rows" in dp:
+    inf = results.get("inference")
+    if inf:
         rows = []
-        for mode, r in dp["rows"].items():
-            target, verdict = _target(t, "data_path", "ratio") if mode == "batch" else ("", "")
-            rows.append([mode, f"{r['padded_length_mean']:.1f}", f"{100 * r['padding_fraction']:.0f} %",
-                         f"{r['tokens_per_s']:.0f}", f"{r['step_ms']['median']:.1f} ({_range(r['step_ms'])})",
-                         f"{dp['ratio']:.2f}" if mode == "batch" else "1", target, verdict])
-        parts += [f"### 5. Data path: LoRA r={dp['r']} training on real data, {dp['steps']} batches of "
-                  f"{dp['batch_size']} ({dp['tokens_per_batch_mean']:.0f} real tokens per batch on average)",
-                  markdown_table(["padding", "padded length", "padding", "tokens/s", "step ms (min–max)",
-                                  "ratio", "target", "result"], rows), _load_line(dp)]
-    elif dp:
-        parts.append(f"### 5. Data path skipped: {dp.get('skipped') or dp.get('error')}")
-    st = results.get("startup")
-    if st and "warm" in st:
-        target, verdict = _target(t, "startup", "warm")
-        rows = []
-        for name, text in (("cold", "cold (empty data cache), fresh process"),
-                           ("warm", "warm (tokenised data cached), fresh process"),
-                           ("warm_server", "warm, through a warm `lora-lab-server`")):
-            if name not in st:
-                continue
-            target, verdict = _target(t, "startup", name) if name != "cold" else ("", "")
-            low, high = st[f"{name}_range"]
-            rows.append([text, f"{st[name]:.2f}", f"{low:.2f}–{high:.2f}", _seconds(st[f"{name}_job"]),
-                         f"{st[f'{name}_wall']:.1f}", target, verdict])
-        floor = st.get("floor")
-        if floor:
-            rows.append(["bare process (torch + transformers, tokenizer, model, 1 step)",
-                         f"{floor['first_step']:.2f}", "", "", "", "", ""])
-        parts += [f"### 6. Sweep overhead: command start to first training step of `{st['command']}`, "
-                  f"median of {st['repeats']} (each kind in turn)",
-                  markdown_table(["run", "command start to first step s", "min–max", "job start to first step s",
-                                  "whole run wall s", "target", "result"], rows)]
-        if "server_ready_s" in st:
-            parts.append(f"The warm server took {st['server_ready_s']:.1f} s to start (its imports), once.")
-        if floor:
-            parts.append("Bare process, seconds since its start: torch imported {import_torch:.2f}, tokenizer "
-                         "loaded {tokenizer_loaded:.2f}, model loaded {model_loaded:.2f}, first step done "
-                         "{first_step:.2f}.".format(**floor))
-    elif st:
-        parts.append(f"### 6. Start-up skipped: {st.get('skipped') or st.get('error')}")
-    sub = results.get("subspace")
-    if sub and "ratio" in sub:
-        parts += ["### 7. Subspace analysis (analysis.bench_subspace): SVD of ΔW = B A",
-                  markdown_table(["d", "r", "dense SVD s", "factored ms", "speed-up"],
-                                 [[sub.get("d"), sub.get("r"), f"{sub.get('dense_s', float('nan')):.3f}",
-                                   f"{1000 * sub.get('factored_s', float('nan')):.2f}", f"{sub['ratio']:.0f}x"]])]
-    elif sub:
-        parts.append(f"### 7. Subspace analysis skipped: {sub.get('skipped')}")
+        for name, r in inf["rows"].items():
+            target, verdict = _target(t, "inference", name) if name == "merged" else ("", "")
+            rows.append([name, f"{r['latency_ms']['median']:.1f}", _range(r["latency_ms"]),
+                         f"{r['ratio_to_base']:.3f}", f"{r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}",
+                         target, verdict])
+        parts += [f"### 4. Inference latency (eval, no grad), batch {inf['batch_size']} x {inf['seq_len']}, "
+                  f"{inf['label']}; merged vs unmerged logits differ by at most "
+                  f"{inf['merged_vs_unmerged_max_abs_logit_diff']:.1e}",
+                  markdown_table(["model", "ms", "min–max", "/ base", "per-round", "target", "result"], rows),
+                  _load_line(inf)]
     rows = [[x["target"], f"{x['op']} {x['threshold']:g}", "—" if x["value"] is None else f"{x['value']:.3f}",
              x["result"]] for x in t]
     parts += ["### Targets", markdown_table(["figure", "target", "measured (median)", "result"], rows)]

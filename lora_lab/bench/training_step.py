@@ -1,15 +1,26 @@
-"""Sections 1 and 2: training step time per method against the frozen-backbone limit, ours vs PEFT."""
+"""Sections 1 and 2: training step time per method against the frozen-backbone limit; each method
+with a PEFT counterpart against its PEFT twin (outputs compared first, on the same weights)."""
 from __future__ import annotations
-
 
 import torch
 
-from lora_lab.bench.timing import compare, load_summary, round_robin, summarise
-from lora_lab.bench.variants import REFERENCE, Variant, _PEFT_SPEC, label
+from lora_lab.bench.variants import TWIN_PREFIX, REFERENCE, Variant
+from lora_lab.timing import compare, load_summary, round_robin, summarise
+
+
+@torch.no_grad()
+def max_logit_difference(a: Variant, b: Variant, batch: dict) -> float:
+    """Largest absolute difference between two variants' logits on one batch, in eval mode."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    a.model.eval(), b.model.eval()
+    try:
+        return float((a.model(**inputs).logits.float() - b.model(**inputs).logits.float()).abs().max())
+    finally:
+        a.model.train(), b.model.train()
 
 
 def bench_train_step(cfg, variants: dict[str, Variant], batch: dict, device: torch.device,
-                     peft_note: str | None) -> tuple[dict, dict]:
+                     peft_note: str | None, logit_diffs: dict[str, float]) -> tuple[dict, dict]:
     fns = {name: (lambda k, v=v: v.step(batch)) for name, v in variants.items()}
     other: dict[str, list] = {}
     times = round_robin(fns, int(cfg.repeats), int(cfg.warmup), device, int(cfg.steps_per_sample), other)
@@ -18,7 +29,7 @@ def bench_train_step(cfg, variants: dict[str, Variant], batch: dict, device: tor
     for name, v in variants.items():
         s = summarise(times[name], 1000)
         c = compare(s, ref)
-        rows[name] = {"label": label(name, cfg.lora_targets), "trainable_params": v.trainable, "step_ms": s,
+        rows[name] = {"label": v.label, "trainable_params": v.trainable, "step_ms": s,
                       "ratio_to_frozen": s["median"] / ref["median"],
                       "paired_ratio_min": c["paired_min"], "paired_ratio_max": c["paired_max"]}
     train = {"unit": "ms", "reference": REFERENCE, "batch_size": int(cfg.batch_size), "seq_len": int(cfg.seq_len),
@@ -28,15 +39,16 @@ def bench_train_step(cfg, variants: dict[str, Variant], batch: dict, device: tor
     if peft_note:
         peft_rows["skipped"] = peft_note
     for name in variants:
-        m = _PEFT_SPEC.match(name)
-        if m:
-            ours, theirs = rows[f"lora_r{m.group(1)}"]["step_ms"], rows[name]["step_ms"]
-            c = compare(ours, theirs)
-            peft_rows[f"r{m.group(1)}"] = {
-                "ours_ms": ours, "peft_ms": theirs, "ratio": ours["median"] / theirs["median"],
-                "paired_ratio_min": c["paired_min"], "paired_ratio_max": c["paired_max"],
-                "trainable_ours": variants[f"lora_r{m.group(1)}"].trainable,
-                "trainable_peft": variants[name].trainable}
+        if not name.startswith(TWIN_PREFIX):
+            continue
+        arm = name[len(TWIN_PREFIX):]
+        ours, theirs = rows[arm]["step_ms"], rows[name]["step_ms"]
+        c = compare(ours, theirs)
+        peft_rows[arm] = {"label": variants[arm].label, "ours_ms": ours, "peft_ms": theirs,
+                          "ratio": ours["median"] / theirs["median"],
+                          "paired_ratio_min": c["paired_min"], "paired_ratio_max": c["paired_max"],
+                          "trainable_ours": variants[arm].trainable, "trainable_peft": variants[name].trainable,
+                          "max_abs_logit_diff": logit_diffs[arm]}
     if peft_rows:
         import importlib.metadata as md
 

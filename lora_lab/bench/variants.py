@@ -1,74 +1,36 @@
-"""The variants the benchmark times: our methods, the frozen-backbone limit, PEFT's LoRA."""
+"""The variants the benchmark times: arms (conf/arm) of our methods, the frozen-backbone limit, and
+the PEFT twin of every arm whose method has a PEFT counterpart."""
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lora_lab.architectures import head_parameter_names, resolve_targets
+from lora_lab.configs import arm_method
 from lora_lab.errors import ConfigError
-from lora_lab.methods import build_method
+from lora_lab.methods import Method, build_method
+from lora_lab.precision import autocast, check_precision
 
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 REFERENCE = "frozen"
 CONTROL = "frozen_copy"
-_LORA_SPEC = re.compile(r"^lora_r(\d+)$")
-_PEFT_SPEC = re.compile(r"^peft_lora_r(\d+)$")
-
-
-def method_config(spec: str, cfg) -> DictConfig:
-    """The method config of a benchmark name: full | head | houlsby | pfeiffer | lora_r<N>."""
-    def load(name: str) -> DictConfig:
-        return OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
-
-    lora = _LORA_SPEC.match(spec)
-    if spec in ("full", "head"):
-        m = load(spec)
-        if spec == "head":
-            m.top_layers = 0
-    elif spec in ("houlsby", "pfeiffer"):
-        m = load("adapter")
-        m.variant = spec
-    elif lora:
-        m = load("lora")
-        m.r, m.dropout, m.targets = int(lora.group(1)), 0.0, list(cfg.lora_targets)
-    else:
-        raise ConfigError("methods", spec, "unknown; use full, head, houlsby, pfeiffer or lora_r<N>")
-    return m
-
-
-def label(name: str, lora_targets) -> str:
-    lora, peft = _LORA_SPEC.match(name), _PEFT_SPEC.match(name)
-    targets = ",".join(str(t) for t in lora_targets)
-    if lora:
-        return f"LoRA r={lora.group(1)} ({targets})"
-    if peft:
-        return f"PEFT LoRA r={peft.group(1)} ({targets})"
-    return {REFERENCE: "frozen-backbone limit", CONTROL: "frozen-backbone limit, 2nd copy (A/A)",
-            "full": "full fine-tuning", "head": "head only", "houlsby": "Houlsby adapters",
-            "pfeiffer": "Pfeiffer adapters"}.get(name, name)
-
-
-PRECISIONS = ("fp32", "bf16")
+TWIN_PREFIX = "peft_"
+_FROZEN_LABELS = {REFERENCE: "frozen-backbone limit", CONTROL: "frozen-backbone limit, 2nd copy (A/A)"}
 
 
 def precision_of(cfg) -> str:
-    precision = str(cfg.get("precision", "fp32"))
-    if precision not in PRECISIONS:
-        raise ConfigError("precision", precision, f"must be one of {', '.join(PRECISIONS)}")
-    return precision
+    return check_precision(str(cfg.get("precision", "fp32")), key="precision")
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16: forward passes autocast to bfloat16 (weights, gradients and AdamW state stay fp32), on
-    CUDA as the trainer does, and on CPU too, so that the benchmark can be checked without a GPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def method_config(arm: str, cfg):
+    """The method config of an arm, with the benchmark's ``arm_overrides`` applied."""
+    from hydra.errors import MissingConfigException
+
+    try:
+        return arm_method(arm, list(cfg.get("arm_overrides") or []))
+    except MissingConfigException:
+        raise ConfigError("arms", arm, "is not an arm of conf/arm (full, head, houlsby, lora_r8, ...)") from None
 
 
 @dataclass
@@ -76,15 +38,16 @@ class Variant:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    method: object | None = None
+    method: Method | None = None
     precision: str = "fp32"
+    label: str = ""
 
     @property
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def autocast(self):
-        return autocast(self.precision, next(self.model.parameters()).device)
+        return autocast(next(self.model.parameters()).device, self.precision, on_cpu=True, key="precision")
 
     def step(self, batch: dict) -> None:
         with self.autocast():
@@ -100,13 +63,13 @@ def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return make_optimizer(model, float(cfg.lr), 0.01)
 
 
-def build_ours(spec: str, base: nn.Module, cfg, device: torch.device) -> Variant:
+def build_ours(arm: str, base: nn.Module, cfg, device: torch.device) -> Variant:
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(base)
-    method = build_method(method_config(spec, cfg))
+    method = build_method(method_config(arm, cfg))
     method.apply(model)
     model.to(device).train()
-    return Variant(spec, model, _optimizer(model, cfg), method, precision_of(cfg))
+    return Variant(arm, model, _optimizer(model, cfg), method, precision_of(cfg), method.label())
 
 
 def _outputs_require_grad(module, inputs, output):
@@ -116,38 +79,18 @@ def _outputs_require_grad(module, inputs, output):
 def build_frozen(name: str, base: nn.Module, cfg, device: torch.device) -> Variant:
     """Head-only training with gradients forced down to the embedding output: the frozen-backbone limit."""
     variant = build_ours("head", base, cfg, device)
-    variant.name = name
+    variant.name, variant.label = name, _FROZEN_LABELS[name]
     variant.model.get_input_embeddings().register_forward_hook(_outputs_require_grad)
     return variant
 
 
-def peft_missing() -> str | None:
-    """None when peft imports, else the note that explains the skipped row."""
-    try:
-        import peft  # noqa: F401
-    except Exception as error:  # noqa: BLE001 - any import failure means: no comparison
-        return f"peft is not importable ({type(error).__name__}: {error}); `pip install peft` to compare"
-    return None
+def build_peft(ours: Variant, base: nn.Module, cfg, device: torch.device) -> Variant:
+    """PEFT's version of an arm, holding the same weights as ours (see lora_lab.peft_twin)."""
+    from lora_lab.peft_twin import build_peft_twin
 
-
-def build_peft(r: int, base: nn.Module, cfg, device: torch.device) -> Variant:
-    """PEFT's LoRA with our LoRA's settings: the same target modules (by full name), rank, alpha,
-    dropout 0, and the same head parameters training."""
-    import peft
-
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(base)
-    ours = method_config(f"lora_r{r}", cfg)
-    targets = sorted({n for names in resolve_targets(model, ours.targets).values() for n in names})
-    head = head_parameter_names(model)
-    config = peft.LoraConfig(r=r, lora_alpha=float(ours.alpha), lora_dropout=0.0, target_modules=targets,
-                             bias="none", use_rslora=bool(ours.rslora))
-    wrapped = peft.get_peft_model(model, config)
-    for name, p in model.named_parameters():  # ``model`` is the wrapped one's inner model, names unchanged
-        if name in head:
-            p.requires_grad_(True)
-    wrapped.to(device).train()
-    return Variant(f"peft_lora_r{r}", wrapped, _optimizer(wrapped, cfg), precision=precision_of(cfg))
+    twin = build_peft_twin(ours.method, ours.model, base).to(device).train()
+    return Variant(TWIN_PREFIX + ours.name, twin, _optimizer(twin, cfg), precision=precision_of(cfg),
+                   label=f"PEFT {ours.label}")
 
 
 def synthetic_batch(model: nn.Module, num_labels: int, batch_size: int, seq_len: int, seed: int,

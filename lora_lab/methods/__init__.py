@@ -1,5 +1,12 @@
-"""Fine-tuning methods, each registered by name. Importing this package registers them all."""
-from lora_lab.methods import adapter, full, head, lora  # noqa: F401  (registration side effects)
-from lora_lab.methods.base import DeltaW, Method, available_methods, build_method, register
+"""Fine-tuning methods, each registered by name. Importing this package imports every module in it,
+so a new method is one new file here (plus its config in conf/method)."""
+import importlib
+import pkgutil
 
-__all__ = ["DeltaW", "Method", "available_methods", "build_method", "register"]
+from lora_lab.methods.base import DeltaW, Method, available_methods, build_method, describe_method, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["DeltaW", "Method", "available_methods", "build_method", "describe_method", "register"]

@@ -65,6 +65,21 @@ def bottleneck_size(cfg, dim: int) -> int:
 
 @register("adapter")
 class Adapter(Method):
+    order, family, plot_style = 2, "Adapters", ("tab:orange", "D")
+
+    def label(self) -> str:
+        size = self.cfg.get("bottleneck") or f"d/{self.cfg.get('reduction_factor')}"
+        return f"Adapter {str(self.cfg.get('variant')).capitalize()} m={size}"
+
+    def size(self) -> float:
+        return self.cfg.get("bottleneck") or 0
+
+    def sort_key(self) -> tuple:
+        return (self.order, str(self.cfg.get("variant")), self.size())
+
+    def run_tag(self) -> str:
+        return f"adapter-{self.cfg.get('variant')}"
+
     def check(self) -> None:
         cfg = self.cfg
         if cfg.variant not in INSERT_AFTER:

@@ -38,15 +38,45 @@ class DeltaW:
 
 
 class Method:
-    """Base class. Subclasses set ``name`` and implement ``apply`` and ``delta_weights``."""
+    """Base class. Subclasses set ``name`` (through ``register``) and implement ``apply`` and
+    ``delta_weights``; the descriptive methods (``label``, ``size``, ``rank``, ``sort_key``) answer
+    from the config alone, so analysis can ask them about a run record without building a model."""
 
     name: str = ""
     supports_merge: bool = False  # True when prepare_inference folds the method into the base weights
+    order: int = 9  # position of the method's family in tables and plots (full 0, head 1, adapters 2, ...)
+    family: str = ""  # legend entry in plots; default: the registered name
+    plot_style: tuple[str, str] = ("tab:purple", "x")  # matplotlib colour and marker of the family
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, resolved: dict | None = None):
         self.cfg = cfg
-        self.resolved: dict = {}  # settings decided when applied (e.g. LoRA's r for a parameter budget)
+        self.resolved: dict = dict(resolved or {})  # settings decided when applied (e.g. LoRA's r for a budget)
 
+    # ------------------------------------------------------------ what the method is
+    def label(self) -> str:
+        """The row name in tables: the method and its size, e.g. "LoRA r=8 α=8 (q+v)"."""
+        return self.family or self.name
+
+    def size(self) -> float | None:
+        """The method's size setting (rank, bottleneck, number of layers), for sorting; None if it has none."""
+        return None
+
+    def rank(self) -> int | None:
+        """The rank of a low-rank method (accuracy-vs-rank plots); None for other methods."""
+        return None
+
+    def rank_series(self) -> list[str]:
+        """The lines this run belongs to in an accuracy-vs-rank plot (its label without r)."""
+        return [self.label()]
+
+    def run_tag(self) -> str:
+        """A short name for run names, e.g. "lora-r8"."""
+        return self.name
+
+    def sort_key(self) -> tuple:
+        return (self.order, self.name, self.size() or 0)
+
+    # ------------------------------------------------------------ applying and reporting
     def check(self) -> None:
         """Validate the method's own settings before any model is loaded (raise ConfigError)."""
 
@@ -55,11 +85,13 @@ class Method:
         raise NotImplementedError
 
     def method_parameter_names(self, model: nn.Module) -> set[str]:
-        """Names of parameters the method itself added (LoRA factors, adapters). Empty by default."""
+        """Names of the parameters the method trains that are not the task head (LoRA factors,
+        adapters, biases). Empty by default."""
         return set()
 
     def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
-        """ΔW per adapted matrix, keyed by the module name of the matrix in the original model."""
+        """ΔW per adapted matrix, keyed by the module name of the matrix in the original model. An
+        empty dict means the method changes no weight matrix (ΔW = 0 everywhere)."""
         raise NotImplementedError
 
     def prepare_inference(self, model: nn.Module) -> None:
@@ -68,6 +100,19 @@ class Method:
     def undo_inference(self, model: nn.Module) -> None:
         """Reverse ``prepare_inference`` so training can continue."""
 
+    # ------------------------------------------------------------ the PEFT counterpart, if any
+    def peft_config(self, model: nn.Module):
+        """A ``peft`` config for the same method and settings on ``model`` (after ``apply``), or None
+        when PEFT has no counterpart. Used to compare outputs and speed with PEFT."""
+        return None
+
+    def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """This method's parameters under the names they have in ``peft.get_peft_model(base, config)``
+        (``base_model.model.<module>.<peft parameter>``), so a PEFT model can be given our weights."""
+        raise NotImplementedError(f"method {self.name!r} has no PEFT counterpart")
+
+
+PEFT_PREFIX = "base_model.model."  # where peft.get_peft_model puts the wrapped model's parameters
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -94,6 +139,20 @@ def build_method(cfg) -> Method:
     method = _REGISTRY[name](cfg)
     method.check()
     return method
+
+
+def describe_method(method_cfg, resolved: dict | None = None) -> Method:
+    """A method object for describing a run (label, size, order) from its recorded config, without
+    validating it. A method that is not installed is described by its name alone."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(dict(method_cfg or {}))
+    cls = _REGISTRY.get(str(cfg.get("name", "")))
+    if cls is None:
+        method = Method(cfg, resolved)
+        method.name = str(cfg.get("name", "?"))
+        return method
+    return cls(cfg, resolved)
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -9,6 +9,8 @@ from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, register
 
 @register("full")
 class FullFineTuning(Method):
+    order, family, plot_style = 0, "Full FT", ("black", "s")
+
     def apply(self, model: nn.Module) -> None:
         for p in model.parameters():
             p.requires_grad_(True)

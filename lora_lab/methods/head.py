@@ -10,6 +10,19 @@ from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, freeze_all, re
 
 @register("head")
 class HeadOnly(Method):
+    order, family, plot_style = 1, "Head / FT-top-K", ("tab:gray", "v")
+
+    def label(self) -> str:
+        k = int(self.cfg.get("top_layers") or 0)
+        return f"FT top-{k} + head" if k else "Head only"
+
+    def size(self) -> float:
+        return int(self.cfg.get("top_layers") or 0)
+
+    def run_tag(self) -> str:
+        k = int(self.cfg.get("top_layers") or 0)
+        return f"head-top{k}" if k else "head"
+
     def apply(self, model: nn.Module) -> None:
         k = int(self.cfg.top_layers)
         stack_name, layers = layer_stack(model)

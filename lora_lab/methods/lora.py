@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_lab.architectures import get_submodule_parent, head_parameter_names, resolve_targets
 from lora_lab.errors import ConfigError
-from lora_lab.methods.base import DeltaW, Method, freeze_all, register
+from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
 
 INITS = ("kaiming", "gaussian", "svd")
 
@@ -77,6 +77,42 @@ class LoRALinear(nn.Module):
 @register("lora")
 class LoRA(Method):
     supports_merge = True
+    order, family, plot_style = 3, "LoRA", ("tab:blue", "o")
+
+    def rank(self) -> int | None:
+        r = self.resolved.get("r") or self.cfg.get("r")
+        return int(r) if r else None
+
+    size = rank
+
+    def _describe(self, rank: str, alpha) -> str:
+        cfg = self.cfg
+        init = "" if cfg.get("init", "kaiming") == "kaiming" else f", {cfg.get('init')} init"
+        scale = ", rsLoRA" if cfg.get("rslora") else ""
+        targets = "+".join(map(str, cfg.get("targets") or []))
+        budget = f" [budget {cfg.get('budget'):,}]" if cfg.get("budget") else ""
+        return f"{self.family}{rank} α={alpha} ({targets}{scale}{init}){budget}"
+
+    def label(self) -> str:
+        return self._describe(f" r={self.rank()}", self.cfg.get("alpha"))
+
+    def rank_series(self) -> list[str]:
+        """The line of its alpha; with alpha = r (no rsLoRA) also the "α=r" line of an alpha sweep."""
+        lines = [self._describe("", self.cfg.get("alpha"))]
+        if self.cfg.get("alpha") == self.rank() and not self.cfg.get("rslora"):
+            lines.append(self._describe("", "r"))
+        return lines
+
+    def run_tag(self) -> str:
+        return f"{self.name}-r{self.rank()}"
+
+    def sort_key(self) -> tuple:
+        return (self.order, self.name, len(self.cfg.get("targets") or []), self.rank() or 0)
+
+    def wrap(self, base: nn.Linear, r: int) -> LoRALinear:
+        """The layer that replaces an adapted linear layer (DoRA returns its own)."""
+        cfg = self.cfg
+        return LoRALinear(base, r, float(cfg.alpha), float(cfg.dropout), bool(cfg.rslora), cfg.init)
 
     def check(self) -> None:
         cfg = self.cfg
@@ -105,8 +141,7 @@ class LoRA(Method):
             if min(base.out_features, base.in_features) < r and cfg.init == "svd":
                 raise ConfigError("method.r", r, f"exceeds the rank of {name} ({base.out_features})")
             parent, child = get_submodule_parent(model, name)
-            setattr(parent, child, LoRALinear(base, r, float(cfg.alpha), float(cfg.dropout),
-                                              bool(cfg.rslora), cfg.init))
+            setattr(parent, child, self.wrap(base, r))
         lora_parameters = r * sum(b.in_features + b.out_features for b in bases.values())
         self.resolved = {"r": r, "lora_parameters": lora_parameters}
         if cfg.get("init_from"):
@@ -152,7 +187,7 @@ class LoRA(Method):
         for name, m in self.lora_modules(model).items():
             s = m.scaling
             B, A = m.lora_B.detach().float().cpu(), m.lora_A.detach().float().cpu()
-            residual = m.base.weight.detach().float().cpu()
+            residual = m.base.weight.detach().float().cpu().clone()  # not a view of the live weight
             if m.merged:
                 residual = residual - s * B @ A
             if m.init == "svd":  # ΔW = s (B A - B0 A0): factors of rank <= 2r
@@ -170,6 +205,24 @@ class LoRA(Method):
     def undo_inference(self, model: nn.Module) -> None:
         for m in self.lora_modules(model).values():
             m.unmerge()
+
+    def peft_config(self, model: nn.Module):
+        import peft
+
+        cfg = self.cfg
+        return peft.LoraConfig(r=int(self.resolved["r"]), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
+                               target_modules=list(self.adapted), bias="none", use_rslora=bool(cfg.rslora))
+
+    def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in self.lora_modules(model).items():
+            prefix = f"{PEFT_PREFIX}{name}."
+            out[prefix + "lora_A.default.weight"] = m.lora_A.detach()
+            out[prefix + "lora_B.default.weight"] = m.lora_B.detach()
+            if m.init == "svd" or m.merged:  # the frozen residual differs from the pretrained weight
+                base = m.base.weight.detach()
+                out[prefix + "base_layer.weight"] = base - m.delta().to(base.dtype) if m.merged else base
+        return out
 
 
 def rank_for_budget(budget: int, shapes: list[tuple[int, int]]) -> int:

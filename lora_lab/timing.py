@@ -1,4 +1,7 @@
-"""Timing and statistics: timed calls, round-robin A/B rounds, other processes' CPU load, medians."""
+"""Timing: timed calls, round-robin A/B rounds, other processes' CPU load, medians and ratios.
+
+The one interleaved-timing helper of the project: the trainer's merged-vs-unmerged latency and every
+section of the benchmark use ``round_robin``."""
 from __future__ import annotations
 
 import gc
@@ -9,17 +12,17 @@ from typing import Callable
 
 import torch
 
-from lora_lab import measure
 
-
-MiB = 1024 * 1024
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
-    measure.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    measure.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -57,11 +60,14 @@ class OtherLoad:
 
 
 def round_robin(fns: dict[str, Callable[[int], object]], rounds: int, warmup: int, device: torch.device,
-                per_sample: int = 1, other_load: dict[str, list] | None = None) -> dict[str, list[float]]:
+                per_sample: int = 1, other_load: dict[str, list] | None = None,
+                enter: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of every function, interleaved: ``warmup`` untimed rounds, then ``rounds``
     timed ones; each round calls every function (``per_sample`` times, averaged) with the round index,
     starting one further along the list each round. Garbage is collected between rounds, never during
-    one. ``other_load``, if given, receives per name the CPU share other processes took during each sample."""
+    one. ``other_load``, if given, receives per name the CPU share other processes took during each
+    sample. ``enter``, if given, maps a name to an untimed call made before its sample (e.g. merging
+    LoRA into the weights of a model that the variants share)."""
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     load = OtherLoad()
@@ -72,6 +78,8 @@ def round_robin(fns: dict[str, Callable[[int], object]], rounds: int, warmup: in
             shift = k % len(names)
             gc.collect()
             for name in names[shift:] + names[:shift]:
+                if enter and name in enter:
+                    enter[name]()
                 load.share()
                 seconds = sum(timed(lambda: fns[name](k), device) for _ in range(per_sample)) / per_sample
                 share = load.share()
@@ -109,7 +117,3 @@ def compare(a: dict, b: dict) -> dict:
     measured in the same rounds, so each round gives one paired ratio)."""
     paired = [x / y for x, y in zip(a["samples"], b["samples"])]
     return {"ratio": a["median"] / b["median"], "paired_min": min(paired), "paired_max": max(paired)}
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
