@@ -1,0 +1,48 @@
+"""BitFit (Ben Zaken et al. 2021): only the bias terms of the backbone train, plus the task head.
+
+Trained: every parameter of the backbone (``model.base_model_prefix``) whose name ends in ".bias":
+the q/k/v/o and FFN biases and every LayerNorm's beta, the embedding LayerNorm's included. No weight
+matrix changes, so ΔW is zero everywhere and there is nothing to merge. PEFT has no counterpart.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from lora_lab.architectures import head_parameter_names
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import DeltaW, Method, freeze_all, register
+
+
+@register("bitfit")
+class BitFit(Method):
+    order, family, plot_style = 4, "BitFit", ("tab:green", "^")
+
+    def check(self) -> None:
+        train_head = self.cfg.get("train_head", True)
+        if not isinstance(train_head, bool):
+            raise ConfigError("method.train_head", train_head, "must be true or false")
+
+    def apply(self, model: nn.Module) -> None:
+        biases = self.method_parameter_names(model)
+        if not biases:
+            raise ConfigError("model", type(model).__name__, "has no bias terms in its backbone for BitFit to train")
+        freeze_all(model)
+        trained = set(biases)
+        if self.cfg.get("train_head", True):
+            trained |= head_parameter_names(model)
+        for name, p in model.named_parameters():
+            if name in trained:
+                p.requires_grad_(True)
+        self.resolved = {"bias_parameters": sum(p.numel() for n, p in model.named_parameters() if n in biases)}
+
+    def method_parameter_names(self, model: nn.Module) -> set[str]:
+        """The backbone's biases; the pooler's bias belongs to the head (see ``head_parameter_names``)."""
+        prefix = getattr(model, "base_model_prefix", "")
+        head = head_parameter_names(model)
+        return {
+            name for name, _ in model.named_parameters()
+            if name.endswith(".bias") and (not prefix or name.startswith(prefix + ".")) and name not in head
+        }
+
+    def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
+        return {}  # no weight matrix changes: ΔW = 0 everywhere
