@@ -1,0 +1,175 @@
+"""(IA)³ (Liu et al. 2022, T-Few): learned vectors rescale inner activations.
+
+On an attention projection (key, value) the vector scales the layer's whole output, bias included:
+h = l ⊙ (W x + b). On a feed-forward down projection it scales the layer's input, the intermediate
+activation: h = W (l ⊙ x) + b. The vectors start at 1, so the model is unchanged at step 0.
+
+Both forms fold into the weights: output scaling gives W' = diag(l) W and b' = l ⊙ b, input scaling
+gives W' = W diag(l) with the bias unchanged. Merging keeps a copy of the weights it overwrites, so
+unmerging restores them exactly (dividing by l would fail for entries near zero).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_lab.architectures import canonical_alias, get_submodule_parent, head_parameter_names, resolve_targets
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
+
+PARAMETER = "ia3_l"
+
+
+class IA3Linear(nn.Module):
+    """A linear layer whose output (``feedforward=False``) or input (``feedforward=True``) is
+    multiplied elementwise by a learned vector ``ia3_l``."""
+
+    def __init__(self, base: nn.Linear, feedforward: bool):
+        super().__init__()
+        self.base = base
+        self.feedforward = feedforward
+        w = base.weight
+        size = base.in_features if feedforward else base.out_features
+        self.ia3_l = nn.Parameter(torch.ones(size, device=w.device, dtype=w.dtype))
+        self.merged = False
+        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight, bias before merge
+
+    def original_weight(self) -> torch.Tensor:
+        """The weight without the vector folded in (the stored copy while merged)."""
+        return self._unmerged[0] if self.merged else self.base.weight
+
+    def scaled(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """``diag(vector) W`` on the output side, ``W diag(vector)`` on the input side."""
+        return weight * (vector[None, :] if self.feedforward else vector[:, None])
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = (diag(l) - I) W0 (output side) or W0 (diag(l) - I) (input side), in float32."""
+        w0 = self.original_weight().detach().float()
+        return self.scaled(w0, self.ia3_l.detach().float() - 1.0)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight, bias = self.base.weight, self.base.bias
+        self._unmerged = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        l = self.ia3_l.detach()
+        weight.copy_(self.scaled(weight.float(), l.float()).to(weight.dtype))
+        if bias is not None and not self.feedforward:
+            bias.copy_((bias.float() * l.float()).to(bias.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight, bias = self._unmerged
+        self.base.weight.copy_(weight)
+        if bias is not None:
+            self.base.bias.copy_(bias)
+        self._unmerged = None
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.feedforward:
+            return self.base((x * self.ia3_l).to(x.dtype))
+        out = self.base(x)
+        return (out * self.ia3_l).to(out.dtype)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+@register("ia3")
+class IA3(Method):
+    supports_merge = True
+    order, family, plot_style = 5, "(IA)³", ("tab:red", "P")
+
+    def label(self) -> str:
+        targets = "+".join(map(str, _as_list(self.cfg.get("targets"))))
+        return f"{self.family} ({targets})"
+
+    def run_tag(self) -> str:
+        return "ia3"
+
+    def check(self) -> None:
+        cfg = self.cfg
+        targets = _as_list(cfg.get("targets"))
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError("method.targets", cfg.get("targets"), "must be a non-empty list of target names")
+        feedforward = _as_list(cfg.get("feedforward"))
+        if not all(isinstance(t, str) and t for t in feedforward):
+            raise ConfigError("method.feedforward", cfg.get("feedforward"), "must be a list of target names")
+        known = {canonical_alias(t) for t in targets}
+        for target in feedforward:
+            if canonical_alias(target) not in known:
+                raise ConfigError("method.feedforward", target, f"is not one of method.targets {targets}")
+        if not isinstance(cfg.get("train_head"), bool):
+            raise ConfigError("method.train_head", cfg.get("train_head"), "must be true or false")
+
+    def apply(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        matched = resolve_targets(model, _as_list(cfg.targets), key="method.targets")
+        feedforward = _as_list(cfg.get("feedforward"))
+        ff_matched = resolve_targets(model, feedforward, key="method.feedforward") if feedforward else {}
+        self.adapted: list[str] = sorted({n for names in matched.values() for n in names})
+        self.feedforward_modules: list[str] = sorted({n for names in ff_matched.values() for n in names})
+        outside = sorted(set(self.feedforward_modules) - set(self.adapted))
+        if outside:
+            raise ConfigError("method.feedforward", feedforward, f"matches {outside[0]}, which method.targets does not")
+        freeze_all(model)
+        ff = set(self.feedforward_modules)
+        count = 0
+        for name in self.adapted:
+            parent, child = get_submodule_parent(model, name)
+            wrapped = IA3Linear(getattr(parent, child), feedforward=name in ff)
+            count += wrapped.ia3_l.numel()
+            setattr(parent, child, wrapped)
+        self.resolved = {"ia3_parameters": count}
+        trained = self.method_parameter_names(model)
+        if cfg.train_head:
+            trained |= head_parameter_names(model)
+        for name, p in model.named_parameters():
+            if name in trained:
+                p.requires_grad_(True)
+
+    def method_parameter_names(self, model: nn.Module) -> set[str]:
+        return {f"{n}.{PARAMETER}" for n in self.ia3_modules(model)}
+
+    def ia3_modules(self, model: nn.Module) -> dict[str, IA3Linear]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+    def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
+        out = {}
+        for name, m in self.ia3_modules(model).items():
+            base = m.original_weight().detach().float().cpu().clone()  # not a view of the live weight
+            out[name] = DeltaW(dense=m.delta().cpu(), base=base, kind="ia3")
+        return out
+
+    def prepare_inference(self, model: nn.Module) -> None:
+        for m in self.ia3_modules(model).values():
+            m.merge()
+
+    def undo_inference(self, model: nn.Module) -> None:
+        for m in self.ia3_modules(model).values():
+            m.unmerge()
+
+    def peft_config(self, model: nn.Module):
+        import peft
+
+        return peft.IA3Config(target_modules=list(self.adapted), feedforward_modules=list(self.feedforward_modules))
+
+    def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """PEFT keeps (out_features, 1) vectors for output scaling and (1, in_features) for input scaling."""
+        out = {}
+        for name, m in self.ia3_modules(model).items():
+            l = m.ia3_l.detach()
+            out[f"{PEFT_PREFIX}{name}.{PARAMETER}.default"] = l.reshape(1, -1) if m.feedforward else l.reshape(-1, 1)
+        return out
