@@ -14,8 +14,8 @@ from lora_lab.bench import variants
 from lora_lab.configs import compose
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ["full", "head", "houlsby", "pfeiffer", "lora_r1", "lora_r8", "lora_r64"]
-PEFT_ARMS = ["lora_r8"]
+ARMS = ["full", "head", "houlsby", "pfeiffer", "bitfit", "ia3", "lora_r1", "lora_r8", "lora_r64", "dora"]
+PEFT_ARMS = ["lora_r8", "dora", "ia3"]
 
 
 def bench_config(*overrides: str):
@@ -48,7 +48,7 @@ def test_training_ratios_are_quotients_of_the_stored_medians(quick_run):
     _, result = quick_run
     rows = result["train_step"]["rows"]
     assert set(ARMS) | {bench.REFERENCE, bench.CONTROL} | {f"peft_{a}" for a in PEFT_ARMS} == set(rows)
-    assert rows["lora_r8"]["label"] == "LoRA r=8 α=8 (q+v)" and rows["peft_lora_r8"]["label"] == "PEFT LoRA r=8 α=8 (q+v)"
+    assert rows["dora"]["label"] == "DoRA r=8 α=8 (q+v)" and rows["peft_dora"]["label"] == "PEFT DoRA r=8 α=8 (q+v)"
     ref = rows[bench.REFERENCE]["step_ms"]["median"]
     for name, row in rows.items():
         s = row["step_ms"]

@@ -10,7 +10,7 @@ REAL = ["logger=disabled", "data.max_train=2000", "data.max_eval=400", "data.max
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "dora"])
 def test_real_model_beats_majority_class(tmp_path, method):
     cfg = compose_config(*REAL, f"method={method}")
     record = run_training(cfg, tmp_path)
@@ -21,3 +21,34 @@ def test_real_model_beats_majority_class(tmp_path, method):
         assert record["parameters"]["trainable_method"] == 6 * 2 * 2 * 384 * 8
         assert len(records.load_delta_weights(tmp_path / records.DELTA_FILE)) == 12
         assert 0.5 < record["measurements"]["merged_over_unmerged"] < 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["lora_r8", "dora", "ia3"])
+def test_peft_twin_gives_our_logits_on_the_real_model(arm):
+    import copy
+
+    import torch
+
+    from conftest import batch
+    from lora_lab.configs import arm_method
+    from lora_lab.methods import build_method
+    from lora_lab.modeling import load_model
+    from lora_lab.peft_twin import build_peft_twin
+
+    cfg = compose_config()
+    torch.manual_seed(0)
+    base = load_model(cfg.model, 2, None).eval()
+    model = copy.deepcopy(base)
+    method = build_method(arm_method(arm))
+    method.apply(model)
+    with torch.no_grad():  # move every method parameter away from its identity start
+        for name, p in model.named_parameters():
+            if name in method.method_parameter_names(model):
+                p.add_(0.05 * torch.randn_like(p))
+    twin = build_peft_twin(method, model, base).eval()
+    inputs = batch(size=4, length=32)
+    with torch.no_grad():
+        ours, theirs = model.eval()(**inputs).logits, twin(**inputs).logits
+    assert not torch.allclose(ours, base(**inputs).logits, atol=1e-3)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -71,7 +71,10 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+        low = F.linear(self.dropout(x), self.lora_A)
+        B = self.lora_B if self.scaling == 1.0 else self.lora_B * self.scaling
+        # out + low @ B^T as one GEMM with the add fused in (no separate pass over the output)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t()).view(out.shape)
 
 
 @register("lora")
