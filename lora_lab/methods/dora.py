@@ -126,12 +126,8 @@ class DoRA(LoRA):
                                use_dora=True)
 
     def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out = {}
+        """LoRA's entries (with W0 as the twin's base layer when merged), plus the magnitudes."""
+        out = super().peft_state_dict(model)
         for name, m in self.lora_modules(model).items():
-            prefix = f"{PEFT_PREFIX}{name}."
-            out[prefix + "lora_A.default.weight"] = m.lora_A.detach()
-            out[prefix + "lora_B.default.weight"] = m.lora_B.detach()
-            out[prefix + "lora_magnitude_vector.default.weight"] = m.lora_magnitude.detach()
-            if m.merged:  # the twin's base layer must hold W0, not the merged W'
-                out[prefix + "base_layer.weight"] = m.unmerged_weight().detach()
+            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector.default.weight"] = m.lora_magnitude.detach()
         return out
