@@ -23,6 +23,7 @@ import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from lora_lab.errors import ConfigError
@@ -54,7 +55,7 @@ class Run:
     resolved: dict = field(default_factory=dict)
     source: str = ""
 
-    @property
+    @cached_property
     def method(self) -> Method:
         """The run's method, described from its config (row label, size, order, plot style)."""
         return describe_method(self.config.get("method"), self.resolved)

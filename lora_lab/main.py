@@ -67,13 +67,14 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
 
     tracker = None
     try:
-        settings = dict(name=run_name(cfg), group=cfg.logger.get("group") or sweep_name)
-        if wandb_run is not None:
-            tracker = Tracker.attach(wandb_run, OmegaConf.to_container(cfg, resolve=True), **settings)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        if wandb_run is not None:  # the sweep groups its trials
+            tracker = Tracker.attach(wandb_run, config, name=run_name(cfg))
         else:
             tracker = Tracker.start(
-                OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, project=cfg.logger.project,
-                entity=cfg.logger.get("entity"), tags=cfg.logger.get("tags"), directory=run_dir, **settings)
+                config, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.get("entity"),
+                name=run_name(cfg), group=cfg.logger.get("group") or sweep_name, tags=cfg.logger.get("tags"),
+                directory=run_dir)
         record = run_training(cfg, run_dir, tracker)
         tracker.finish(exit_code=0)
         return float(record["best"][f"validation/{cfg.trainer.monitor}"])

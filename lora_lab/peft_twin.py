@@ -36,13 +36,9 @@ def build_peft_twin(method, model: nn.Module, base: nn.Module) -> nn.Module:
         raise RuntimeError(f"PEFT's {type(config).__name__} model has no parameter {unknown[0]}")
     twin.load_state_dict(state, strict=False)
     head = head_parameter_names(model)
-    inner = twin.get_base_model()
-    for name, p in inner.named_parameters():
-        if name in head:
-            p.requires_grad_(True)
-    # the head (and anything else ours trains outside the method) carries our current values
     ours = dict(model.named_parameters())
-    for name, p in inner.named_parameters():
-        if name in head and name in ours:
+    for name, p in twin.get_base_model().named_parameters():
+        if name in head:  # the head trains in both and starts from our current values
+            p.requires_grad_(True)
             p.data.copy_(ours[name].detach())
     return twin.to(next(model.parameters()).device)

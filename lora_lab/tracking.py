@@ -45,7 +45,7 @@ class Tracker:
         return cls(run)
 
     @classmethod
-    def attach(cls, run, config: dict, name: str | None = None, **_) -> "Tracker":
+    def attach(cls, run, config: dict, name: str | None = None) -> "Tracker":
         """Log into a run that already exists, e.g. the one a W&B sweep agent started for a trial
         (the sweep groups its runs): the trial's parameters stay, the resolved config is added."""
         run.config.update({k: v for k, v in config.items() if k not in run.config}, allow_val_change=True)

@@ -84,10 +84,11 @@ def run_benchmark(cfg, out=print) -> dict:
     logit_diffs: dict[str, float] = {}
     if cfg.peft.enabled and peft_note is None:
         for arm in map(str, cfg.peft.arms):
-            if ours(arm).method.peft_config(ours(arm).model) is None:
-                raise ConfigError("peft.arms", arm, f"method {ours(arm).method.name!r} has no PEFT counterpart")
-            variants[TWIN_PREFIX + arm] = build_peft(ours(arm), base, cfg, device)
-            logit_diffs[arm] = max_logit_difference(ours(arm), variants[TWIN_PREFIX + arm], batch)
+            mine = ours(arm)
+            if mine.method.peft_config(mine.model) is None:
+                raise ConfigError("peft.arms", arm, f"method {mine.method.name!r} has no PEFT counterpart")
+            variants[TWIN_PREFIX + arm] = twin = build_peft(mine, base, cfg, device)
+            logit_diffs[arm] = max_logit_difference(mine, twin, batch)
 
     section("train_step", f"1-2. training step: {len(variants)} variants x ({cfg.warmup} + {cfg.repeats}) rounds ...")
     results["train_step"], results["peft"] = bench_train_step(cfg, variants, batch, device, peft_note, logit_diffs)
