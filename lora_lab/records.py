@@ -26,6 +26,8 @@ from lora_lab.methods.base import DeltaW
 RECORD_FILE = "record.json"
 STATE_FILE = "trainable.safetensors"
 DELTA_FILE = "delta_w.safetensors"
+LAST_STATE_FILE = "trainable_last.safetensors"  # the last epoch's state, when it is not the best epoch's
+SCHEMA_VERSION = 2  # 1: no "schema_version" key, state and ΔW of the last epoch; 2: of the best epoch, "files"
 _PARTS = ("dense", "B", "A", "base")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -78,6 +80,11 @@ def save_delta_weights(path: Path, deltas: dict[str, DeltaW]) -> None:
             if t is not None:
                 tensors[f"{name}::{part}"] = t.float()
     save_tensors(path, tensors, metadata={"kinds": json.dumps(kinds)})
+
+
+def delta_shapes(deltas: dict[str, DeltaW]) -> dict[str, list[int]]:
+    """The shape of each adapted matrix, as the record states it (readers check ΔW files against it)."""
+    return {name: list(d.base.shape if d.base is not None else d.shape) for name, d in deltas.items()}
 
 
 def load_delta_weights(path: Path) -> dict[str, DeltaW]:
