@@ -23,37 +23,58 @@ def method_label(config: dict, resolved: dict | None = None) -> str:
     return describe_method(config.get("method"), resolved).label()
 
 
+def _fmt(value, spec: str) -> str:
+    """A number as ``spec`` formats it; "-" when the record has none."""
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _metric(record: dict, split: str, metric: str) -> str:
+    value = record["best"].get(f"{split}/{metric}")
+    if value is None:
+        raise ConfigError("record", str(Path(record["run_dir"]) / RECORD_FILE),
+                          f"has no {split}/{metric} in 'best' (have: "
+                          f"{sorted(k for k in record['best'] if k.startswith(split + '/'))})")
+    return _fmt(value, ".4f")
+
+
+def comparison_row(record: dict, metric: str = "accuracy") -> list:
+    """One row of the table; a run that did not complete shows its status and first error line."""
+    config = record.get("config") or {}
+    label = method_label(config, record.get("method_resolved"))
+    if record.get("status") != "completed":
+        error = str(record.get("error") or "").strip()
+        error = error.splitlines()[0] if error else "no error recorded"
+        status = f"{record.get('status')}: {error}"[:100].replace("|", "\\|")  # one cell of a Markdown table
+        return [label, config.get("seed", ""), "", "", "", "", "", "", "", status]
+    p, meas, best = record["parameters"], record["measurements"], record["best"]
+    percent = p.get("trainable_percent")
+    if percent is None and p["total"]:
+        percent = 100 * p["trainable"] / p["total"]
+    return [label, config.get("seed", ""), f"{p['trainable']:,}", _fmt(percent, ".2f"),
+            _fmt(meas.get("peak_memory_mb"), ".0f"), _fmt(meas.get("train_samples_per_s"), ".1f"),
+            _metric(record, "validation", metric), _metric(record, "test", metric), str(best["epoch"]), ""]
+
+
 def comparison_rows(run_dirs: list[Path], metric: str = "accuracy") -> list[list]:
-    rows = []
-    for run_dir in run_dirs:
-        record = load_record(run_dir, require_completed=False)
-        config = record.get("config", {})
-        if record.get("status") != "completed":
-            rows.append([method_label(config, record.get("method_resolved")), config.get("seed", ""), "", "", "", "", "", "", "",
-                         record.get("error", "failed")[:100]])
-            continue
-        p, meas, best = record["parameters"], record["measurements"], record["best"]
-        rows.append([
-            method_label(config, record.get("method_resolved")), config.get("seed", ""),
-            f"{p['trainable']:,}", f"{p['trainable_percent']:.2f}", f"{meas['peak_memory_mb']:.0f}",
-            f"{meas['train_samples_per_s']:.1f}", f"{best[f'validation/{metric}']:.4f}",
-            f"{best[f'test/{metric}']:.4f}", str(best["epoch"]), "",
-        ])
-    return rows
+    return [comparison_row(load_record(d, require_completed=False), metric) for d in run_dirs]
 
 
 def write_comparison(*roots: Path, metric: str = "accuracy") -> str:
+    """The comparison of every run under ``roots``, each record checked (``load_record``: a corrupt
+    or incomplete one is refused, naming the file); runs that did not complete are listed with their
+    status and error. Written to <root>/comparison.md when there is one root."""
     run_dirs = find_run_dirs(*roots)
     if not run_dirs:
         raise ConfigError("runs", [str(r) for r in roots], f"contain no {RECORD_FILE}")
-    rows = comparison_rows(run_dirs, metric)
+    records = [load_record(d, require_completed=False) for d in run_dirs]
+    rows = [comparison_row(record, metric) for record in records]
     columns = [c.format(m=metric) for c in COLUMNS]
     if not any(r[-1] for r in rows):
         columns, rows = columns[:-1], [r[:-1] for r in rows]
     table = markdown_table(columns, rows)
-    first = load_record(run_dirs[0], require_completed=False)
-    majority = first.get("majority_class_test_accuracy")
-    note = f"\nMajority class (test): {majority:.4f}. Metric: {metric}, best epoch on validation.\n" if majority else ""
+    majority = next((r.get("majority_class_test_accuracy") for r in records if r.get("status") == "completed"), None)
+    note = (f"\nMajority class (test): {majority:.4f}. Metric: {metric}, best epoch on validation.\n"
+            if isinstance(majority, (int, float)) and majority else "")
     text = table + "\n" + note
     if len(roots) == 1:
         write_text(Path(roots[0]) / "comparison.md", text)

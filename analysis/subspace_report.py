@@ -2,7 +2,9 @@
 
     lora-lab-subspace RUN_DIR [RUN_DIR ...] --out REPORT_DIR [options]
 
-Each RUN_DIR is a completed lora_lab run (record.json and delta_w.safetensors). Modules shared by all
+Each RUN_DIR is a completed lora_lab run (record.json and delta_w.safetensors); both are checked
+before anything is analysed, and the report says which epoch each run's ΔW comes from (the record's
+"files": the best epoch; records of schema version 1: the last epoch). Modules shared by all
 runs are analysed, one at a time, streamed from the safetensors files. phi compares pairs of runs
 (``--pairs``), so it needs two runs or more; one run can be analysed with ``--analyses spectra,table7``.
 Writes PNG figures, CSV + Markdown tables, phi.safetensors and a report.md that links them.
@@ -27,56 +29,16 @@ from lora_lab.analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions,
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table as format_markdown
 from lora_lab.methods import describe_method
-from lora_lab.methods.base import DeltaW
-from lora_lab.records import DELTA_FILE, load_record, save_tensors
+from lora_lab.records import DeltaWeightsFile, delta_epoch, load_record, open_delta_weights, save_tensors
 
-_PARTS = ("dense", "B", "A", "base")
 MAX_HEATMAP_PANELS = 32
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading runs
 # ----------------------------------------------------------------------------------------------
-class DeltaFile:
-    """delta_w.safetensors read one module at a time (memory-mapped), with shapes known up front."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        if not self.path.exists():
-            raise ConfigError("run", str(self.path.parent), f"has no {DELTA_FILE} (no ΔW was saved for this run)")
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                self.kinds = json.loads((f.metadata() or {}).get("kinds", "{}"))
-                parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
-                for key in f.keys():
-                    name, _, part = key.rpartition("::")
-                    if part in _PARTS and name:
-                        parts[name][part] = tuple(f.get_slice(key).get_shape())
-        except Exception as exc:  # a truncated or foreign file
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ConfigError("run", str(self.path.parent), f"cannot read {DELTA_FILE}: {first}") from None
-        self.shapes: dict[str, tuple[int, int]] = {}
-        self.factored: dict[str, bool] = {}
-        for name, p in parts.items():
-            if "dense" in p:
-                self.shapes[name], self.factored[name] = p["dense"], False
-            elif "B" in p and "A" in p:
-                self.shapes[name], self.factored[name] = (p["B"][0], p["A"][1]), True
-            else:
-                raise ConfigError("run", str(self.path.parent),
-                                  f"{DELTA_FILE} holds neither a dense ΔW nor factors B and A for {name}")
-        self._parts = parts  # no entries: the method changed no weight matrix (ΔW = 0, e.g. BitFit)
-
-    def load(self, name: str) -> DeltaW:
-        from safetensors import safe_open
-
-        d = DeltaW(kind=self.kinds.get(name, "weight_difference"))
-        with safe_open(str(self.path), framework="pt") as f:
-            for part in self._parts[name]:
-                setattr(d, part, f.get_tensor(f"{name}::{part}"))
-        return d
+# delta_w.safetensors read one module at a time (memory-mapped), with shapes known and checked up front.
+DeltaFile = DeltaWeightsFile
 
 
 def run_label(record: dict) -> str:
@@ -90,14 +52,16 @@ def run_label(record: dict) -> str:
 
 def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dict], list[str]]:
     """The runs with their ΔW, their records, and the labels of runs whose method changed no weight
-    matrix (ΔW = 0 everywhere, e.g. BitFit): those have nothing to analyse and are left out."""
+    matrix (ΔW = 0 everywhere, e.g. BitFit): those have nothing to analyse and are left out. Every
+    record and ΔW file is checked (``load_record``, ``open_delta_weights``) before any is analysed."""
     records, files = [], []
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise ConfigError("run", str(run_dir), "is not a directory")
-        records.append(load_record(run_dir))
-        files.append(DeltaFile(run_dir / DELTA_FILE))
+        record = load_record(run_dir)
+        records.append(record)
+        files.append(open_delta_weights(record))
     labels = [run_label(r) for r in records]
     for i, label in enumerate(labels):
         if labels.count(label) > 1:
@@ -171,7 +135,9 @@ def _select_layers(layers: list, wanted: list[int] | None) -> list:
 
 
 def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
-                 heatmap_layers: list[int] | None = None, elapsed: float | None = None) -> dict:
+                 heatmap_layers: list[int] | None = None, elapsed: float | None = None,
+                 epochs: Sequence[str | None] | None = None) -> dict:
+    """report.md with its figures and tables; ``epochs``: which epoch each run's ΔW comes from."""
     from lora_lab.analysis import subspace_plots as plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -180,8 +146,10 @@ def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
     images: list[Path] = []
     tables: dict[str, tuple[list[str], list[list]]] = {}
     md = ["# Subspace analysis of ΔW (LoRA paper, Section 7)", ""]
-    md += ["Runs:", "", markdown_table(["#", "label", "run directory"],
-                                       [[i + 1, lab, str(d)] for i, (lab, d) in enumerate(zip(res.labels, run_dirs))]), ""]
+    epochs = list(epochs) if epochs is not None else [None] * len(res.labels)
+    md += ["Runs:", "", markdown_table(["#", "label", "ΔW from", "run directory"],
+                                       [[i + 1, lab, epoch or "-", str(d)] for i, (lab, epoch, d)
+                                        in enumerate(zip(res.labels, epochs, run_dirs))]), ""]
     md += [f"Modules analysed: {len(res.modules)} (shared by all runs), matrix types: "
            + ", ".join(f"`{t}`" for t in res.types()) + ".", ""]
     settings = [f"analyses {','.join(opts.analyses)}", f"energy threshold {opts.energy:g}", f"seed {opts.seed}"]
@@ -425,7 +393,7 @@ def run_report(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - t0
     if zero_note:
         res.notes.append(zero_note)
-    written = write_report(res, kept_dirs, out, layers, elapsed)
+    written = write_report(res, kept_dirs, out, layers, elapsed, [delta_epoch(record) for record in records])
     if args.wandb:
         _log_wandb(args, res, records, written)
     return written
@@ -434,7 +402,8 @@ def run_report(args: argparse.Namespace) -> dict:
 def _log_wandb(args, res: AnalysisResult, records: list[dict], written: dict) -> None:
     from lora_lab.tracking import Tracker
 
-    config = {"runs": [str(r) for r in args.runs], "labels": res.labels, "analyses": list(res.options.analyses),
+    config = {"runs": [str(r) for r in args.runs], "labels": res.labels,
+              "delta_w_from": [delta_epoch(record) for record in records], "analyses": list(res.options.analyses),
               "basis": res.basis, "side": res.options.side, "energy": res.options.energy, "seed": res.options.seed}
     tracker = Tracker.start(config, mode=args.wandb_mode, project=args.wandb_project,
                             name="subspace: " + " vs ".join(res.labels), tags=["subspace"], directory=args.out)

@@ -21,7 +21,7 @@ import io
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -54,6 +54,7 @@ class Run:
     samples_per_s: float | None = None
     resolved: dict = field(default_factory=dict)
     source: str = ""
+    error: str = ""  # why a run that did not complete stopped (its record's first error line)
 
     @cached_property
     def method(self) -> Method:
@@ -75,10 +76,13 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def lookup(config: dict, dotted: str):
+def lookup(config: dict, dotted: str, required: bool = True):
+    """The value of a dotted key; an absent key is an error, or None when not ``required``."""
     value = config
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
+            if not required:
+                return None
             raise ConfigError("--tune", dotted, "is not a key of the runs' configs")
         value = value[part]
     return value
@@ -88,19 +92,37 @@ def _hashable(value):
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
+def _number(value) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _record_name(source: str) -> str:
+    """How an error names a run's record: its record.json for a run directory, else the source."""
+    return source if not source or source.startswith("wandb:") else str(Path(source) / RECORD_FILE)
+
+
 def run_from_record(record: dict, metric: str, epoch: str, source: str = "") -> Run:
-    config = record.get("config", {})
+    """What a table needs from a record (``load_record`` has checked a local one). A run that did not
+    complete keeps its status and error; a completed one needs the metric at ``epoch``, as numbers."""
+    config = record.get("config") or {}
     if record.get("status") != "completed":
-        return Run(config=config, status=record.get("status", "failed"), source=source)
+        error = str(record.get("error") or "").strip()
+        return Run(config=config, status=str(record.get("status") or "failed"), source=source,
+                   error=error.splitlines()[0] if error else "")
     row = record[epoch]
     if f"validation/{metric}" not in row:
         raise ConfigError("--metric", metric, f"is not in the records (have: "
                           f"{sorted(k.split('/', 1)[1] for k in row if k.startswith('validation/'))})")
-    p, m = record.get("parameters", {}), record.get("measurements", {})
-    return Run(config=config, status="completed", val=row[f"validation/{metric}"], test=row[f"test/{metric}"],
-               trainable=p.get("trainable"), total=p.get("total"), peak_memory_mb=m.get("peak_memory_mb"),
-               samples_per_s=m.get("train_samples_per_s"), resolved=record.get("method_resolved") or {},
-               source=source)
+    val, test = row.get(f"validation/{metric}"), row.get(f"test/{metric}")
+    for split, value in (("validation", val), ("test", test)):
+        if _number(value) is None:
+            found = "no" if value is None else f"a non-numeric {value!r} as"
+            raise ConfigError("record", _record_name(source), f"has {found} {split}/{metric} in '{epoch}'")
+    p, m = record.get("parameters") or {}, record.get("measurements") or {}
+    return Run(config=config, status="completed", val=val, test=test,
+               trainable=_number(p.get("trainable")), total=_number(p.get("total")),
+               peak_memory_mb=_number(m.get("peak_memory_mb")), samples_per_s=_number(m.get("train_samples_per_s")),
+               resolved=record.get("method_resolved") or {}, source=source)
 
 
 def record_from_wandb(config: dict, summary: dict, state: str) -> dict:
@@ -136,7 +158,7 @@ def row_sort_key(run: Run) -> tuple:
 
 
 def task_label(config: dict) -> str:
-    data = config.get("data", {})
+    data = config.get("data") or {}
     return str(data.get("subset") or data.get("name") or "task")
 
 
@@ -200,7 +222,8 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
         row = row_label(run)
         members[row].append(run)
         order[row] = min(order.get(row, (99,)), row_sort_key(run))
-        tuned = tuple(_hashable(lookup(run.config, key)) for key in tune)
+        # a run that did not complete may lack the key (e.g. it failed resolving its config)
+        tuned = tuple(_hashable(lookup(run.config, key, required=run.status == "completed")) for key in tune)
         grouped[(row, task_label(run.config))][tuned].append(run)
 
     cells, selection, chosen_runs = {}, [], defaultdict(list)
@@ -329,7 +352,13 @@ def caption(table: Table) -> str:
     seeds = sorted({c.seeds for c in table.cells.values()})
     failed = sum(e["failed"] for e in table.selection)
     text += f" Seeds per cell: {'/'.join(map(str, seeds))}."
-    if failed:
+    statuses = Counter(r.status for runs in table.members.values() for r in runs if r.status != "completed")
+    if failed and set(statuses) - {"failed"}:  # e.g. diverged or preempted runs: say which
+        parts = [f"{n} {status}" for status, n in sorted(statuses.items())]
+        if failed > sum(statuses.values()):
+            parts.append(f"{failed - sum(statuses.values())} without a finite validation {table.metric}")
+        text += f" {failed} run(s) left out ({', '.join(parts)}; listed in the selection CSV)."
+    elif failed:
         text += f" {failed} failed run(s) left out (listed in the selection CSV)."
     return text
 

@@ -1,6 +1,7 @@
 """Hydra callbacks: print and save the comparison table when a multirun ends."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -10,8 +11,12 @@ class ComparisonTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         from lora_lab.analysis.compare import write_comparison
         from lora_lab.errors import ConfigError
+        from lora_lab.records import find_run_dirs
 
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not find_run_dirs(sweep_dir):  # no run records, e.g. after a dry run
+            return
         try:
-            print(write_comparison(Path(config.hydra.sweep.dir)))
-        except ConfigError:  # no run records, e.g. after a dry run
-            pass
+            print(write_comparison(sweep_dir))
+        except ConfigError as error:  # a record the comparison refuses: say which, the sweep itself is done
+            print(f"lora-lab: comparison not written: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import subprocess
@@ -19,7 +20,8 @@ from lora_lab.analysis.subspace import (AnalysisOptions, RunDeltas, amplificatio
 from lora_lab.analysis.subspace_report import DeltaFile, main as report_main
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
-from lora_lab.records import load_delta_weights, save_delta_weights, write_json
+from lora_lab.records import (DELTA_FILE, LAST_STATE_FILE, STATE_FILE, delta_shapes, load_delta_weights,
+                              save_delta_weights, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +237,23 @@ D, LAYERS = 32, 3
 TYPES = ("query", "value")
 
 
-def make_run(run_dir: Path, r: int, seed: int, d: int = D, names=None, status="completed") -> Path:
+def run_record(method: dict, seed: int, deltas: dict, status: str = "completed", version: int = 2) -> dict:
+    """A record as the trainer writes it (schema ``version``): ΔW of the best epoch, 2 of 3."""
+    config = {"method": method, "seed": seed}
+    if status != "completed":
+        return {"schema_version": 2, "status": status, "error": "RuntimeError: boom", "error_kind": "exception",
+                "config": config}
+    rows = [{"epoch": e, "validation/accuracy": .7, "test/accuracy": .7} for e in (1, 2, 3)]
+    record = {"status": status, "seed": seed, "config": config, "epochs": rows, "best": rows[1], "last": rows[2],
+              "parameters": {"trainable": 10, "total": 100}, "measurements": {}}
+    if version == 1:
+        return record
+    return {"schema_version": 2, **record, "delta_w_shapes": delta_shapes(deltas),
+            "files": {STATE_FILE: {"epoch": 2, "holds": "best"}, LAST_STATE_FILE: {"epoch": 3, "holds": "last"},
+                      DELTA_FILE: {"epoch": 2, "holds": "best"}}}
+
+
+def make_run(run_dir: Path, r: int, seed: int, d: int = D, names=None, status="completed", version=2) -> Path:
     g = gen(100 + seed)
     base_g = gen(0)  # the same W0 in every run
     shared = torch.randn(D, generator=gen(1))
@@ -248,15 +266,15 @@ def make_run(run_dir: Path, r: int, seed: int, d: int = D, names=None, status="c
         deltas[name] = DeltaW(B=0.01 * torch.randn(d, r, generator=g), A=A,
                               base=torch.randn(d, d, generator=base_g), kind="lora")
     save_delta_weights(run_dir / "delta_w.safetensors", deltas)
-    write_json(run_dir / "record.json", {"status": status, "seed": seed, "config": {
-        "method": {"name": "lora", "r": r, "alpha": 8, "targets": ["q", "v"]}, "seed": seed}})
+    method = {"name": "lora", "r": r, "alpha": 8, "targets": ["q", "v"]}
+    write_json(run_dir / "record.json", run_record(method, seed, deltas, status, version))
     return run_dir
 
 
 def make_bias_only_run(run_dir: Path) -> Path:
     """A run whose method trains no weight matrix (BitFit): its ΔW file is empty."""
     save_delta_weights(run_dir / "delta_w.safetensors", {})
-    write_json(run_dir / "record.json", {"status": "completed", "config": {"method": {"name": "bitfit"}, "seed": 0}})
+    write_json(run_dir / "record.json", run_record({"name": "bitfit"}, 0, {}))
     return run_dir
 
 
@@ -276,7 +294,7 @@ def test_a_run_that_changes_no_weight_matrix_is_named_and_left_out(runs, tmp_pat
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return make_run(root / "r4", 4, 0), make_run(root / "r8", 8, 1)
+    return make_run(root / "r4", 4, 0, version=1), make_run(root / "r8", 8, 1)  # schema versions 1 and 2
 
 
 def test_delta_file_reads_what_records_wrote(runs):
@@ -301,6 +319,8 @@ def test_report_end_to_end(runs, tmp_path, capsys):
     for name in pngs + ["effective_rank.md", "phi_summary.md", "table7.md"]:
         assert f"({name})" in report
     assert "LoRA r=4 α=8 (q+v) seed=0" in report and "LoRA r=8 α=8 (q+v) seed=1" in report
+    assert f"| LoRA r=4 α=8 (q+v) seed=0 | last epoch | {runs[0]} |" in report  # version 1: the last epoch
+    assert f"| LoRA r=8 α=8 (q+v) seed=1 | epoch 2 (best) | {runs[1]} |" in report
     with open(out / "phi_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == LAYERS * len(TYPES)
@@ -330,6 +350,8 @@ def test_report_on_one_run_without_phi(runs, tmp_path):
     ("no_common", "share no adapted module names"),
     ("incomplete", "did not complete"),
     ("not_a_run", "not a lora_lab run directory"),
+    ("truncated_delta", "cannot be read as safetensors"),
+    ("record_disagrees", "its record.json says (32, 33)"),
     ("bad_analysis", "must be among"),
 ])
 def test_report_rejects_bad_input(case, message, runs, tmp_path, capsys):
@@ -337,7 +359,7 @@ def test_report_rejects_bad_input(case, message, runs, tmp_path, capsys):
     if case == "one_run":
         argv = [a]
     elif case == "no_delta":
-        write_json(tmp_path / "x" / "record.json", {"status": "completed", "config": {}})
+        write_json(tmp_path / "x" / "record.json", run_record({"name": "lora"}, 0, {}, version=1))
         argv = [a, str(tmp_path / "x")]
     elif case == "shape":
         argv = [a, str(make_run(tmp_path / "wide", 4, 2, d=D + 4))]
@@ -348,6 +370,16 @@ def test_report_rejects_bad_input(case, message, runs, tmp_path, capsys):
     elif case == "not_a_run":
         (tmp_path / "empty").mkdir()
         argv = [a, str(tmp_path / "empty")]
+    elif case == "truncated_delta":
+        run = make_run(tmp_path / "cut", 4, 5)
+        (run / "delta_w.safetensors").write_bytes((run / "delta_w.safetensors").read_bytes()[:-100])
+        argv = [a, str(run)]
+    elif case == "record_disagrees":
+        run = make_run(tmp_path / "disagrees", 4, 6)
+        record = json.loads((run / "record.json").read_text())
+        record["delta_w_shapes"] = {name: [D, D + 1] for name in record["delta_w_shapes"]}
+        write_json(run / "record.json", record)
+        argv = [a, str(run)]
     else:
         argv = [a, str(runs[1]), "--analyses", "spectra,svd"]
     rc = report_main(argv + ["--out", str(tmp_path / "out"), "--no-progress"])
@@ -416,3 +448,4 @@ def test_report_on_two_tiny_trained_lora_runs(tmp_path, capsys):
     assert len(t7) == 8 and all(float(t["amplification"]) > 0 and float(t["w_norm"]) > 0 for t in t7)
     report = (out / "report.md").read_text()
     assert "LoRA r=4 α=8 (q+v) seed=4" in report and "LoRA r=8 α=8 (q+v) seed=8" in report
+    assert report.count("| epoch 1 (best) |") == 2  # the smoke runs train one epoch

@@ -246,3 +246,27 @@ def test_budget_runs_are_labelled_with_the_rank_they_chose(tmp_path):
 def test_a_missing_directory_is_named(tmp_path, capsys):
     assert tables.main([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip() == f"tables: error: runs='{tmp_path / 'nope'}': does not exist"
+
+
+def test_a_record_the_table_cannot_trust_is_named(tmp_path, capsys):
+    """A sweep with one unreadable record: no table from the rest, the file named in one line, exit 2."""
+    sweep = write_runs(tmp_path / "sweep", [record(LORA, 0, .7, .7), record(LORA, 1, .7, .7)])
+    bad = sweep / "1_job" / "record.json"
+    bad.write_text(bad.read_text()[:-20])
+    assert tables.main([str(sweep), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tables: error: record='{bad}': is not valid JSON") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    write_json(bad, {**record(LORA, 1, .7, .7), "schema_version": 3})
+    assert tables.main([str(sweep)]) == 2
+    assert "has schema_version 3; this lora_lab reads versions 1, 2" in capsys.readouterr().err
+
+
+def test_runs_that_did_not_complete_are_counted_by_status(tmp_path):
+    runs = [record(LORA, 0, .7, .7), record(LORA, 1, 0, 0, status="failed"),
+            {**record(LORA, 2, 0, 0, status="diverged"), "schema_version": 2, "error_kind": "diverged"}]
+    t = table_from(tmp_path, runs)
+    cell = t.cells[("LoRA r=8 α=8 (q+v)", "rotten_tomatoes")]
+    assert (cell.seeds, cell.failed) == (1, 2)
+    assert "2 run(s) left out (1 diverged, 1 failed; listed in the selection CSV)." in to_markdown(t)
+    assert [r.error for r in t.members["LoRA r=8 α=8 (q+v)"]][1:] == ["FloatingPointError: training loss is nan"] * 2
