@@ -10,6 +10,10 @@ from contextlib import nullcontext
 
 from omegaconf import DictConfig
 
+from lora_lab.run_identity import register_resolvers
+
+register_resolvers()  # ${run_key:} and ${sweep_key:} name the output directories
+
 CONFIG_MODULE = "lora_lab.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 

@@ -58,53 +58,113 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def error_kind(error: BaseException) -> str:
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, (ConfigError, OmegaConfBaseException)):
+        return "config"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
+        return "out_of_memory"
+    return "exception"
+
+
+def completed_record(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The completed record already in ``run_dir`` for this same config, if any. A completed run of
+    another config there is refused: its results would otherwise be overwritten or mistaken."""
+    from lora_lab.run_identity import differences
+
+    path = run_dir / records.RECORD_FILE
+    if not path.exists():
+        return None
+    record = records.load_record(run_dir, require_completed=False)  # refuses a damaged or unknown record
+    if record.get("status") != "completed":
+        return None
+    changed = differences(record.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        raise ConfigError("hydra.run.dir", str(run_dir), "holds a completed run of another config; differing "
+                          "keys: " + "; ".join(changed) + " (choose another directory)")
+    return record
+
+
 def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name: str | None = None,
                      wandb_run=None) -> float:
-    """Run one job. Any failure is written to the run record; in a multirun the sweep carries on.
+    """Run one job. A completed run of the same config in ``run_dir`` is skipped; an interrupted one
+    resumes from its checkpoint. Any failure is written to the run record; in a multirun the sweep
+    carries on, except after a stop signal (the whole process is being stopped).
     ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into."""
+    from lora_lab.checkpoint import CHECKPOINT_DIR, peek_progress
+    from lora_lab.preemption import Preempted, StopRequests
     from lora_lab.tracking import Tracker
-    from lora_lab.train import run_training
+    from lora_lab.train import Diverged, run_training
+    from lora_lab.validate import check_config
 
-    tracker = None
+    tracker, stop = None, StopRequests()
+    monitor = f"validation/{cfg.trainer.monitor}"
     try:
+        check_config(cfg)
+        done = completed_record(cfg, run_dir) if cfg.trainer.get("skip_done", True) else None
+        if done is not None:
+            print(f"[lora_lab] already completed, skipped: {run_dir} (trainer.skip_done=false trains it again)")
+            return float(done["best"][monitor])
         config = OmegaConf.to_container(cfg, resolve=True)
         if wandb_run is not None:  # the sweep groups its trials
             tracker = Tracker.attach(wandb_run, config, name=run_name(cfg))
         else:
+            previous = peek_progress(run_dir / CHECKPOINT_DIR) if cfg.trainer.get("resume", True) else None
             tracker = Tracker.start(
                 config, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.get("entity"),
                 name=run_name(cfg), group=cfg.logger.get("group") or sweep_name, tags=cfg.logger.get("tags"),
-                directory=run_dir)
-        record = run_training(cfg, run_dir, tracker)
+                directory=run_dir, run_id=(previous or {}).get("wandb_run_id"))
+        with stop:
+            record = run_training(cfg, run_dir, tracker, stop)
         tracker.finish(exit_code=0)
-        return float(record["best"][f"validation/{cfg.trainer.monitor}"])
+        return float(record["best"][monitor])
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
-        failed = {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                  "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)}
+        kind = {Preempted: "preempted", Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(
+            type(error), None) or error_kind(error)
+        status = kind if kind in ("preempted", "diverged", "interrupted") else "failed"
+        message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
+        failed = {"schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line_of(message),
+                  "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)}
         records.write_json(run_dir / records.RECORD_FILE, failed)
         release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
         if tracker is not None:
-            tracker.finish(exit_code=1)
-        if isinstance(error, KeyboardInterrupt):
+            if kind == "preempted":
+                tracker.mark_preempting()
+            tracker.finish(exit_code=error.exit_code if kind == "preempted" else 1)
+        if kind == "interrupted":
             raise
-        message = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-        print(f"lora-lab: error: {message}", file=sys.stderr)
+        if kind == "preempted":
+            print(f"lora-lab: {error}", file=sys.stderr)
+            stop.pass_on(error.signum)  # e.g. a launcher's requeue
+            sys.exit(error.exit_code)
+        label = "diverged" if kind == "diverged" else "error"
+        print(f"lora-lab: {label}: {first_line_of(message)}", file=sys.stderr)
         if multirun:
-            print(f"lora-lab: job failed, recorded in {run_dir / records.RECORD_FILE}; the sweep goes on",
+            print(f"lora-lab: job {status}, recorded in {run_dir / records.RECORD_FILE}; the sweep goes on",
                   file=sys.stderr)
             return math.nan
-        if isinstance(error, ConfigError):
+        if kind == "config":
             sys.exit(2)
+        if kind in ("diverged", "out_of_memory"):
+            sys.exit(1)
         raise
+
+
+def first_line_of(message: str) -> str:
+    return next((line for line in message.splitlines() if line.strip()), message)
 
 
 def plan_job(cfg: DictConfig, run_dir: Path) -> float:
     """``dry_run=true``: resolve and validate the job's config without loading a model or data, and
     print one line saying what would run. Returns NaN (no metric)."""
+    from lora_lab.checkpoint import CHECKPOINT_DIR, peek_progress
     from lora_lab.data import check_files, is_regression
     from lora_lab.metrics import check_monitor
+    from lora_lab.validate import check_config
 
     resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
+    check_config(cfg)
     method = build_method(cfg.method)
     check_monitor(cfg.trainer.monitor, is_regression(cfg.data))
     if cfg.data.source == "files":
@@ -113,8 +173,17 @@ def plan_job(cfg: DictConfig, run_dir: Path) -> float:
     task = "/".join(str(x) for x in (data.get("path") or data["name"], data.get("subset")) if x)
     print(f"[dry run] {method.label()} | {cfg.model.name} | {task} | lr {t['lr']:g}, batch "
           f"{t['batch_size']}, {t['epochs']} epochs, max length {data['max_length']}, monitor {t['monitor']} | "
-          f"seed {cfg.seed} -> {run_dir}")
+          f"seed {cfg.seed} -> {run_dir}{_state_note(cfg, run_dir, peek_progress(run_dir / CHECKPOINT_DIR))}")
     return math.nan
+
+
+def _state_note(cfg: DictConfig, run_dir: Path, progress: dict | None) -> str:
+    """What a real run would do with what ``run_dir`` already holds."""
+    if cfg.trainer.get("skip_done", True) and completed_record(cfg, run_dir) is not None:
+        return " (completed: skipped)"
+    if progress and cfg.trainer.get("resume", True):
+        return f" (resumes at step {progress['step']})"
+    return ""
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -135,8 +204,35 @@ def app(cfg: DictConfig) -> float:
     return train_and_record(cfg, run_dir, multirun, sweep_name)
 
 
+def hydra_error_line(error: Exception) -> str:
+    """Hydra's multi-line report of a bad override or config choice, as one line."""
+    from lora_lab.errors import first_line
+
+    line = first_line(error).rstrip(".")
+    cause = error.__cause__
+    if cause is not None and first_line(cause) not in line:
+        line += f": {first_line(cause)}"
+    options = getattr(error, "options", None)
+    if options:
+        line += f" (options: {', '.join(options)})"
+    return line
+
+
 def main() -> None:
-    app()
+    """Hydra's own errors (unknown keys, unknown config choices, override syntax) are bad input: one
+    line and exit 2, like every other bad input. HYDRA_FULL_ERROR=1 keeps Hydra's full report."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    full_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as error:
+        if full_report:
+            raise
+        print(f"lora-lab: error: {hydra_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -98,10 +98,22 @@ class PeakMemory:
         return out
 
 
+def higher_peak(kept: dict | None, new: dict) -> dict:
+    """The larger of two peak-memory readings (of two spans, or of a run before and after a resume)."""
+    if not kept:
+        return dict(new)
+    out = dict(kept)
+    for key in ("peak_memory_mb", "peak_memory_reserved_mb"):
+        if key in new:
+            out[key] = max(out.get(key, 0.0), new[key])
+    return out
+
+
 # ---------------------------------------------------------------- time
 
 class Throughput:
-    """Training throughput over the steps after the first ``warmup_steps``."""
+    """Training throughput over the steps after the first ``warmup_steps`` of each process (a resumed
+    run warms up again; its earlier measured steps are carried over with ``restore``)."""
 
     def __init__(self, warmup_steps: int, device: torch.device):
         self.warmup_steps, self.device = warmup_steps, device
@@ -122,6 +134,13 @@ class Throughput:
             self.samples += batch["input_ids"].shape[0]
             self.tokens += float(batch["attention_mask"].sum())
             self.step_times.append(elapsed)
+
+    def state(self) -> dict[str, float]:
+        return {"seconds": self.seconds, "samples": self.samples, "tokens": self.tokens}
+
+    def restore(self, state: dict[str, float], step_times: list[float]) -> None:
+        self.seconds, self.samples, self.tokens = state["seconds"], state["samples"], state["tokens"]
+        self.step_times = list(step_times)
 
     def summary(self) -> dict[str, float]:
         if not self.step_times:

@@ -1,12 +1,14 @@
 """The training loop: one function, read top to bottom.
 
-    setup (seed, device, tokenizer, data, model, method) -> train with AdamW + linear warm-up/decay
-    -> evaluate every epoch on validation and test -> measure -> save the run record.
+    setup (seed, device, tokenizer, data, model, method) -> [resume from a checkpoint] -> train with
+    AdamW + linear warm-up/decay, checkpointing every N steps -> evaluate every epoch on validation and
+    test, keep the best epoch's state -> save it, its ΔW and the run record, with the measurements.
 """
 from __future__ import annotations
 
 import math
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -16,17 +18,21 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lora_lab import measure, records
-from lora_lab.data import Collator, load_task_data, make_loader
+from lora_lab import checkpoint, measure, records
+from lora_lab.data import Collator, load_task_data
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.metrics import (METRICS, check_monitor, classification_metrics, majority_class_accuracy,
                               regression_metrics)
 from lora_lab.modeling import load_model, load_tokenizer
 from lora_lab.precision import autocast
+from lora_lab.preemption import Preempted, StopRequests
+from lora_lab.run_identity import result_config
 from lora_lab.run_info import environment_info
+from lora_lab.sampling import evaluation_loader, training_loader
 from lora_lab.timing import round_robin, synchronize
 from lora_lab.tracking import Tracker
+from lora_lab.validate import check_config, check_data
 
 
 def set_seed(seed: int) -> None:
@@ -102,11 +108,42 @@ def _epoch_row(epoch: int, step: int, train_loss: float, val: dict, test: dict) 
     return row
 
 
-def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
-    """Train one configuration and write its run record into ``run_dir``. Returns the record."""
+class Diverged(FloatingPointError):
+    """The training loss is NaN or infinite: the run stops before the optimiser applies that step."""
+
+    def __init__(self, step: int, loss: float):
+        self.step, self.loss = step, loss
+        super().__init__(f"training loss is {loss} at step {step}; stopped before the update")
+
+
+def fresh_progress() -> dict:
+    """Where a run stands; saved in every checkpoint, so a resumed run goes on from here."""
+    return {"step": 0, "epoch": 1, "batch": 0, "epochs": [], "best": None, "best_epoch": None,
+            "stale_epochs": 0, "stopped_early": False, "training_done": False, "train_seconds": 0.0,
+            "checkpoint_seconds": 0.0, "checkpoints_written": 0, "peaks": {"train": None, "eval": None},
+            "throughput": None, "eval_batch_ms_median": None, "resumes": [], "wandb_run_id": None}
+
+
+def _clone_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in checkpoint.trainable_state(model).items()}
+
+
+def _load_state(model, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in checkpoint.trainable_state(model).items():
+            param.copy_(state[name])
+
+
+def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopRequests | None = None) -> dict:
+    """Train one configuration and write its run record into ``run_dir``. Returns the record.
+
+    With ``trainer.checkpoint_every`` > 0 a checkpoint is written every that many steps and at the end
+    of every epoch, and a checkpoint found in ``run_dir`` is resumed from (``trainer.resume``)."""
     tracker = tracker or Tracker(None)
+    stop = stop or StopRequests()
     run_dir = Path(run_dir)
     tcfg = cfg.trainer
+    check_config(cfg)
     if tcfg.monitor not in METRICS:
         raise ConfigError("trainer.monitor", tcfg.monitor, f"must be one of {list(METRICS)}")
     method = build_method(cfg.method)  # validates the method's settings before anything is loaded
@@ -117,6 +154,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer)
+    check_data(cfg, data)
     check_monitor(tcfg.monitor, data.regression)
     set_seed(cfg.seed)
     model = load_model(cfg.model, data.num_labels, data.label_names)
@@ -126,8 +164,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
     collator = Collator(data.pad_token_id, cfg.data.padding, cfg.data.max_length,
                         torch.float if data.regression else torch.long)
-    train_loader = make_loader(data.splits["train"], tcfg.batch_size, collator, shuffle=True, seed=cfg.seed)
-    eval_loaders = {s: make_loader(data.splits[s], tcfg.eval_batch_size, collator, shuffle=False, seed=0)
+    train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed)
+    eval_loaders = {s: evaluation_loader(data.splits[s], tcfg.eval_batch_size, collator)
                     for s in ("validation", "test")}
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * tcfg.epochs
@@ -138,6 +176,30 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    config = result_config(OmegaConf.to_container(cfg, resolve=True))
+    checkpoint_dir = run_dir / checkpoint.CHECKPOINT_DIR
+    every = int(tcfg.get("checkpoint_every") or 0)
+    checkpoint.discard_partial_writes(run_dir, checkpoint_dir)
+    progress, losses, best_state = fresh_progress(), [], None
+    throughput = measure.Throughput(tcfg.throughput_warmup_steps, device)
+    saved = checkpoint.load(checkpoint_dir) if tcfg.get("resume", True) else None
+    if saved is not None:
+        checkpoint.check_config(saved, config)
+        checkpoint.restore(saved, model, optimizer, scheduler)
+        progress = saved.progress
+        losses = saved.tensors["progress/epoch_losses"].tolist()
+        if progress["throughput"]:
+            throughput.restore(progress["throughput"], saved.tensors["progress/step_seconds"].tolist())
+        if progress["best_epoch"] is not None:
+            best_state = {k: v.to(device) for k, v in checkpoint.load_best(checkpoint_dir,
+                                                                            progress["best_epoch"]).items()}
+        progress["resumes"].append({"step": progress["step"], "epoch": progress["epoch"]})
+        print(f"[lora_lab] resuming from {saved.path}: step {progress['step']} of {total_steps} "
+              f"(epoch {progress['epoch']}, batch {progress['batch']})")
+    elif checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)  # trainer.resume=false: start over
+    progress["wandb_run_id"] = progress["wandb_run_id"] or getattr(tracker, "run_id", None)
+
     info = {"parameters": counts, "data_sizes": {k: len(v) for k, v in data.splits.items()},
             "majority_class_test_accuracy": None if data.regression else
             majority_class_accuracy(data.splits["test"]["labels"]),
@@ -146,63 +208,136 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
     print(f"[lora_lab] {method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
           f"({counts['trainable_percent']:.3f} %), {steps_per_epoch} steps/epoch on {device}")
 
+    segment_start = time.perf_counter()
+
+    def write_checkpoint() -> Path:
+        nonlocal segment_start
+        written = time.perf_counter()
+        progress["train_seconds"] += written - segment_start
+        progress["throughput"] = throughput.state()
+        series = {"epoch_losses": torch.tensor(losses, dtype=torch.float64),
+                  "step_seconds": torch.tensor(throughput.step_times, dtype=torch.float64)}
+        path = checkpoint.save(checkpoint_dir, model, optimizer, scheduler, config, progress, series)
+        checkpoint.drop_stale_best(checkpoint_dir, progress["best_epoch"])
+        segment_start = time.perf_counter()
+        progress["checkpoint_seconds"] += segment_start - written
+        progress["checkpoints_written"] += 1
+        return path
+
+    if saved is not None:
+        checkpoint.restore_rng(saved)  # last: setting up drew random numbers (model init, method init)
     peak = measure.PeakMemory(device)
     peak.reset()
-    throughput = measure.Throughput(tcfg.throughput_warmup_steps, device)
-    epochs, step, best, eval_latencies = [], 0, None, []
-    train_start = time.perf_counter()
-    for epoch in range(1, tcfg.epochs + 1):
+    while not progress["training_done"]:
+        epoch = progress["epoch"]
+        train_loader.sampler.set_epoch(epoch, start=progress["batch"] * tcfg.batch_size)
         model.train()
-        losses = []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False,
-                   disable=_progress_disabled(tcfg.progress_bar), dynamic_ncols=True)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False, initial=progress["batch"],
+                   total=steps_per_epoch, disable=_progress_disabled(tcfg.progress_bar), dynamic_ncols=True)
         for batch in bar:
-            if step >= total_steps:
+            if progress["step"] >= total_steps:
                 break
+            if stop.signum is not None:
+                raise Preempted(stop.signum, progress["step"], write_checkpoint() if every else None)
             batch = to_device(batch, device)
             with throughput.step(batch):
                 with autocast(device, tcfg.precision):
                     loss = model(**batch).loss
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise Diverged(progress["step"] + 1, loss_value)
                 loss.backward()
                 if tcfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss is {loss_value} at step {step}")
+            progress["step"] += 1
+            progress["batch"] += 1
             losses.append(loss_value)
             bar.set_postfix(loss=f"{loss_value:.4f}")
+            step = progress["step"]
             if step % tcfg.log_every == 0:
                 tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
                              "train/epoch": epoch}, step=step)
+            if every and step % every == 0 and progress["batch"] < steps_per_epoch and step < total_steps:
+                write_checkpoint()  # (an epoch's last step is checkpointed after its evaluation)
+
+        progress["peaks"]["train"] = measure.higher_peak(progress["peaks"]["train"], peak.read())
+        peak.reset()
         val, val_latency = evaluate(model, eval_loaders["validation"], device, tcfg.precision)
         test, _ = evaluate(model, eval_loaders["test"], device, tcfg.precision)
-        eval_latencies = val_latency
-        row = _epoch_row(epoch, step, statistics.fmean(losses) if losses else float("nan"), val, test)
-        epochs.append(row)
-        tracker.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        progress["peaks"]["eval"] = measure.higher_peak(progress["peaks"]["eval"], peak.read())
+        progress["eval_batch_ms_median"] = statistics.median(val_latency) if val_latency else None
+        row = _epoch_row(epoch, progress["step"], statistics.fmean(losses) if losses else float("nan"), val, test)
+        progress["epochs"].append(row)
+        tracker.log({k: v for k, v in row.items() if k != "step"}, step=progress["step"])
+        best = progress["best"]
         if best is None or val[tcfg.monitor] > best[f"validation/{tcfg.monitor}"]:
-            best = row
+            progress.update(best=row, best_epoch=epoch, stale_epochs=0)
+            best_state = _clone_state(model)
+            if every:
+                checkpoint.save_best(checkpoint_dir, best_state, epoch)
+        else:
+            progress["stale_epochs"] += 1
         print(f"[lora_lab] epoch {epoch}: loss {row['train_loss']:.4f}  "
               f"val {tcfg.monitor} {val[tcfg.monitor]:.4f}  test {tcfg.monitor} {test[tcfg.monitor]:.4f}")
-        if step >= total_steps:
-            break
-    train_seconds = time.perf_counter() - train_start
+        progress.update(epoch=epoch + 1, batch=0)
+        losses = []
+        patience = tcfg.get("patience")
+        if progress["step"] >= total_steps or epoch >= tcfg.epochs:
+            progress["training_done"] = True
+        elif patience and progress["stale_epochs"] >= patience:
+            progress.update(training_done=True, stopped_early=True)
+            print(f"[lora_lab] stopping early: validation {tcfg.monitor} has not improved for {patience} epochs")
+        if every:
+            write_checkpoint()
+        else:
+            progress["train_seconds"] += time.perf_counter() - segment_start
+            segment_start = time.perf_counter()
+        peak.reset()
 
-    measurements = {**peak.read(), **throughput.summary(), "train_seconds": train_seconds,
-                    "eval_batch_ms_median": statistics.median(eval_latencies) if eval_latencies else None}
-    measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg))
+    return _finish(cfg, run_dir, model, method, progress, best_state, throughput, info, eval_loaders, device,
+                   tracker, checkpoint_dir)
 
-    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    records.save_tensors(run_dir / records.STATE_FILE, state, metadata={"method": method.name})
-    measurements["trainable_state_bytes"] = (run_dir / records.STATE_FILE).stat().st_size
+
+def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info, eval_loaders, device, tracker,
+            checkpoint_dir) -> dict:
+    """Save the best epoch's state and ΔW (and the last epoch's state when it differs), measure
+    inference, write the record. Repeating it after a kill gives the same files."""
+    tcfg = cfg.trainer
+    epochs, best = progress["epochs"], progress["best"]
+    best_epoch, last_epoch = progress["best_epoch"], epochs[-1]["epoch"]
+    files = {records.STATE_FILE: {"epoch": best_epoch, "holds": "best"}}
+    if best_epoch != last_epoch:
+        records.save_tensors(run_dir / records.LAST_STATE_FILE, checkpoint.trainable_state(model),
+                             metadata={"method": method.name, "epoch": str(last_epoch)})
+        files[records.LAST_STATE_FILE] = {"epoch": last_epoch, "holds": "last"}
+    else:
+        (run_dir / records.LAST_STATE_FILE).unlink(missing_ok=True)
+    _load_state(model, best_state)
+    records.save_tensors(run_dir / records.STATE_FILE, checkpoint.trainable_state(model),
+                         metadata={"method": method.name, "epoch": str(best_epoch)})
+    delta_shapes = None
     if cfg.record.save_delta_w:
-        records.save_delta_weights(run_dir / records.DELTA_FILE, method.delta_weights(model))
+        deltas = method.delta_weights(model)
+        records.save_delta_weights(run_dir / records.DELTA_FILE, deltas)
+        files[records.DELTA_FILE] = {"epoch": best_epoch, "holds": "best"}
+        delta_shapes = records.delta_shapes(deltas)
+
+    peaks = progress["peaks"]
+    steps = max(progress["step"], 1)
+    measurements = {**peaks["train"], **{f"eval_{k}": v for k, v in peaks["eval"].items() if k != "memory_at_start_mb"},
+                    **throughput.summary(), "train_seconds": progress["train_seconds"],
+                    "eval_batch_ms_median": progress["eval_batch_ms_median"],
+                    "checkpoints_written": progress["checkpoints_written"],
+                    "checkpoint_seconds": progress["checkpoint_seconds"],
+                    "checkpoint_ms_per_step": 1000 * progress["checkpoint_seconds"] / steps}
+    measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg))
+    measurements["trainable_state_bytes"] = (run_dir / records.STATE_FILE).stat().st_size
 
     record = {
+        "schema_version": records.SCHEMA_VERSION,
         "status": "completed",
         "method": method.name,
         "method_resolved": method.resolved,
@@ -210,11 +345,17 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "epochs": epochs,
         "best": best,
         "last": epochs[-1],
+        "stopped_early": progress["stopped_early"],
+        "resumes": progress["resumes"],
+        "files": files,
         "measurements": measurements,
+        **({"delta_w_shapes": delta_shapes} if delta_shapes is not None else {}),
         **info,
         "environment": environment_info(),
     }
     records.write_json(run_dir / records.RECORD_FILE, record)
+    if not tcfg.get("keep_checkpoint", False) and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
     tracker.summary({**{f"best/{k}": v for k, v in best.items()}, **{f"last/{k}": v for k, v in epochs[-1].items()},
                      **{f"measure/{k}": v for k, v in measurements.items()}})
     return record

@@ -41,7 +41,21 @@ def test_writes_json_and_prints_markdown_tables(quick_run):
     assert "### 1. Training step" in stdout and "| method | trainable | step ms |" in stdout
     assert "### Targets" in stdout and result["table_markdown"] in stdout
     assert result["setup"]["model"] == "tiny-random-bert" and result["config"]["quick"] is True
-    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 7
+    assert {t["result"] for t in result["targets"]} <= {"PASS", "FAIL", "n/a"} and len(result["targets"]) == 8
+    assert "### 5. Checkpointing" in stdout
+
+
+def test_checkpoint_overhead_is_the_write_over_the_interval_of_steps(quick_run):
+    _, result = quick_run
+    section = result["checkpoint"]
+    assert section["every"] == 200 and set(section["rows"]) == {"lora_r8", "full"}
+    for row in section["rows"].values():
+        assert row["overhead"] == pytest.approx(row["checkpoint_ms"] / (200 * row["step_ms"]), rel=1e-12)
+        assert row["checkpoint_ms_min"] <= row["checkpoint_ms"] <= row["checkpoint_ms_max"]
+    lora, full = section["rows"]["lora_r8"], section["rows"]["full"]
+    assert full["checkpoint_mb"] > lora["checkpoint_mb"]  # AdamW state of every parameter vs of LoRA's
+    target = next(t for t in result["targets"] if t["section"] == "checkpoint")
+    assert target["value"] == pytest.approx(100 * lora["overhead"])
 
 
 def test_training_ratios_are_quotients_of_the_stored_medians(quick_run):
@@ -100,7 +114,8 @@ def test_inference_and_memory(quick_run):
 def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     cfg = bench_config("model=tiny", "quick=true", "batch_size=2", "seq_len=8", "threads=1", "arms=[lora_r8]",
-                       "control=false", "inference.enabled=false", f"output={tmp_path / 'b.json'}")
+                       "control=false", "inference.enabled=false", "checkpoint.enabled=false",
+                       f"output={tmp_path / 'b.json'}")
     lines = []
     threads = torch.get_num_threads()
     try:

@@ -78,7 +78,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
     error_lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1, out.stderr
     record = json.loads((tmp_path / "run" / records.RECORD_FILE).read_text())
-    assert record["status"] == "failed" and "ConfigError" in record["error"]
+    assert record["status"] == "failed" and record["error_kind"] == "config" and record["error"] in out.stderr
 
 
 def test_cli_unknown_method_is_hydras_error(tmp_path):
@@ -146,3 +146,65 @@ def test_regression_task_trains_with_float_targets_and_reports_correlations(tmp_
     with pytest.raises(ConfigError, match="trainer.monitor='accuracy': must be one of \\['pearson', 'spearman'\\]"):
         run_training(smoke_cfg(tmp_path, "data=files", f"data.files.train={tmp_path / 'train.csv'}",
                                "data.task_type=regression"), tmp_path / "bad")
+
+
+def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
+    """Replace evaluation with one that returns the given validation accuracies epoch by epoch (test
+    metrics follow), remembers the trainable state it saw, and optionally allocates memory."""
+    from lora_lab import train
+
+    seen, calls = [], {"n": 0}
+
+    def evaluate(model, loader, device, precision):
+        calls["n"] += 1
+        epoch = (calls["n"] + 1) // 2
+        if calls["n"] % 2 == 1:  # validation comes first
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            if allocate_mb:
+                block = torch.ones(allocate_mb * 2**18)  # float32: 4 bytes each
+                del block
+        accuracy = accuracies[epoch - 1]
+        return {"accuracy": accuracy, "macro_f1": accuracy, "mcc": 0.0}, [1.0]
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    return seen
+
+
+def test_saved_state_is_the_best_epochs_and_the_last_is_kept_beside_it(tmp_path, monkeypatch):
+    seen = scripted_evaluation(monkeypatch, [0.5, 0.8, 0.6])
+    run_dir = tmp_path / "run"
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=3", "method=lora"), run_dir)
+    assert record["best"]["epoch"] == 2 and record["last"]["epoch"] == 3 and len(seen) == 3
+    assert record["files"] == {records.STATE_FILE: {"epoch": 2, "holds": "best"},
+                               records.LAST_STATE_FILE: {"epoch": 3, "holds": "last"},
+                               records.DELTA_FILE: {"epoch": 2, "holds": "best"}}
+    best, last = records.load_file(str(run_dir / records.STATE_FILE)), records.load_file(
+        str(run_dir / records.LAST_STATE_FILE))
+    assert all(best[k].equal(seen[1][k]) for k in seen[1]) and not all(best[k].equal(seen[2][k]) for k in seen[2])
+    assert all(last[k].equal(seen[2][k]) for k in seen[2])
+    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)  # ΔW of the best epoch too
+    for name, delta in deltas.items():
+        assert delta.A.equal(best[f"{name}.lora_A"]) and not delta.A.equal(seen[2][f"{name}.lora_A"])
+
+
+def test_best_equals_last_writes_no_last_file(tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, [0.5, 0.9])
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=2"), tmp_path / "run")
+    assert record["files"][records.STATE_FILE]["epoch"] == 2 and records.LAST_STATE_FILE not in record["files"]
+    assert not (tmp_path / "run" / records.LAST_STATE_FILE).exists()
+
+
+def test_patience_stops_after_epochs_without_improvement(tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, [0.7, 0.6, 0.65, 0.9, 0.9])
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=5", "trainer.patience=2"), tmp_path / "run")
+    assert [row["epoch"] for row in record["epochs"]] == [1, 2, 3] and record["stopped_early"] is True
+    assert record["best"]["epoch"] == 1
+    scripted_evaluation(monkeypatch, [0.7, 0.6, 0.65, 0.6, 0.6])
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=5"), tmp_path / "run2")
+    assert len(record["epochs"]) == 5 and record["stopped_early"] is False
+
+
+def test_training_peak_memory_leaves_out_evaluation(tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, [0.5], allocate_mb=600)
+    m = run_training(smoke_cfg(tmp_path), tmp_path / "run")["measurements"]
+    assert m["eval_peak_memory_mb"] > m["peak_memory_mb"] + 400, m

@@ -15,6 +15,7 @@ TARGETS = (
     ("peft", "dora", "ours / PEFT, DoRA r=8 step", "<=", 1.00),
     ("peft", "ia3", "ours / PEFT, (IA)³ step", "<=", 1.00),
     ("inference", "merged", "merged / base inference", "<=", 1.02),
+    ("checkpoint", "lora_r8", "checkpoint overhead per step (%), LoRA r=8, default interval", "<=", 2.0),
 )
 
 
@@ -26,6 +27,9 @@ def check_targets(results: dict) -> list[dict]:
             value = value.get("rows", {}).get(key, {}).get("ratio_to_frozen")
         elif section == "peft":
             value = value.get(key, {}).get("ratio")
+        elif section == "checkpoint":
+            overhead = value.get("rows", {}).get(key, {}).get("overhead")
+            value = None if overhead is None else 100 * overhead
         else:
             value = value.get(key)
         passed = None if value is None else (value <= threshold if op == "<=" else value >= threshold)
@@ -124,6 +128,18 @@ def render(results: dict) -> str:
                   f"{inf['merged_vs_unmerged_max_abs_logit_diff']:.1e}",
                   markdown_table(["model", "ms", "min–max", "/ base", "per-round", "target", "result"], rows),
                   _load_line(inf)]
+    ck = results.get("checkpoint")
+    if ck:
+        rows = []
+        for name, r in ck["rows"].items():
+            target, verdict = _target(t, "checkpoint", name)
+            rows.append([r["label"], f"{r['trainable_params']:,}", f"{r['step_ms']:.1f}",
+                         f"{r['checkpoint_ms']:.1f} ({r['checkpoint_ms_min']:.1f}–{r['checkpoint_ms_max']:.1f})",
+                         f"{r['checkpoint_mb']:.1f}", f"{100 * r['overhead']:.2f} %", target, verdict])
+        parts += [f"### 5. Checkpointing: one write (fsync, rename) vs one step, {ck['repeats']} rounds; "
+                  f"overhead per step every {ck['every']} steps",
+                  markdown_table(["method", "trainable", "step ms", "checkpoint ms (min–max)", "file MiB",
+                                  "overhead / step", "target", "result"], rows)]
     rows = [[x["target"], f"{x['op']} {x['threshold']:g}", "—" if x["value"] is None else f"{x['value']:.3f}",
              x["result"]] for x in t]
     parts += ["### Targets", markdown_table(["figure", "target", "measured (median)", "result"], rows)]

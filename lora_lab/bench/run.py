@@ -16,6 +16,7 @@ from lora_lab.bench.variants import (
     CONTROL, TWIN_PREFIX, REFERENCE, build_frozen, build_ours, build_peft, method_config, precision_of,
     synthetic_batch)
 from lora_lab.bench.training_step import bench_train_step, max_logit_difference
+from lora_lab.bench.checkpointing import bench_checkpoint
 from lora_lab.bench.inference import bench_inference, inference_batch
 from lora_lab.bench.memory import memory_breakdown
 from lora_lab.bench.report import check_targets, disturbed_samples, render
@@ -28,6 +29,7 @@ def apply_quick(cfg) -> None:
     with open_dict(cfg):
         cfg.repeats, cfg.warmup, cfg.steps_per_sample = min(int(cfg.repeats), 2), min(int(cfg.warmup), 1), 1
         cfg.inference.repeats, cfg.inference.warmup = min(int(cfg.inference.repeats), 3), 1
+        cfg.checkpoint.repeats, cfg.checkpoint.warmup = min(int(cfg.checkpoint.repeats), 2), 1
 
 
 def run_benchmark(cfg, out=print) -> dict:
@@ -41,7 +43,7 @@ def run_benchmark(cfg, out=print) -> dict:
     if not cfg.get("output"):
         raise ConfigError("output", cfg.get("output"), "needs a path for the JSON results")
     precision_of(cfg)
-    for arm in [*cfg.arms, *cfg.peft.arms, cfg.inference.arm]:
+    for arm in [*cfg.arms, *cfg.peft.arms, cfg.inference.arm, *cfg.checkpoint.arms]:
         method_config(str(arm), cfg)  # unknown arms fail before anything is loaded
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -104,6 +106,10 @@ def run_benchmark(cfg, out=print) -> dict:
             raise ConfigError("inference.arm", arm.name, "its method does not merge into the weights")
         ibatch = inference_batch(cfg, base, int(cfg.num_labels), device)
         results["inference"] = bench_inference(cfg, base, arm, ibatch, device)
+    if cfg.checkpoint.enabled:
+        section("checkpoint", "5. checkpoint writes ...")
+        results["checkpoint"] = bench_checkpoint(cfg, {str(a): ours(str(a)) for a in cfg.checkpoint.arms}, batch,
+                                                 device)
     variants.clear()
     gc.collect()
 

@@ -1,0 +1,53 @@
+"""Stopping cleanly when the scheduler says the node is going away.
+
+SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1 some time before the end); submitit uses SIGUSR1
+for its checkpoint-and-requeue protocol. While training runs, these signals only raise a flag: the
+loop finishes the step it is in, writes a checkpoint and raises ``Preempted``. The command then exits
+with 128 + the signal number (143 for SIGTERM), the status a shell or launcher reports for a job
+ended by that signal; a handler installed before ours (submitit's) is called after the checkpoint is
+written, so a launcher's requeue still happens.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; "
+                         f"checkpoint {checkpoint}; the same command resumes from it")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequests:
+    """Context manager: while inside, SIGTERM and SIGUSR1 set ``signum`` instead of ending the process."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():  # kept for pass_on
+            signal.signal(sig, handler)
+
+    def pass_on(self, signum: int) -> None:
+        """Call the handler that was installed before ours (e.g. a launcher's requeue), if any."""
+        handler = self.previous.get(signum)
+        if callable(handler):
+            handler(signum, None)

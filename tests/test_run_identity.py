@@ -1,0 +1,48 @@
+"""Output directories are named by what changes results, so the same command finds its own runs."""
+import os
+import re
+import subprocess
+import sys
+
+from lora_lab.configs import compose
+from lora_lab.run_identity import differences, result_config
+
+
+def run_dir(*overrides: str) -> str:
+    return str(compose("train", ["experiment=smoke", *overrides], return_hydra_config=True).hydra.run.dir)
+
+
+def test_run_directory_is_the_method_tag_seed_and_a_hash_of_the_result_config():
+    first = run_dir("method.r=4", "seed=2")
+    assert re.fullmatch(r"outputs/runs/lora-r4-s2-[0-9a-f]{8}", first)
+    assert run_dir("method.r=4", "seed=2") == first
+    # how a run is watched does not make it another run
+    assert run_dir("method.r=4", "seed=2", "logger=disabled", "trainer.progress_bar=true",
+                   "trainer.checkpoint_every=7", "data.cache_dir=/elsewhere") == first
+    assert run_dir("method.r=4", "seed=2", "trainer.lr=0.01") != first
+    assert run_dir("method.r=4", "seed=3") != first
+
+
+def test_differences_name_each_changed_result_key_and_ignore_the_neutral_ones():
+    a = {"seed": 0, "trainer": {"lr": 0.001, "log_every": 10}, "logger": {"mode": "auto"}, "hydra": {"x": 1}}
+    b = {"seed": 1, "trainer": {"lr": 0.002, "log_every": 99}, "logger": {"mode": "offline"}, "extra": True}
+    assert differences(a, b) == ["extra: '<absent>' -> True", "seed: 0 -> 1", "trainer.lr: 0.001 -> 0.002"]
+    assert "logger" not in result_config(a) and "hydra" not in result_config(a)
+
+
+def dry_sweep(tmp_path, *overrides):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "lora_lab.main", "-m", "experiment=smoke", "dry_run=true",
+                          *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return re.findall(r"-> (\S+)", out.stdout)
+
+
+def test_every_job_of_a_sweep_shares_one_directory_and_the_same_command_finds_it_again(tmp_path):
+    jobs = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1")
+    assert len(jobs) == 4 and len({os.path.dirname(j) for j in jobs}) == 1
+    assert re.fullmatch(r".*/outputs/multirun/[0-9a-f]{8}/0_lora", jobs[0])
+    again = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1", "logger=disabled")
+    assert again == jobs
+    other = dry_sweep(tmp_path, "method.r=2,8", "seed=0,1")
+    assert os.path.dirname(other[0]) != os.path.dirname(jobs[0])
