@@ -3,6 +3,7 @@ random BERT built from a config (for tests and smoke runs; no download)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -38,17 +39,93 @@ def tokenizer_source(cfg) -> str:
     raise ConfigError("model.source", cfg.source, "must be one of ['embedded', 'hub', 'random']")
 
 
+WEIGHT_FILES = {True: ("model.safetensors", "model.safetensors.index.json"),
+                False: ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")}
+
+
+# a tokenizer needs one of these; without them transformers builds one that knows only special tokens
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def local_model_folder(cfg) -> Path | None:
+    """The folder the model's weights are read from, when they are on this machine (embedded, or a
+    local folder given as model.name); None for a Hub id or a random model."""
+    if cfg.source == "embedded":
+        return Path(embedded_model_path(cfg.name))
+    if cfg.source == "hub":
+        folder = Path(os.path.expanduser(str(cfg.name)))
+        if str(cfg.name).startswith((".", "/", "~")) or folder.is_dir():
+            if not folder.is_dir():
+                raise ConfigError("model.name", str(cfg.name), "local model folder does not exist")
+            return folder
+    return None
+
+
+def check_model_files(cfg) -> None:
+    """A local model folder has a config.json and readable weights: checked before anything is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = local_model_folder(cfg)
+    if folder is None:
+        return
+    if not (folder / "config.json").is_file():
+        raise ConfigError("model.name", str(cfg.name), f"{folder} has no config.json")
+    if not any((folder / n).is_file() for n in VOCABULARY_FILES):
+        raise ConfigError("model.name", str(cfg.name), f"{folder} has no tokenizer vocabulary: none of "
+                          f"{list(VOCABULARY_FILES)}")
+    names = WEIGHT_FILES[bool(cfg.get("use_safetensors", True))]
+    present = [folder / n for n in names if (folder / n).is_file()]
+    if not present:
+        refused = " (model.use_safetensors=true refuses pytorch_model.bin)" if (
+            cfg.get("use_safetensors", True) and (folder / "pytorch_model.bin").is_file()) else ""
+        raise ConfigError("model.name", str(cfg.name), f"{folder} has no weights: none of {list(names)}{refused}")
+    if present[0].name == "model.safetensors":
+        try:
+            with safe_open(str(present[0]), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ConfigError("model.name", str(cfg.name), f"{present[0]} is not a readable safetensors file: "
+                              f"{first_line(error)}") from None
+
+
+def max_positions(cfg) -> int | None:
+    """The longest input the model takes, when its config is on this machine; else None."""
+    if cfg.source == "random":
+        return int(cfg.max_positions)
+    folder = local_model_folder(cfg)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError("model.name", str(cfg.name), f"{folder / 'config.json'} is not valid JSON: "
+                          f"{first_line(error)}") from None
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return None
+    if "roberta" in str(config.get("model_type", "")):  # positions start after the padding index
+        positions -= int(config.get("pad_token_id") or 0) + 1
+    return positions
+
+
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     source = tokenizer_source(cfg)
+    key = "model.tokenizer" if cfg.source == "random" else "model.name"
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.trust_remote_code))
-    except OSError as error:  # not found locally, on the Hub, or no network
-        raise ConfigError("model.name", source, f"tokenizer could not be loaded: {first_line(error)}") from None
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.trust_remote_code))
+    except (OSError, ValueError) as error:  # not found locally, on the Hub, no network, unusable files
+        raise ConfigError(key, source, f"tokenizer could not be loaded: {first_line(error)}") from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # built without a vocabulary file
+        raise ConfigError(key, source, f"the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
+    return tokenizer
 
 
 def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -70,7 +147,7 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
         return AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
             **label_kwargs)
-    except OSError as error:
+    except (OSError, ValueError, SafetensorError) as error:  # missing, corrupt or unusable files
         raise ConfigError("model.name", path, f"could not be loaded: {first_line(error)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -1,10 +1,353 @@
-"""Bad input caught before anything is loaded or trained: one line naming the key and the problem."""
+"""Bad input caught before anything is loaded or trained: one line naming the key and the problem.
+
+``check_config`` runs first in every job (also ``dry_run=true``): the types and ranges of the keys a
+run reads, local files that must exist (data files, a local model folder and its weights, the
+``method.init_from`` state), and the method's own settings. It reads no data and loads no model.
+``check_data`` runs once the data is loaded: what only the data can tell (split sizes, classes,
+token ids the model knows). Both raise ``ConfigError``; the command prints it as
+``lora-lab: error: <key>=<value>: <problem>`` and exits with status 2.
+
+A check only runs for a key the config has, so configs of older versions still validate.
+"""
 from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lora_lab.errors import ConfigError, first_line
+
+_ABSENT = object()
+Rule = Callable[[object], "str | None"]  # a value -> None when fine, else the problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(low: int | None = None, high: int | None = None, null: bool = False, say_null: bool = True) -> Rule:
+    if low == 1 and high is None:
+        wanted = "a positive integer"
+    elif high is not None:
+        wanted = f"an integer in [{low}, {high}]"
+    else:
+        wanted = "an integer" if low is None else f"an integer >= {low}"
+    wanted = f"null or {wanted}" if null and say_null else wanted
+
+    def rule(value):
+        if value is None and null:
+            return None
+        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+            return f"must be {wanted}"
+        return None
+
+    return rule
+
+
+def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           null: bool = False) -> Rule:
+    if high is None:
+        wanted = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    wanted = f"null or {wanted}" if null else wanted
+
+    def rule(value):
+        if value is None and null:
+            return None
+        if (not _is_number(value) or value < low or (low_open and value == low)
+                or (high is not None and (value > high or (high_open and value == high)))):
+            return f"must be {wanted}"
+        return None
+
+    return rule
+
+
+def boolean(null: bool = False) -> Rule:
+    def rule(value):
+        if (value is None and null) or isinstance(value, bool):
+            return None
+        return "must be true or false" + (" (or null)" if null else "")
+
+    return rule
+
+
+def choice(*options, null: bool = False) -> Rule:
+    shown = [str(o).lower() if isinstance(o, bool) else o for o in options]
+    wanted = f"one of {shown}" if all(isinstance(o, str) for o in options) else ", ".join(map(str, shown))
+
+    def rule(value):
+        if value is None and null:
+            return None
+        if any(value is o if isinstance(o, bool) else value == o for o in options):
+            return None
+        return f"must be {wanted}"
+
+    return rule
+
+
+def text(null: bool = False) -> Rule:
+    def rule(value):
+        if (value is None and null) or (isinstance(value, str) and value.strip()):
+            return None
+        return "must be a non-empty string" + (" or null" if null else "")
+
+    return rule
+
+
+def names(null: bool = False, empty: bool = False) -> Rule:
+    """A list of non-empty strings (e.g. target aliases)."""
+    def rule(value):
+        if value is None and null:
+            return None
+        if not isinstance(value, (list, tuple, ListConfig)) or not all(isinstance(v, str) and v for v in value):
+            return "must be a list of names" + (" or null" if null else "")
+        if not value and not empty:
+            return "must not be empty"
+        return None
+
+    return rule
+
+
+# key -> rule; keys of the method are checked for whichever method has them
+CONFIG_RULES: dict[str, Rule] = {
+    "seed": integer(0, 2**32 - 1),
+    "dry_run": boolean(),
+    "record.save_delta_w": boolean(),
+    # the method (before trainer.lr, which defaults to ${method.lr})
+    "method.lr": number(0, 1, low_open=True),
+    "method.r": integer(1, null=True, say_null=False),  # null: chosen from method.budget
+    "method.alpha": number(0, low_open=True),
+    "method.dropout": number(0, 1, high_open=True),
+    "method.targets": names(),
+    "method.rslora": boolean(),
+    "method.init": text(),
+    "method.train_head": boolean(),
+    "method.budget": integer(1, null=True),
+    "method.init_from": text(null=True),
+    "method.variant": text(),
+    "method.bottleneck": integer(1, null=True),
+    "method.reduction_factor": integer(1, null=True),
+    "method.activation": text(),
+    "method.train_layer_norm": boolean(null=True),
+    "method.insert_after": names(null=True),
+    "method.top_layers": integer(0),
+    "method.delta_targets": names(empty=True),
+    "method.feedforward": names(empty=True),
+    # the trainer
+    "trainer.epochs": integer(1),
+    "trainer.max_steps": integer(1, null=True),
+    "trainer.batch_size": integer(1),
+    "trainer.eval_batch_size": integer(1),
+    "trainer.lr": number(0, 1, low_open=True),
+    "trainer.weight_decay": number(0, 1),
+    "trainer.warmup_ratio": number(0, 1),
+    "trainer.max_grad_norm": number(0, null=True),
+    "trainer.monitor": text(),
+    "trainer.device": text(),
+    "trainer.precision": text(),
+    "trainer.threads": integer(1, null=True),
+    "trainer.throughput_warmup_steps": integer(0),
+    "trainer.latency_repeats": integer(1),
+    "trainer.log_every": integer(1),
+    "trainer.progress_bar": choice("auto", True, False),
+    "trainer.patience": integer(1, null=True),
+    "trainer.checkpoint_every": integer(0),
+    "trainer.resume": boolean(),
+    "trainer.keep_checkpoint": boolean(),
+    "trainer.skip_done": boolean(),
+    # the data
+    "data.source": choice("embedded", "hub", "files"),
+    "data.name": text(),
+    "data.path": text(null=True),
+    "data.subset": text(null=True),
+    "data.text_column": text(),
+    "data.text_pair_column": text(null=True),
+    "data.label_column": text(),
+    "data.task_type": choice("classification", "regression", null=True),
+    "data.label_names": names(null=True),
+    "data.splits.train": text(),
+    "data.splits.validation": text(null=True),
+    "data.splits.test": text(null=True),
+    "data.val_fraction": number(0, 1, low_open=True, high_open=True),
+    "data.test_fraction": number(0, 1, low_open=True, high_open=True),
+    "data.split_seed": integer(0, 2**32 - 1),
+    "data.dedupe": boolean(),
+    "data.max_train": integer(1, null=True),
+    "data.max_eval": integer(1, null=True),
+    "data.max_length": integer(1),
+    "data.padding": choice("batch", "max_length"),
+    "data.cache_dir": text(null=True),
+    # the model
+    "model.source": choice("embedded", "hub", "random"),
+    "model.name": text(),
+    "model.trust_remote_code": boolean(),
+    "model.use_safetensors": boolean(),
+    "model.tokenizer": text(),
+    "model.vocab_size": integer(1),
+    "model.hidden_size": integer(1),
+    "model.num_layers": integer(1),
+    "model.num_heads": integer(1),
+    "model.intermediate_size": integer(1),
+    "model.max_positions": integer(1),
+    # the logger
+    "logger.mode": choice("auto", "online", "offline", "disabled"),
+    "logger.project": text(),
+    "logger.entity": text(null=True),
+    "logger.group": text(null=True),
+    "logger.tags": names(empty=True),
+}
+
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _value(cfg, key: str):
+    """The (resolved) value of a dotted key, or _ABSENT when the config has no such key."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _apply_rules(cfg, method: bool) -> None:
+    for key, rule in CONFIG_RULES.items():
+        if key.startswith("method.") != method:
+            continue
+        value = _value(cfg, key)
+        if value is _ABSENT:
+            continue
+        problem = rule(value)
+        if problem:
+            raise ConfigError(key, _plain(value), problem)
 
 
 def check_config(cfg) -> None:
-    """Types and ranges of the keys a run reads; raises ConfigError."""
+    """Types and ranges of the keys a run reads, and the local files it needs; raises ConfigError."""
+    if "method" in cfg:  # first: trainer.lr defaults to ${method.lr}
+        _check_method(cfg)
+    _apply_rules(cfg, method=False)
+    if "trainer" in cfg:
+        _check_trainer(cfg)
+    if "data" in cfg:
+        _check_data_config(cfg.data)
+    if "model" in cfg:
+        _check_model(cfg)
+
+
+def _check_trainer(cfg) -> None:
+    from lora_lab.data import is_regression
+    from lora_lab.metrics import check_monitor
+    from lora_lab.precision import check_precision
+
+    t = cfg.trainer
+    if "device" in t and not DEVICE.match(t.device):
+        raise ConfigError("trainer.device", t.device, "must be auto, cpu, mps, cuda or cuda:<index>")
+    if "precision" in t:
+        check_precision(t.precision)
+    if "monitor" in t and "data" in cfg:
+        check_monitor(t.monitor, is_regression(cfg.data))
+
+
+def _check_data_config(data) -> None:
+    from lora_lab.data import EMBEDDED_DATASETS, check_files
+
+    if data.get("source") == "embedded" and data.get("name") not in EMBEDDED_DATASETS:
+        raise ConfigError("data.name", data.get("name"), f"is not embedded; embedded: {sorted(EMBEDDED_DATASETS)}")
+    if data.get("source") == "hub" and not data.get("path"):
+        raise ConfigError("data.path", data.get("path"), "is required for data.source=hub")
+    if data.get("source") == "files":
+        check_files(data)
+    columns = [("data.text_column", data.get("text_column")), ("data.text_pair_column", data.get("text_pair_column")),
+               ("data.label_column", data.get("label_column"))]
+    seen = {}
+    for key, column in columns:
+        if column is not None and column in seen:
+            raise ConfigError(key, column, f"is also {seen[column]}")
+        seen[column] = key
+    fractions = [data.get("val_fraction"), data.get("test_fraction")]
+    if all(f is not None for f in fractions) and sum(fractions) >= 1:
+        raise ConfigError("data.test_fraction", data.test_fraction, f"plus data.val_fraction={data.val_fraction} "
+                          "must be < 1 (the rest is the training split)")
+    label_names = data.get("label_names")
+    if label_names is not None:
+        if len(label_names) < 2:
+            raise ConfigError("data.label_names", _plain(label_names), "must name at least two classes")
+        if len(set(label_names)) != len(label_names):
+            raise ConfigError("data.label_names", _plain(label_names), "has a name twice")
+    cache_dir = data.get("cache_dir")
+    if cache_dir and Path(cache_dir).expanduser().exists() and not Path(cache_dir).expanduser().is_dir():
+        raise ConfigError("data.cache_dir", cache_dir, "exists and is not a directory")
+
+
+def _check_model(cfg) -> None:
+    from lora_lab.modeling import EMBEDDED_PACKAGES, check_model_files, embedded_model_path, max_positions
+
+    model = cfg.model
+    if model.get("source") == "random":
+        if model.hidden_size % model.num_heads:
+            raise ConfigError("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
+        if model.tokenizer in EMBEDDED_PACKAGES:
+            embedded_model_path(model.tokenizer)
+    check_model_files(model)
+    limit = max_positions(model)
+    length = cfg.data.get("max_length") if "data" in cfg else None
+    if limit is not None and _is_int(length) and length > limit:
+        raise ConfigError("data.max_length", length, f"exceeds the {limit} positions of the model {model.name}")
+
+
+def _check_method(cfg) -> None:
+    """The method's own rules speak first (their messages name what the method needs); the generic
+    rules name the key when a value is not even of the right type, and cover what a method leaves
+    unchecked."""
+    from lora_lab.methods import build_method
+    from lora_lab.methods.lora import factors_file
+
+    try:
+        build_method(cfg.method)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # e.g. float("abc") inside a method's check
+        _apply_rules(cfg, method=True)
+        raise ConfigError("method", cfg.method.get("name"), f"has a setting of the wrong type: "
+                          f"{first_line(error)}") from None
+    _apply_rules(cfg, method=True)
+    if cfg.method.get("init_from"):
+        factors_file(cfg.method.init_from)
 
 
 def check_data(cfg, data) -> None:
     """What can only be checked once the data is loaded (sizes, classes); raises ConfigError."""
+    from lora_lab.data import column_values, source_key
+
+    trainer = cfg.get("trainer") or {}
+    train_rows = len(data.splits["train"])
+    batch_size = trainer.get("batch_size")
+    if _is_int(batch_size) and batch_size > train_rows:
+        raise ConfigError("trainer.batch_size", batch_size, f"is larger than the training split ({train_rows} rows)")
+    if not data.regression:
+        for split, ds in data.splits.items():
+            classes = sorted(set(column_values(ds, "labels")))
+            if len(classes) < 2:
+                only = data.label_names[classes[0]] if classes and classes[0] < len(data.label_names) else classes
+                raise ConfigError(*source_key(cfg.data, split), f"the {split} split has a single class ({only!r}, "
+                                  f"{len(ds)} rows); classification needs at least two")
+    model = cfg.get("model") or {}
+    if model.get("source") == "random" and _is_int(model.get("vocab_size")):
+        for split, ds in data.splits.items():
+            top = max((max(ids) for ids in column_values(ds, "input_ids") if ids), default=-1)
+            if top >= model.vocab_size:
+                raise ConfigError("model.vocab_size", model.vocab_size, f"is too small for the tokenizer "
+                                  f"{model.get('tokenizer')}: the {split} split has token id {top}")

@@ -90,3 +90,126 @@ def test_collator_pads_per_batch():
     assert fixed["input_ids"].shape == (2, 6)
     with pytest.raises(ConfigError, match="data.padding='longest'"):
         Collator(0, padding="longest")
+
+
+# ---------------------------------------------------------------- duplicates and labels
+
+# Rows each embedded data set repeats (same text, same label) and loses to data.dedupe. A new
+# embedded data set adds its count here after measuring it.
+EMBEDDED_DUPLICATES = {"rotten_tomatoes": 56}
+
+
+def texts(split):
+    return set(zip(split["text"], split["text_pair"])) if "text_pair" in split.column_names else set(split["text"])
+
+
+@pytest.mark.parametrize("name", sorted(data_module.EMBEDDED_DATASETS))
+def test_embedded_splits_are_disjoint_after_dedupe(name):
+    assert set(EMBEDDED_DUPLICATES) == set(data_module.EMBEDDED_DATASETS)
+    cfg = compose_config(f"data.name={name}").data
+    splits, _, counts = data_module.build_splits(cfg)
+    assert counts["repeated"] == EMBEDDED_DUPLICATES[name] == counts["dropped"]
+    assert counts["conflicting"] == 0 and counts["held_out"] == 0
+    train, validation, test = (texts(splits[s]) for s in data_module.SPLITS)
+    assert len(train) == len(splits["train"])  # no repeats left inside train either
+    assert not train & validation and not train & test and not validation & test
+    assert sum(len(s) for s in splits.values()) == counts["rows"] - counts["dropped"]
+
+    cfg.dedupe = False  # what the split looked like before: the same snippet in train and test
+    splits, _, counts = data_module.build_splits(cfg)
+    assert counts is None
+    leaked = texts(splits["train"]) & (texts(splits["validation"]) | texts(splits["test"]))
+    assert 0 < len(leaked) <= EMBEDDED_DUPLICATES[name]
+
+
+def test_dedupe_drops_repeats_conflicts_and_rows_of_given_evaluation_splits(tmp_path, tokenizer, capsys):
+    rows = [(f"review {i}", "pos" if i % 2 else "neg") for i in range(40)]
+    rows += [("review 1", "pos"), ("review 1", "pos"), ("review 2", "neg")]  # 3 repeats, same label
+    rows += [("same words", "pos"), ("same words", "neg"), ("same words", "pos")]  # conflicting: all 3 go
+    test_rows = [("review 3", "pos"), ("held out only", "neg"), ("another", "pos")]  # review 3 leaves train
+    cfg = files_cfg(tmp_path, train=write_csv(tmp_path / "train.csv", rows),
+                    test=write_csv(tmp_path / "test.csv", test_rows))
+    splits, _, counts = data_module.build_splits(cfg)
+    assert counts == {"rows": 46, "repeated": 3, "conflicting": 3, "held_out": 1, "dropped": 7}
+    assert len(splits["test"]) == 3  # a given evaluation split is never changed
+    assert sum(len(splits[s]) for s in ("train", "validation")) == 39
+    assert "same words" not in texts(splits["train"]) | texts(splits["validation"])
+    assert not texts(splits["train"]) & texts(splits["test"])
+
+    load_task_data(cfg, tokenizer)
+    load_task_data(cfg, tokenizer)  # from the cache: the same report
+    lines = [line for line in capsys.readouterr().out.splitlines() if "data.dedupe" in line]
+    assert lines == ["[lora_lab] data.dedupe: dropped 7 of 46 training rows before the split (3 repeated, "
+                     "3 with conflicting labels, 1 also in a given validation or test split)"] * 2
+
+    cfg.dedupe = False
+    splits, _, counts = data_module.build_splits(cfg)
+    assert counts is None and sum(len(splits[s]) for s in ("train", "validation")) == 46
+
+
+def test_dedupe_compares_text_pairs(tmp_path):
+    rows = [(f"premise {i % 20}", f"hypothesis {i}", i % 2) for i in range(40)]
+    rows += [("premise 1", "hypothesis 1", 1)]
+    path = write_csv(tmp_path / "pairs.csv", rows, header=("review", "other", "sentiment"))
+    cfg = files_cfg(tmp_path, train=path)
+    cfg.text_pair_column = "other"
+    _, _, counts = data_module.build_splits(cfg)
+    assert counts["dropped"] == counts["repeated"] == 1
+
+
+def test_a_given_test_file_is_the_test_split(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [(f"train {i}", i % 2) for i in range(50)])
+    test = write_csv(tmp_path / "test.csv", [(f"test {i}", i % 2) for i in range(7)])
+    splits, _, _ = data_module.build_splits(files_cfg(tmp_path, train=train, test=test))
+    assert sorted(splits["test"]["text"]) == sorted(f"test {i}" for i in range(7))
+    assert len(splits["validation"]) == 5 and len(splits["train"]) == 45
+
+
+def test_declared_label_names_set_the_ids(tmp_path):
+    rows = [(f"r {i}", ["positive", "negative"][i % 2]) for i in range(30)]
+    cfg = files_cfg(tmp_path, train=write_csv(tmp_path / "t.csv", rows))
+    assert data_module.build_splits(cfg)[1] == ["negative", "positive"]  # sorted when not declared
+    cfg.label_names = ["positive", "negative"]
+    splits, names, _ = data_module.build_splits(cfg)
+    assert names == ["positive", "negative"]
+    for split in splits.values():  # "r <even>" is positive: id 0
+        assert all(label == int(t.split()[1]) % 2 for t, label in zip(split["text"], split["label"]))
+
+
+def test_integer_labels_stay_ids_and_others_are_remapped(tmp_path):
+    ids = write_csv(tmp_path / "ids.csv", [(f"r {i}", i % 3) for i in range(30)])
+    assert data_module.build_splits(files_cfg(tmp_path, train=ids))[1] == ["0", "1", "2"]
+    stars = write_csv(tmp_path / "stars.csv", [(f"r {i}", 1 + i % 5) for i in range(50)])
+    splits, names, _ = data_module.build_splits(files_cfg(tmp_path, train=stars))
+    assert names == ["1", "2", "3", "4", "5"] and set(splits["train"]["label"]) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([("a", -3), ("b", 0), ("c", 1)] * 10, "label -3 is negative"),
+    ([("a", 1), ("b", 0), ("c", -1)] * 10, "has the label -1 .* which marks an unlabeled row"),
+    ([("a", 1.5), ("b", 0), ("c", 1)] * 10, "label 1.5 is not a class id"),
+    ([("a", ""), ("b", "x"), ("c", "y")] * 10, "row 1 of the train split has no label \\(10 rows in all\\)"),
+])
+def test_labels_that_are_not_classes_are_errors(tmp_path, rows, message):
+    cfg = files_cfg(tmp_path, train=write_csv(tmp_path / "t.csv", [(f"{t} {i}", v) for i, (t, v) in enumerate(rows)]))
+    with pytest.raises(ConfigError, match=r"data.files.train=.*t.csv.: .*" + message):
+        data_module.build_splits(cfg)
+
+
+def test_regression_targets_must_be_numbers_and_may_be_minus_one(tmp_path):
+    rows = [(f"r {i}", [-1.0, 0.5, 2.0][i % 3]) for i in range(30)]
+    cfg = files_cfg(tmp_path, train=write_csv(tmp_path / "t.csv", rows))
+    cfg.task_type = "regression"
+    splits, names, _ = data_module.build_splits(cfg)
+    assert names == ["score"] and sum(len(s) for s in splits.values()) == 30  # -1.0 is a target here
+    bad = write_csv(tmp_path / "bad.csv", [(f"r {i}", ["high", "1.0"][i % 2]) for i in range(30)])
+    cfg.files.train = str(bad)
+    with pytest.raises(ConfigError, match="target 'high' is not a number"):
+        data_module.build_splits(cfg)
+
+
+def test_an_unlabeled_split_is_refused(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [(f"train {i}", i % 2) for i in range(30)])
+    test = write_csv(tmp_path / "test.csv", [(f"test {i}", -1) for i in range(10)])
+    with pytest.raises(ConfigError, match="data.files.test=.*: the test split has no labels: every label is -1"):
+        data_module.build_splits(files_cfg(tmp_path, train=train, test=test))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.architectures import get_submodule_parent, head_parameter_names, resolve_targets
-from lora_lab.errors import ConfigError
+from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
 
 INITS = ("kaiming", "gaussian", "svd")
@@ -163,14 +163,15 @@ class LoRA(Method):
     def load_factors(self, model: nn.Module, source: str) -> None:
         """Start A and B from an earlier run's trainable state (the LoRA paper starts MRPC, RTE and
         STS-B from the MNLI LoRA weights). The head is not loaded: label sets differ between tasks."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = Path(source).expanduser()
-        if path.is_dir():
-            path = path / "trainable.safetensors"
-        if not path.is_file():
-            raise ConfigError("method.init_from", source, "is neither a run directory nor a .safetensors file")
-        saved = load_file(str(path))
+        path = factors_file(source)
+        try:
+            saved = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ConfigError("method.init_from", source,
+                              f"{path.name} could not be read: {first_line(error)}") from None
         params = dict(model.named_parameters())
         names = sorted(self.method_parameter_names(model))
         missing = [n for n in names if n not in saved]
@@ -226,6 +227,34 @@ class LoRA(Method):
                 base = m.base.weight.detach()
                 out[prefix + "base_layer.weight"] = base - m.delta().to(base.dtype) if m.merged else base
         return out
+
+
+STATE_FILE = "trainable.safetensors"  # what a run directory holds its trained parameters in
+
+
+def factors_file(source) -> Path:
+    """The file ``method.init_from`` names (a run directory or a .safetensors file), checked before any
+    model is loaded: it exists, its header reads (a truncated or foreign file does not) and it holds
+    LoRA factors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError("method.init_from", source, f"is a directory without {STATE_FILE} "
+                              "(not a run directory, or the run did not finish)")
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise ConfigError("method.init_from", source, "is neither a run directory nor a .safetensors file")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            names = list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise ConfigError("method.init_from", source, f"{path.name} is not a readable safetensors file: "
+                          f"{first_line(error)}") from None
+    if not any(n.endswith((".lora_A", ".lora_B")) for n in names):
+        raise ConfigError("method.init_from", source, f"{path.name} holds no LoRA factors (lora_A, lora_B)")
+    return path
 
 
 def rank_for_budget(budget: int, shapes: list[tuple[int, int]]) -> int:
