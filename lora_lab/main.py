@@ -209,6 +209,9 @@ def hydra_error_line(error: Exception) -> str:
     from lora_lab.errors import first_line
 
     line = first_line(error).rstrip(".")
+    override = getattr(error, "override", None)  # an override that could not be parsed
+    if override and override not in line:
+        line = f"{override}: {line}"
     cause = error.__cause__
     if cause is not None and first_line(cause) not in line:
         line += f": {first_line(cause)}"
