@@ -18,5 +18,6 @@ class ComparisonTable(Callback):
             return
         try:
             print(write_comparison(sweep_dir))
+            print(f"[lora_lab] runs and comparison.md in {sweep_dir} (the same command finds them again)")
         except ConfigError as error:  # a record the comparison refuses: say which, the sweep itself is done
             print(f"lora-lab: comparison not written: {error}", file=sys.stderr)
