@@ -265,11 +265,18 @@ def test_a_name_that_does_not_resolve_is_unreachable_within_the_probe_timeout():
 
 def test_a_connection_that_hangs_is_unreachable_within_the_probe_timeout(monkeypatch):
     """A firewall that drops packets: connecting would take minutes; the probe gives up in time."""
-    monkeypatch.setattr(tracking.socket, "create_connection", lambda address, timeout: time.sleep(30))
+    released = threading.Event()
+
+    def hang(address, timeout):
+        released.wait(30)
+        raise OSError("dropped")  # what the real call ends with; the probe has given up by then
+
+    monkeypatch.setattr(tracking.socket, "create_connection", hang)
     started = time.monotonic()
     reason = tracking.unreachable_reason("https://api.wandb.ai", 0.5)
     assert reason == "no connection to api.wandb.ai:443 within 0.5 s"
     assert time.monotonic() - started < 2
+    released.set()
 
 
 def test_base_url_and_init_timeout_resolution(monkeypatch, tmp_path):
