@@ -57,6 +57,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in trainable_state(model).items():
+            param.copy_(state[name])
+
+
 # ---------------------------------------------------------------- writing
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -160,9 +166,7 @@ def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
         missing = sorted(set(params) ^ set(saved))[:3]
         raise ConfigError("checkpoint", str(checkpoint.path), f"does not match the model's trainable parameters "
                           f"(e.g. {missing})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
+    load_trainable_state(model, saved)
     state: dict = {"state": {}, "param_groups": checkpoint.meta["optimizer"]}
     for key, tensor in checkpoint.group("optimizer").items():
         index, name = key.split("/", 1)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lab import records
 from lora_lab.configs import CONFIG_PATH
-from lora_lab.errors import ConfigError
+from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods import build_method, describe_method
 
 ENVIRONMENT_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
@@ -124,7 +124,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
             type(error), None) or error_kind(error)
         status = kind if kind in ("preempted", "diverged", "interrupted") else "failed"
         message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
-        failed = {"schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line_of(message),
+        failed = {"schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
                   "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)}
         records.write_json(run_dir / records.RECORD_FILE, failed)
         release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
@@ -139,7 +139,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
             stop.pass_on(error.signum)  # e.g. a launcher's requeue
             sys.exit(error.exit_code)
         label = "diverged" if kind == "diverged" else "error"
-        print(f"lora-lab: {label}: {first_line_of(message)}", file=sys.stderr)
+        print(f"lora-lab: {label}: {first_line(message)}", file=sys.stderr)
         if multirun:
             print(f"lora-lab: job {status}, recorded in {run_dir / records.RECORD_FILE}; the sweep goes on",
                   file=sys.stderr)
@@ -149,10 +149,6 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         if kind in ("diverged", "out_of_memory"):
             sys.exit(1)
         raise
-
-
-def first_line_of(message: str) -> str:
-    return next((line for line in message.splitlines() if line.strip()), message)
 
 
 def plan_job(cfg: DictConfig, run_dir: Path) -> float:
@@ -206,8 +202,6 @@ def app(cfg: DictConfig) -> float:
 
 def hydra_error_line(error: Exception) -> str:
     """Hydra's multi-line report of a bad override or config choice, as one line."""
-    from lora_lab.errors import first_line
-
     line = first_line(error).rstrip(".")
     override = getattr(error, "override", None)  # an override that could not be parsed
     if override and override not in line:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file  # noqa: F401 - load_file is 
 
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import DeltaW
+from lora_lab.validate import is_integer, is_number
 
 RECORD_FILE = "record.json"
 STATE_FILE = "trainable.safetensors"
@@ -123,14 +124,6 @@ def delta_shapes(deltas: dict[str, DeltaW]) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------- reading: every file is checked
 
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def record_version(record: dict) -> int:
     """The schema version of a record: its "schema_version", 1 for records written before the key."""
     return record.get("schema_version", 1)
@@ -150,7 +143,7 @@ def check_record(record, path: Path) -> int:
     if not isinstance(record, dict):
         raise refuse(f"holds a JSON {type(record).__name__}, not an object; the file is corrupt")
     version = record_version(record)
-    if not _integer(version) or version not in SCHEMA_VERSIONS:
+    if not is_integer(version) or version not in SCHEMA_VERSIONS:
         raise refuse(f"has schema_version {version!r}; this lora_lab reads versions "
                      f"{', '.join(map(str, SCHEMA_VERSIONS))} (was it written by a newer lora_lab?)")
     status = record.get("status")
@@ -177,10 +170,10 @@ def check_record(record, path: Path) -> int:
         return version
     for key in ("best", "last"):
         row = record[key]
-        if not isinstance(row, dict) or not _integer(row.get("epoch")) or row["epoch"] < 1:
+        if not isinstance(row, dict) or not is_integer(row.get("epoch")) or row["epoch"] < 1:
             raise refuse(f"has a '{key}' that is not an epoch's metrics (an object with the epoch number)")
     parameters = record["parameters"]
-    if not isinstance(parameters, dict) or not all(_number(parameters.get(k)) for k in ("trainable", "total")):
+    if not isinstance(parameters, dict) or not all(is_number(parameters.get(k)) for k in ("trainable", "total")):
         raise refuse("has 'parameters' without the numbers 'trainable' and 'total'")
     if not isinstance(record["measurements"], dict):
         raise refuse("has 'measurements' that are not an object")
@@ -194,7 +187,7 @@ def _check_files(record: dict, refuse) -> None:
     if not isinstance(files, dict):
         raise refuse("has 'files' that are not an object")
     for name, entry in files.items():
-        if not isinstance(entry, dict) or not _integer(entry.get("epoch")) or entry.get("holds") not in HOLDS:
+        if not isinstance(entry, dict) or not is_integer(entry.get("epoch")) or entry.get("holds") not in HOLDS:
             raise refuse(f"has files[{name!r}] that is not an object with an 'epoch' and 'holds' (best or last)")
         holds, epoch = entry["holds"], record[entry["holds"]]["epoch"]
         if entry["epoch"] != epoch:
@@ -205,7 +198,7 @@ def _check_files(record: dict, refuse) -> None:
         raise refuse(f"lists {DELTA_FILE} without 'delta_w_shapes'")
     shapes = record.get("delta_w_shapes", {})
     if not isinstance(shapes, dict) or not all(
-            isinstance(s, list) and len(s) == 2 and all(_integer(n) and n > 0 for n in s) for s in shapes.values()):
+            isinstance(s, list) and len(s) == 2 and all(is_integer(n) and n > 0 for n in s) for s in shapes.values()):
         raise refuse("has 'delta_w_shapes' that do not map module names to [out, in]")
 
 

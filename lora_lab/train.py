@@ -128,12 +128,6 @@ def _clone_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in checkpoint.trainable_state(model).items()}
 
 
-def _load_state(model, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, param in checkpoint.trainable_state(model).items():
-            param.copy_(state[name])
-
-
 def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopRequests | None = None) -> dict:
     """Train one configuration and write its run record into ``run_dir``. Returns the record.
 
@@ -315,7 +309,7 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
         files[records.LAST_STATE_FILE] = {"epoch": last_epoch, "holds": "last"}
     else:
         (run_dir / records.LAST_STATE_FILE).unlink(missing_ok=True)
-    _load_state(model, best_state)
+    checkpoint.load_trainable_state(model, best_state)
     records.save_tensors(run_dir / records.STATE_FILE, checkpoint.trainable_state(model),
                          metadata={"method": method.name, "epoch": str(best_epoch)})
     delta_shapes = None

@@ -24,11 +24,11 @@ _ABSENT = object()
 Rule = Callable[[object], "str | None"]  # a value -> None when fine, else the problem
 
 
-def _is_int(value) -> bool:
+def is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -44,7 +44,7 @@ def integer(low: int | None = None, high: int | None = None, null: bool = False,
     def rule(value):
         if value is None and null:
             return None
-        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        if not is_integer(value) or (low is not None and value < low) or (high is not None and value > high):
             return f"must be {wanted}"
         return None
 
@@ -62,7 +62,7 @@ def number(low: float, high: float | None = None, low_open: bool = False, high_o
     def rule(value):
         if value is None and null:
             return None
-        if (not _is_number(value) or value < low or (low_open and value == low)
+        if (not is_number(value) or value < low or (low_open and value == low)
                 or (high is not None and (value > high or (high_open and value == high)))):
             return f"must be {wanted}"
         return None
@@ -304,7 +304,7 @@ def _check_model(cfg) -> None:
     check_model_files(model)
     limit = max_positions(model)
     length = cfg.data.get("max_length") if "data" in cfg else None
-    if limit is not None and _is_int(length) and length > limit:
+    if limit is not None and is_integer(length) and length > limit:
         raise ConfigError("data.max_length", length, f"exceeds the {limit} positions of the model {model.name}")
 
 
@@ -335,7 +335,7 @@ def check_data(cfg, data) -> None:
     trainer = cfg.get("trainer") or {}
     train_rows = len(data.splits["train"])
     batch_size = trainer.get("batch_size")
-    if _is_int(batch_size) and batch_size > train_rows:
+    if is_integer(batch_size) and batch_size > train_rows:
         raise ConfigError("trainer.batch_size", batch_size, f"is larger than the training split ({train_rows} rows)")
     if not data.regression:
         for split, ds in data.splits.items():
@@ -345,7 +345,7 @@ def check_data(cfg, data) -> None:
                 raise ConfigError(*source_key(cfg.data, split), f"the {split} split has a single class ({only!r}, "
                                   f"{len(ds)} rows); classification needs at least two")
     model = cfg.get("model") or {}
-    if model.get("source") == "random" and _is_int(model.get("vocab_size")):
+    if model.get("source") == "random" and is_integer(model.get("vocab_size")):
         for split, ds in data.splits.items():
             top = max((max(ids) for ids in column_values(ds, "input_ids") if ids), default=-1)
             if top >= model.vocab_size:
