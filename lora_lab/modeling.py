@@ -1,5 +1,5 @@
-"""Load a sequence classifier and its tokenizer: the embedded MiniLM, any Hub model, or a tiny
-random BERT built from a config (for tests and smoke runs; no download)."""
+"""Load a sequence or token classifier and its tokenizer: the embedded MiniLM, any Hub model, or a
+tiny random BERT built from a config (for tests and smoke runs; no download)."""
 from __future__ import annotations
 
 import importlib.util
@@ -124,27 +124,68 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def load_model(cfg, num_labels: int, label_names: list[str] | None = None):
-    from safetensors import SafetensorError
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
-    from transformers.utils import logging as hf_logging
+TASKS = ("sequence", "token")
 
+
+def pooling_of(cfg, task: str = "sequence") -> str | None:
+    """The pooling a sequence classifier built from ``cfg`` uses ("cls", "mean" or "pooler"); None for
+    token classification, which labels every token."""
+    from lora_lab.pooling import POOLINGS, resolve_pooling
+
+    if task not in TASKS:
+        raise ConfigError("task", task, f"must be one of {list(TASKS)}")
+    if task == "token":
+        value = cfg.get("pooling", "auto")
+        if value not in POOLINGS:
+            raise ConfigError("model.pooling", value, f"must be one of {list(POOLINGS)}")
+        if value != "auto":
+            raise ConfigError("model.pooling", value, "applies to sequence classification only; token "
+                              "classification labels every token")
+        return None
+    return resolve_pooling(cfg)
+
+
+def load_model(cfg, num_labels: int, label_names: list[str] | None = None, task: str = "sequence"):
+    """A classifier with ``num_labels`` outputs: one per sequence (``task="sequence"``, pooled as
+    ``model.pooling`` says) or one per token (``task="token"``)."""
+    from transformers import (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                              BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel)
+
+    from lora_lab.pooling import PooledClassifier
+
+    pooling = pooling_of(cfg, task)
     labels = dict(enumerate(label_names)) if label_names else None
     label_kwargs = {"num_labels": num_labels}
     if labels:
         label_kwargs.update(id2label=labels, label2id={v: k for k, v in labels.items()})
+    pooled = pooling in ("cls", "mean")  # our head on the bare backbone, not the model's own
+    if task == "token":
+        random_class, auto_class = BertForTokenClassification, AutoModelForTokenClassification
+    elif pooled:
+        random_class, auto_class = BertModel, AutoModel
+    else:
+        random_class, auto_class = BertForSequenceClassification, AutoModelForSequenceClassification
     if cfg.source == "random":
         config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                             intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
                             **label_kwargs)
-        return BertForSequenceClassification(config)
+        model = random_class(config)
+    else:
+        model = _from_pretrained(auto_class, cfg, label_kwargs)
+    return PooledClassifier(model, pooling) if pooled else model
+
+
+def _from_pretrained(auto_class, cfg, label_kwargs: dict):
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
     path = embedded_model_path(cfg.name) if cfg.source == "embedded" else tokenizer_source(cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised: classifier.*" report is expected
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors is noise in every run's log
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto_class.from_pretrained(
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
             **label_kwargs)
     except (OSError, ValueError, SafetensorError) as error:  # missing, corrupt or unusable files

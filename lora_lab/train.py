@@ -19,18 +19,19 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from lora_lab import checkpoint, measure, records
-from lora_lab.data import Collator, load_task_data
+from lora_lab.data import Collator, column_values, load_task_data
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.metrics import (METRICS, check_monitor, classification_metrics, majority_class_accuracy,
-                              regression_metrics)
-from lora_lab.modeling import load_model, load_tokenizer
+from lora_lab.metrics import majority_class_accuracy
+from lora_lab.modeling import load_model, load_tokenizer, pooling_of
 from lora_lab.precision import autocast
 from lora_lab.preemption import Preempted, StopRequests
 from lora_lab.run_identity import result_config
 from lora_lab.run_info import environment_info
 from lora_lab.sampling import evaluation_loader, training_loader
+from lora_lab.tasks import TaskType, describe, main_metric
 from lora_lab.timing import round_robin, synchronize
+from lora_lab.token_data import IGNORED
 from lora_lab.tracking import Tracker
 from lora_lab.validate import check_config, check_data
 
@@ -79,10 +80,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision: str) -> tuple[dict[str, float], list[float]]:
-    """Metrics on one split, plus the per-batch forward latency in ms."""
+def predict(model, loader, device, precision: str, task: TaskType) -> tuple[list, list[float]]:
+    """Predictions on one split in order, plus the per-batch forward latency in ms. Tagging: per
+    sentence, the predicted tag of each word (at its first sub-token)."""
     model.eval()
-    predictions, labels, latencies = [], [], []
+    predictions, latencies = [], []
     for batch in loader:
         batch = to_device(batch, device)
         synchronize(device)
@@ -91,14 +93,35 @@ def evaluate(model, loader, device, precision: str) -> tuple[dict[str, float], l
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         synchronize(device)
         latencies.append(1000 * (time.perf_counter() - start))
-        if logits.shape[-1] == 1:  # regression: the single output is the prediction
+        if task.head == "token":
+            tags, labels = logits.argmax(-1).cpu(), batch["labels"].cpu()
+            predictions.extend(row[gold != IGNORED].tolist() for row, gold in zip(tags, labels))
+        elif task.name == "regression":  # the single output is the prediction
             predictions.extend(logits.float().squeeze(-1).tolist())
         else:
             predictions.extend(logits.argmax(-1).tolist())
-        labels.extend(batch["labels"].tolist())
-    if logits.shape[-1] == 1:
-        return regression_metrics(labels, predictions), latencies
-    return classification_metrics(labels, predictions), latencies
+    return predictions, latencies
+
+
+def gold_labels(dataset, task: TaskType) -> list:
+    """What predictions are scored against: a label per example, or every word's tag per sentence."""
+    return column_values(dataset, "word_labels" if task.head == "token" else "labels")
+
+
+def evaluate(model, loader, gold: list, device, precision: str, task: TaskType,
+             label_names: list[str]) -> tuple[dict[str, float], dict, list[float]]:
+    """The task's metrics on one split, its per-class report (tagging: per entity type) and the
+    per-batch forward latency in ms."""
+    predictions, latencies = predict(model, loader, device, precision, task)
+    metrics, report = task.score(gold, predictions, label_names)
+    return metrics, report, latencies
+
+
+def baseline(task: TaskType, gold: list, label_names: list[str]) -> dict:
+    """The run record's ``baseline``: what predicting the majority class (a constant, O everywhere)
+    scores on the test split."""
+    metrics, _ = task.score(gold, task.baseline_predictions(gold, label_names), label_names)
+    return {"name": task.baseline, "test": metrics}
 
 
 def _epoch_row(epoch: int, step: int, train_loss: float, val: dict, test: dict) -> dict:
@@ -121,7 +144,8 @@ def fresh_progress() -> dict:
     return {"step": 0, "epoch": 1, "batch": 0, "epochs": [], "best": None, "best_epoch": None,
             "stale_epochs": 0, "stopped_early": False, "training_done": False, "train_seconds": 0.0,
             "checkpoint_seconds": 0.0, "checkpoints_written": 0, "peaks": {"train": None, "eval": None},
-            "throughput": None, "eval_batch_ms_median": None, "resumes": [], "wandb_run_id": None}
+            "throughput": None, "eval_batch_ms_median": None, "resumes": [], "wandb_run_id": None,
+            "reports": {}}
 
 
 def _clone_state(model) -> dict[str, torch.Tensor]:
@@ -138,8 +162,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     run_dir = Path(run_dir)
     tcfg = cfg.trainer
     check_config(cfg)
-    if tcfg.monitor not in METRICS:
-        raise ConfigError("trainer.monitor", tcfg.monitor, f"must be one of {list(METRICS)}")
+    monitor = main_metric(cfg.data)
     method = build_method(cfg.method)  # validates the method's settings before anything is loaded
     device = resolve_device(tcfg.device)
     set_seed(cfg.seed)
@@ -149,9 +172,9 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer)
     check_data(cfg, data)
-    check_monitor(tcfg.monitor, data.regression)
+    task = data.task
     set_seed(cfg.seed)
-    model = load_model(cfg.model, data.num_labels, data.label_names)
+    model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head)
     method.apply(model)
     model.to(device)
     counts = measure.parameter_counts(model, method)
@@ -161,6 +184,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed)
     eval_loaders = {s: evaluation_loader(data.splits[s], tcfg.eval_batch_size, collator)
                     for s in ("validation", "test")}
+    gold = {s: gold_labels(data.splits[s], task) for s in eval_loaders}
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.get("max_steps"):
@@ -180,7 +204,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     if saved is not None:
         checkpoint.check_config(saved, config)
         checkpoint.restore(saved, model, optimizer, scheduler)
-        progress = saved.progress
+        progress = {"reports": {}, **saved.progress}
         losses = saved.tensors["progress/epoch_losses"].tolist()
         if progress["throughput"]:
             throughput.restore(progress["throughput"], saved.tensors["progress/step_seconds"].tolist())
@@ -194,11 +218,15 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         shutil.rmtree(checkpoint_dir)  # trainer.resume=false: start over
     progress["wandb_run_id"] = progress["wandb_run_id"] or getattr(tracker, "run_id", None)
 
-    info = {"parameters": counts, "data_sizes": {k: len(v) for k, v in data.splits.items()},
-            "majority_class_test_accuracy": None if data.regression else
-            majority_class_accuracy(data.splits["test"]["labels"]),
+    info = {"task": describe(cfg.data, data.label_names), "baseline": baseline(task, gold["test"], data.label_names),
+            "parameters": counts, "data_sizes": {k: len(v) for k, v in data.splits.items()},
+            "model_resolved": {"pooling": pooling_of(cfg.model, task.head)},
             "device": str(device)}
-    tracker.summary({f"parameters/{k}": v for k, v in counts.items()})
+    if task.name == "classification":
+        info["majority_class_test_accuracy"] = majority_class_accuracy(gold["test"])
+    tracker.summary({**{f"parameters/{k}": v for k, v in counts.items()},
+                     **{f"task/{k}": info["task"][k] for k in ("name", "type", "main_metric")},
+                     **{f"baseline/{k}": v for k, v in info["baseline"]["test"].items()}})
     print(f"[lora_lab] {method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
           f"({counts['trainable_percent']:.3f} %), {steps_per_epoch} steps/epoch on {device}")
 
@@ -259,15 +287,19 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
 
         progress["peaks"]["train"] = measure.higher_peak(progress["peaks"]["train"], peak.read())
         peak.reset()
-        val, val_latency = evaluate(model, eval_loaders["validation"], device, tcfg.precision)
-        test, _ = evaluate(model, eval_loaders["test"], device, tcfg.precision)
+        val, val_report, val_latency = evaluate(model, eval_loaders["validation"], gold["validation"], device,
+                                                tcfg.precision, task, data.label_names)
+        test, test_report, _ = evaluate(model, eval_loaders["test"], gold["test"], device, tcfg.precision, task,
+                                        data.label_names)
+        if val_report or test_report:
+            progress["reports"][str(epoch)] = {"validation": val_report, "test": test_report}
         progress["peaks"]["eval"] = measure.higher_peak(progress["peaks"]["eval"], peak.read())
         progress["eval_batch_ms_median"] = statistics.median(val_latency) if val_latency else None
         row = _epoch_row(epoch, progress["step"], statistics.fmean(losses) if losses else float("nan"), val, test)
         progress["epochs"].append(row)
         tracker.log({k: v for k, v in row.items() if k != "step"}, step=progress["step"])
         best = progress["best"]
-        if best is None or val[tcfg.monitor] > best[f"validation/{tcfg.monitor}"]:
+        if best is None or val[monitor] > best[f"validation/{monitor}"]:
             progress.update(best=row, best_epoch=epoch, stale_epochs=0)
             best_state = _clone_state(model)
             if every:
@@ -275,7 +307,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         else:
             progress["stale_epochs"] += 1
         print(f"[lora_lab] epoch {epoch}: loss {row['train_loss']:.4f}  "
-              f"val {tcfg.monitor} {val[tcfg.monitor]:.4f}  test {tcfg.monitor} {test[tcfg.monitor]:.4f}")
+              f"val {monitor} {val[monitor]:.4f}  test {monitor} {test[monitor]:.4f}")
         progress.update(epoch=epoch + 1, batch=0)
         losses = []
         patience = tcfg.get("patience")
@@ -283,7 +315,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
             progress["training_done"] = True
         elif patience and progress["stale_epochs"] >= patience:
             progress.update(training_done=True, stopped_early=True)
-            print(f"[lora_lab] stopping early: validation {tcfg.monitor} has not improved for {patience} epochs")
+            print(f"[lora_lab] stopping early: validation {monitor} has not improved for {patience} epochs")
         if every:
             write_checkpoint()
         else:
@@ -344,15 +376,36 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
         "files": files,
         "measurements": measurements,
         **({"delta_w_shapes": delta_shapes} if delta_shapes is not None else {}),
+        **_reports(progress, best_epoch, last_epoch),
         **info,
         "environment": environment_info(),
     }
     records.write_json(run_dir / records.RECORD_FILE, record)
     if not tcfg.get("keep_checkpoint", False) and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
+    monitor = record["task"]["main_metric"]
     tracker.summary({**{f"best/{k}": v for k, v in best.items()}, **{f"last/{k}": v for k, v in epochs[-1].items()},
-                     **{f"measure/{k}": v for k, v in measurements.items()}})
+                     **{f"measure/{k}": v for k, v in measurements.items()},
+                     "objective": best[f"validation/{monitor}"]})  # the main metric, whatever the task: sweeps maximise it
+    if "reports" in record:
+        columns, rows = report_rows(record["reports"]["best"])
+        tracker.log_table("best/report", columns, rows)
     return record
+
+
+def _reports(progress: dict, best_epoch: int, last_epoch: int) -> dict:
+    """The per-class reports (tagging: per entity type) of the best and the last epoch, if the task has them."""
+    reports = progress.get("reports") or {}
+    if str(best_epoch) not in reports:
+        return {}
+    return {"reports": {"best": reports[str(best_epoch)], "last": reports.get(str(last_epoch))}}
+
+
+def report_rows(report: dict) -> tuple[list[str], list[list]]:
+    """A report as table rows (split, class, precision, recall, F1, support), for W&B."""
+    rows = [[split, name, r["precision"], r["recall"], r["f1"], r["support"]]
+            for split, classes in report.items() for name, r in classes.items()]
+    return ["split", "class", "precision", "recall", "f1", "support"], rows
 
 
 def _inference_latency(model, method, loader, device, tcfg) -> dict:

@@ -150,7 +150,6 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.weight_decay": number(0, 1),
     "trainer.warmup_ratio": number(0, 1),
     "trainer.max_grad_norm": number(0, null=True),
-    "trainer.monitor": text(),
     "trainer.device": text(),
     "trainer.precision": text(),
     "trainer.threads": integer(1, null=True),
@@ -171,7 +170,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "data.text_column": text(),
     "data.text_pair_column": text(null=True),
     "data.label_column": text(),
-    "data.task_type": choice("classification", "regression", null=True),
+    "data.task_type": choice("classification", "regression", "token_classification", null=True),
+    "data.main_metric": text(null=True),
     "data.label_names": names(null=True),
     "data.splits.train": text(),
     "data.splits.validation": text(null=True),
@@ -190,6 +190,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.name": text(),
     "model.trust_remote_code": boolean(),
     "model.use_safetensors": boolean(),
+    "model.pooling": choice("auto", "cls", "mean", "pooler"),
     "model.tokenizer": text(),
     "model.vocab_size": integer(1),
     "model.hidden_size": integer(1),
@@ -248,8 +249,6 @@ def check_config(cfg) -> None:
 
 
 def _check_trainer(cfg) -> None:
-    from lora_lab.data import is_regression
-    from lora_lab.metrics import check_monitor
     from lora_lab.precision import check_precision
 
     t = cfg.trainer
@@ -257,12 +256,13 @@ def _check_trainer(cfg) -> None:
         raise ConfigError("trainer.device", t.device, "must be auto, cpu, mps, cuda or cuda:<index>")
     if "precision" in t:
         check_precision(t.precision)
-    if "monitor" in t and "data" in cfg:
-        check_monitor(t.monitor, is_regression(cfg.data))
 
 
 def _check_data_config(data) -> None:
     from lora_lab.data import EMBEDDED_DATASETS, check_files
+    from lora_lab.tasks import main_metric
+
+    main_metric(data)  # the task type is known and the main metric is one of its metrics
 
     if data.get("source") == "embedded" and data.get("name") not in EMBEDDED_DATASETS:
         raise ConfigError("data.name", data.get("name"), f"is not embedded; embedded: {sorted(EMBEDDED_DATASETS)}")
@@ -302,6 +302,11 @@ def _check_model(cfg) -> None:
         if model.tokenizer in EMBEDDED_PACKAGES:
             embedded_model_path(model.tokenizer)
     check_model_files(model)
+    if "data" in cfg:
+        from lora_lab.modeling import pooling_of
+        from lora_lab.tasks import task_type
+
+        pooling_of(model, task_type(cfg.data).head)  # a token task with model.pooling set is an error
     limit = max_positions(model)
     length = cfg.data.get("max_length") if "data" in cfg else None
     if limit is not None and is_integer(length) and length > limit:
@@ -337,7 +342,11 @@ def check_data(cfg, data) -> None:
     batch_size = trainer.get("batch_size")
     if is_integer(batch_size) and batch_size > train_rows:
         raise ConfigError("trainer.batch_size", batch_size, f"is larger than the training split ({train_rows} rows)")
-    if not data.regression:
+    if data.task.head == "token":
+        tags = {t for sentence in column_values(data.splits["train"], "word_labels") for t in sentence}
+        if all(data.label_names[t] == "O" for t in tags):
+            raise ConfigError(*source_key(cfg.data, "train"), "the train split has no entity: every tag is O")
+    elif not data.regression:
         for split, ds in data.splits.items():
             classes = sorted(set(column_values(ds, "labels")))
             if len(classes) < 2:

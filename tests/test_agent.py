@@ -85,6 +85,8 @@ def test_the_agent_runs_every_trial_in_this_process_and_logs_into_its_runs(tmp_p
         assert run.config["method"]["r"] == params["method.r"]  # the resolved config is added
         assert run.name.startswith(f"lora-r{params['method.r']}-s0")
         assert summary["best/validation/accuracy"] == record["best"]["validation/accuracy"]
+        assert summary["objective"] == record["best"]["validation/accuracy"]  # what the sweep file maximises
+        assert summary["task/main_metric"] == "accuracy" and summary["baseline/accuracy"] > 0
 
 
 def test_bad_agent_arguments_are_one_line_errors(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -87,27 +88,52 @@ def test_budget_sweep_gives_equal_parameter_counts_within_one_rank_step():
     assert rank_for_budget(36864, [(384, 384)] * 24) == 2
 
 
-def test_fair_sweep_gives_every_arm_the_same_lr_grid_and_seeds():
+def test_fair_sweep_gives_every_arm_its_own_lr_range_and_the_same_seeds():
     configs = [compose_job(["sweep=fair"], job) for job in expand("sweep=fair")]
     by_method: dict = {}
     for c in configs:
         key = (c.method.name, c.method.get("variant"), c.method.get("r"))
         by_method.setdefault(key, set()).add((c.trainer.lr, c.seed))
-    grids = list(by_method.values())
-    assert len(grids) == 4 and all(g == grids[0] for g in grids)
-    assert {lr for lr, _ in grids[0]} == {1e-4, 3e-4, 1e-3, 3e-3} and {s for _, s in grids[0]} == {0, 1, 2}
+    assert len(by_method) == 4 and all(len(g) == 4 * 3 for g in by_method.values())
+    lrs = {key[0]: sorted({lr for lr, _ in g}) for key, g in by_method.items()}
+    assert lrs["full"] == [3e-5, 1e-4, 3e-4, 1e-3]
+    assert lrs["head"] == [1e-3, 3e-3, 1e-2, 3e-2]  # a linear head wants far higher rates
+    assert lrs["lora"] == [3e-4, 1e-3, 3e-3, 1e-2] and lrs["adapter"] == [1e-4, 3e-4, 1e-3, 3e-3]
+    assert all({s for _, s in g} == {0, 1, 2} for g in by_method.values())
+
+
+def test_every_method_declares_a_four_point_lr_grid_around_its_default():
+    from conftest import CONF, method_cfg
+
+    for path in sorted((CONF / "method").glob("*.yaml")):
+        cfg = method_cfg(path.stem)
+        grid = list(cfg.lr_grid)
+        assert len(grid) == 4 and grid == sorted(grid), path.stem
+        assert grid[0] <= cfg.lr <= grid[-1], path.stem
+
+
+def test_an_lr_step_outside_the_grid_is_one_line():
+    from omegaconf.errors import InterpolationResolutionError
+
+    cfg = compose_job(["sweep=fair"], ["arm=head", "lr_step=4", "seed=0"])
+    with pytest.raises(InterpolationResolutionError, match=r"lr_step=4: must be an index into the grid"):
+        cfg.trainer.lr
 
 
 def test_embedded_study_grid():
     jobs = expand("experiment=embedded_study")
-    assert len(jobs) == 10 * 3 * 3 and {j[-1] for j in jobs} == {"seed=0", "seed=1", "seed=2"}
+    assert len(jobs) == 2 * 10 * 3 * 3 and {j[-1] for j in jobs} == {"seed=0", "seed=1", "seed=2"}
     configs = [compose_job(["experiment=embedded_study"], job) for job in jobs if job[-1] == "seed=0"]
+    assert {c.data.name for c in configs} == {"rotten_tomatoes", "trec6"}
+    configs = [c for c in configs if c.data.name == "trec6"]
     assert len({(c.method.name, c.method.get("variant"), c.method.get("top_layers"), c.method.get("r"),
                  c.trainer.lr) for c in configs}) == 10 * 3
     ranks = sorted({c.method.r for c in configs if c.method.name == "lora"})
     assert ranks == [1, 2, 4, 8, 64]
     assert {c.method.get("top_layers") for c in configs if c.method.name == "head"} == {0, 2}
     assert {c.method.variant for c in configs if c.method.name == "adapter"} == {"houlsby", "pfeiffer"}
+    head = sorted(c.trainer.lr for c in configs if c.method.name == "head" and not c.method.top_layers)
+    assert head == [3e-3, 1e-2, 3e-2]
 
 
 def test_paper_table2_uses_table9_settings():
@@ -121,8 +147,8 @@ def test_paper_table2_uses_table9_settings():
     for c in configs.values():
         assert c.model.name == "FacebookAI/roberta-base" and c.method.r == 8 and c.method.alpha == 8
         assert list(c.method.targets) == ["q", "v"] and c.data.max_length == 512
-    assert configs["cola"].trainer.monitor == "mcc"
-    assert configs["stsb"].data.task_type == "regression" and configs["stsb"].trainer.monitor == "pearson"
+    assert configs["cola"].data.main_metric == "mcc"
+    assert configs["stsb"].data.task_type == "regression" and configs["stsb"].data.main_metric == "pearson"
 
 
 def test_launcher_configs_select_the_plugins():
@@ -138,7 +164,7 @@ def test_launcher_configs_select_the_plugins():
 def test_wandb_sweep_file_drives_the_hydra_app():
     sweep = yaml.safe_load((ROOT / "experiments" / "wandb_sweep" / "sweep.yaml").read_text())
     assert "${args_no_hyphens}" in sweep["command"] and "lora_lab.main" in sweep["command"]
-    assert sweep["metric"]["name"] == "best/validation/accuracy" and sweep["metric"]["goal"] == "maximize"
+    assert sweep["metric"]["name"] == "objective" and sweep["metric"]["goal"] == "maximize"
     overrides = []
     for key, spec in sweep["parameters"].items():
         value = spec.get("value", (spec.get("values") or [spec.get("min")])[0])

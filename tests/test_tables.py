@@ -163,6 +163,7 @@ def test_records_written_by_the_trainer_are_read(tmp_path):
     t = build_table(collect_runs([tmp_path / "sweep"], "accuracy", "best"))
     (row,) = t.rows
     assert row.startswith("LoRA r=2") and t.cells[(row, "rotten_tomatoes")].seeds == 1
+    assert t.metrics == {"rotten_tomatoes": "accuracy"}
     assert t.params[row][0] > 0 and t.efficiency[row][0] > 0
     assert json.loads((tmp_path / "sweep" / "0_run" / "record.json").read_text())["method_resolved"]["r"] == 2
 
@@ -270,3 +271,193 @@ def test_runs_that_did_not_complete_are_counted_by_status(tmp_path):
     assert (cell.seeds, cell.failed) == (1, 2)
     assert "2 run(s) left out (1 diverged, 1 failed; listed in the selection CSV)." in to_markdown(t)
     assert [r.error for r in t.members["LoRA r=8 α=8 (q+v)"]][1:] == ["FloatingPointError: training loss is nan"] * 2
+
+
+# ---------------------------------------------------------------- tasks with their own main metric
+
+NER = {"name": "wnut16", "type": "token_classification",
+       "metrics": ["entity_f1", "entity_precision", "entity_recall", "token_accuracy"],
+       "main_metric": "entity_f1", "label_names": ["O", "B-company", "I-company", "B-person", "I-person"]}
+TREC = {"name": "trec6", "type": "classification", "metrics": ["accuracy", "macro_f1", "mcc"],
+        "main_metric": "accuracy", "label_names": ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]}
+BASELINES = {"wnut16": {"name": "all O", "test": {"entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0,
+                                                  "token_accuracy": .91}},
+             "trec6": {"name": "majority class", "test": {"accuracy": .224, "macro_f1": .061, "mcc": 0.0}}}
+
+
+def task_record(task, method, seed, val, test, *, other=(.11, .22), **kwargs):
+    """A record that declares its task: ``val``/``test`` are its main metric's, ``other`` those of
+    every other metric of the task (so a table reading the wrong metric shows it)."""
+    rec = record(method, seed, val, test, task=task["name"], **kwargs)
+    rec["task"] = task
+    if rec["status"] != "completed":
+        return rec
+    for key in ("best", "last"):
+        row = {"epoch": rec[key]["epoch"], "step": 10 * rec[key]["epoch"], "train_loss": .3}
+        for metric in task["metrics"]:
+            main = metric == task["main_metric"]
+            row[f"validation/{metric}"] = rec[key]["validation/accuracy"] if main else other[0]
+            row[f"test/{metric}"] = rec[key]["test/accuracy"] if main else other[1]
+        rec[key] = row
+    rec["baseline"] = BASELINES[task["name"]]
+    if task["type"] == "classification":
+        rec["majority_class_test_accuracy"] = BASELINES[task["name"]]["test"]["accuracy"]
+    return rec
+
+
+def mixed_runs():
+    return [task_record(TREC, LORA, 0, .80, .90), task_record(TREC, FULL, 0, .85, .95, trainable=100000),
+            task_record(NER, LORA, 0, .40, .30), task_record(NER, LORA, 1, .42, .34),
+            task_record(NER, FULL, 0, .50, .44, trainable=100000)]
+
+
+def test_each_task_is_shown_in_its_own_main_metric(tmp_path):
+    runs = collect_runs([write_runs(tmp_path / "sweep", mixed_runs())], None, "best")
+    t = build_table(runs)
+    lora = "LoRA r=8 α=8 (q+v)"
+    assert t.metrics == {"trec6": "accuracy", "wnut16": "entity_f1"} and t.metric is None
+    assert t.cells[(lora, "wnut16")].value == pytest.approx(.32)  # entity F1, not token accuracy (.22)
+    assert t.cells[(lora, "trec6")].value == pytest.approx(.90)
+    assert t.average(lora) == pytest.approx(.61)
+    md = to_markdown(t).splitlines()
+    assert md[0].startswith("| Method | Trainable params | % of total | trec6 (accuracy) | wnut16 (entity F1) | Avg. |")
+    assert md[2] == "| Full FT | 100.0K | 100.00 | **95.0** | **44.0** | **69.5** | 1000 | 20.0 |"
+    caption = md[-1]
+    assert caption.startswith("Test metric x100: trec6 accuracy, wnut16 entity F1; median over seeds, best epoch")
+    assert caption.endswith(" Baselines (test): trec6 majority class 22.4, wnut16 all O 0.0.")
+    assert r"wnut16 (entity F1)" in to_latex(t)
+    header = next(csv.reader(io.StringIO(to_csv(t))))
+    assert header[3:5] == ["trec6_accuracy", "wnut16_entity_f1"]
+
+
+def test_a_single_task_table_names_its_metric_in_the_caption_not_the_header(tmp_path):
+    t = table_from(tmp_path, [task_record(NER, LORA, s, .4, .3 + .01 * s) for s in range(3)], metric=None)
+    assert t.metric == "entity_f1" and t.baselines == {"wnut16": ("all O", 0.0)}
+    md = to_markdown(t)
+    assert md.startswith("| Method | Trainable params | % of total | wnut16 | Peak memory (MB) |")
+    assert "Test entity F1 (x100), median over seeds" in md and "Baselines (test): wnut16 all O 0.0." in md
+    from lora_lab.analysis import table_plots
+
+    assert table_plots._ylabel(t) == "test entity F1 (wnut16)"
+    assert table_plots._ylabel(table_from(tmp_path / "b", mixed_runs(), metric=None)) == \
+        "test main metric (average of 2 tasks)"
+
+
+def test_tuning_chooses_on_validation_of_each_tasks_own_metric(tmp_path):
+    runs = []
+    for seed in range(2):
+        # NER: lr 1e-4 has the better token accuracy on validation, lr 1e-3 the better entity F1
+        runs.append(task_record(NER, LORA, seed, .40, .45, lr=1e-4, other=(.95, .95)))
+        runs.append(task_record(NER, LORA, seed, .60, .50, lr=1e-3, other=(.90, .90)))
+        runs.append(task_record(TREC, LORA, seed, .80, .85, lr=1e-4))
+        runs.append(task_record(TREC, LORA, seed, .70, .90, lr=1e-3))
+    sweep = write_runs(tmp_path / "sweep", runs)
+    t = build_table(collect_runs([sweep], None, "best"), tune=["trainer.lr"])
+    lora = "LoRA r=8 α=8 (q+v)"
+    assert t.cells[(lora, "wnut16")].chosen == {"trainer.lr": 1e-3} and t.cells[(lora, "wnut16")].value == .50
+    assert t.cells[(lora, "trec6")].chosen == {"trainer.lr": 1e-4} and t.cells[(lora, "trec6")].value == .85
+    assert "chosen per row and task by median validation value of each task's metric" in to_markdown(t)
+
+    assert tables.main([str(sweep), "--tune", "trainer.lr", "--out", str(tmp_path / "out"), "--plot"]) == 0
+    selection = list(csv.DictReader(io.StringIO((tmp_path / "out" / "table_selection.csv").read_text())))
+    assert list(selection[0]) == ["row", "task", "trainer.lr", "seeds", "failed", "validation_accuracy",
+                                  "test_accuracy", "validation_entity_f1", "test_entity_f1", "chosen"]
+    ner = {float(e["trainer.lr"]): e for e in selection if e["task"] == "wnut16"}
+    assert ner[1e-3]["chosen"] == "True" and ner[1e-4]["chosen"] == "False"
+    assert float(ner[1e-3]["validation_entity_f1"]) == pytest.approx(.60) and ner[1e-3]["validation_accuracy"] == ""
+    assert (tmp_path / "out" / "table_vs_params.png").exists()
+
+
+def test_metric_option_shows_one_metric_for_every_task(tmp_path, capsys):
+    sweep = write_runs(tmp_path / "sweep", [task_record(NER, LORA, 0, .4, .3, other=(.9, .93))])
+    t = build_table(collect_runs([sweep], "token_accuracy", "best"), "token_accuracy")
+    assert t.metrics == {"wnut16": "token_accuracy"} and t.cells[("LoRA r=8 α=8 (q+v)", "wnut16")].value == .93
+    assert "Test token accuracy (x100)" in to_markdown(t)
+    assert t.baselines == {"wnut16": ("all O", .91)}
+    mixed = write_runs(tmp_path / "mixed", mixed_runs())
+    assert tables.main([str(mixed), "--metric", "macro_f1"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("tables: error: --metric='macro_f1': is not in the records (have: ['entity_f1', "
+                   "'entity_precision', 'entity_recall', 'token_accuracy'])\n")
+
+
+def test_runs_of_one_task_with_different_main_metrics_are_an_error(tmp_path, capsys):
+    other = dict(NER, main_metric="token_accuracy")
+    sweep = write_runs(tmp_path / "sweep", [task_record(NER, LORA, 0, .4, .3), task_record(other, LORA, 1, .9, .9)])
+    with pytest.raises(tables.TableError, match=r"the runs of 'wnut16' have different main metrics "
+                                                r"\(entity_f1 vs token_accuracy, .*1_job\); pass --metric"):
+        build_table(collect_runs([sweep], None, "best"))
+    assert tables.main([str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tables: error: the runs of 'wnut16'") and err.count("\n") == 1
+    assert tables.main([str(sweep), "--metric", "entity_f1"]) == 0  # one metric asked for: no ambiguity
+
+
+def test_records_without_a_task_fall_back_to_the_monitor_then_accuracy(tmp_path):
+    old = record(LORA, 0, .7, .6)
+    assert tables.main_metric(old) == "accuracy" and tables.record_task(old) == "rotten_tomatoes"
+    monitored = record(LORA, 1, .7, .6)
+    monitored["config"]["trainer"]["monitor"] = "macro_f1"
+    for key in ("best", "last"):
+        monitored[key].update({"validation/macro_f1": .55, "test/macro_f1": .44})
+    assert tables.main_metric(monitored) == "macro_f1"
+    assert tables.main_metric(task_record(NER, LORA, 0, .4, .3)) == "entity_f1"  # the declaration wins
+    t = table_from(tmp_path, [monitored], metric=None)
+    assert t.metrics == {"rotten_tomatoes": "macro_f1"}
+    assert t.cells[("LoRA r=8 α=8 (q+v)", "rotten_tomatoes")].value == .44
+    assert "Baselines" not in to_markdown(t)  # old records carry no baseline
+
+
+def test_wandb_runs_carry_their_task_and_baseline():
+    summary = {"best/epoch": 2, "best/validation/entity_f1": .4, "best/test/entity_f1": .35,
+               "best/validation/token_accuracy": .9, "best/test/token_accuracy": .92,
+               "last/epoch": 2, "last/validation/entity_f1": .4, "last/test/entity_f1": .35,
+               "parameters/trainable": 10, "parameters/total": 100,
+               "task/main_metric": "entity_f1", "task/type": "token_classification", "task/name": "wnut16",
+               "baseline/entity_f1": 0.0, "baseline/token_accuracy": .91}
+    rec = record_from_wandb({"method": LORA, "seed": 0, "data": {"name": "wnut_16"}}, summary, "finished")
+    assert rec["task"] == {"main_metric": "entity_f1", "type": "token_classification", "name": "wnut16"}
+    assert rec["baseline"]["test"] == {"entity_f1": 0.0, "token_accuracy": .91}
+    run = tables.run_from_record(rec, None, "best")
+    assert (run.task, run.metric, run.val, run.test) == ("wnut16", "entity_f1", .4, .35)
+    assert run.baseline == ("all O", 0.0)
+    crashed = record_from_wandb({}, {"task/main_metric": "entity_f1", "task/name": "wnut16"}, "crashed")
+    assert crashed["status"] == "failed" and tables.run_from_record(crashed, None, "best").metric == "entity_f1"
+
+
+def test_comparison_is_one_table_per_task_with_its_metric_and_baseline(tmp_path):
+    from lora_lab.analysis.compare import comparison_row, write_comparison
+
+    sweep = write_runs(tmp_path / "mixed", mixed_runs())
+    text = write_comparison(sweep)
+    assert text == (sweep / "comparison.md").read_text()
+    trec, ner = text.split("### wnut16\n\n")
+    assert trec.startswith("### trec6\n\n| method | seed |") and "| val accuracy | test accuracy | epoch |" in trec
+    assert "\nMajority class (test): 0.2240. Metric: accuracy, best epoch on validation.\n" in trec
+    assert "| val entity_f1 | test entity_f1 | epoch |" in ner and "| 0.4000 | 0.3000 |" in ner
+    assert "\nBaseline (test, all O): entity_f1 0.0000. Metric: entity_f1, best epoch on validation.\n" in ner
+    assert comparison_row(task_record(NER, LORA, 0, .4, .3))[6:8] == ["0.4000", "0.3000"]
+    assert comparison_row(task_record(NER, LORA, 0, .4, .3), "token_accuracy")[6:8] == ["0.1100", "0.2200"]
+
+    single = write_runs(tmp_path / "ner", [task_record(NER, LORA, s, .4, .3) for s in range(2)])
+    text = write_comparison(single, metric="token_accuracy")
+    assert "###" not in text and "Baseline (test, all O): token_accuracy 0.9100." in text
+    old = write_runs(tmp_path / "old", [{**record(LORA, 0, .7, .6), "majority_class_test_accuracy": .576}])
+    assert "\nMajority class (test): 0.5760. Metric: accuracy, best epoch on validation.\n" in write_comparison(old)
+
+
+def test_comparison_command_errors_are_one_line(tmp_path, capsys):
+    from lora_lab.analysis import compare
+
+    sweep = write_runs(tmp_path / "mixed", mixed_runs())
+    assert compare.main([str(sweep), "--metric", "mcc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare: error: record=") and "has no validation/mcc in 'best'" in err
+    assert err.count("\n") == 1
+    other = dict(NER, main_metric="token_accuracy")
+    clash = write_runs(tmp_path / "clash", [task_record(NER, LORA, 0, .4, .3), task_record(other, LORA, 1, .9, .9)])
+    assert compare.main([str(clash)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"compare: error: record='{clash / '1_job' / 'record.json'}': has main metric token_accuracy, "
+                   "other runs of wnut16 have entity_f1; pass --metric to choose one\n")
+    assert compare.main([str(clash), "--metric", "token_accuracy"]) == 0

@@ -28,6 +28,8 @@ def test_smoke_every_method_writes_a_complete_record(tmp_path, method):
     on_disk = records.load_record(run_dir)
     assert on_disk["status"] == "completed" and on_disk["method"] == name
     assert on_disk["best"]["epoch"] == 1 and 0 <= on_disk["best"]["test/accuracy"] <= 1
+    assert on_disk["task"]["main_metric"] == "accuracy" and on_disk["baseline"]["name"] == "majority class"
+    assert on_disk["baseline"]["test"]["accuracy"] == on_disk["majority_class_test_accuracy"]
     m = on_disk["measurements"]
     assert m["peak_memory_mb"] > 0 and m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > 0
     assert m["trainable_state_bytes"] == (run_dir / records.STATE_FILE).stat().st_size
@@ -53,9 +55,9 @@ def test_same_seed_same_metrics(tmp_path):
     assert first["epochs"][0]["train_loss"] != other["epochs"][0]["train_loss"]
 
 
-def test_bad_monitor_metric(tmp_path):
-    with pytest.raises(ConfigError, match="trainer.monitor='f2'"):
-        run_training(smoke_cfg(tmp_path, "trainer.monitor=f2"), tmp_path / "run")
+def test_bad_main_metric(tmp_path):
+    with pytest.raises(ConfigError, match="data.main_metric='f2'"):
+        run_training(smoke_cfg(tmp_path, "data.main_metric=f2"), tmp_path / "run")
 
 
 def cli(*args, cwd):
@@ -137,15 +139,17 @@ def test_regression_task_trains_with_float_targets_and_reports_correlations(tmp_
     with open(tmp_path / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *rows])
     cfg = smoke_cfg(tmp_path, "data=files", f"data.files.train={tmp_path / 'train.csv'}", "data.task_type=regression",
-                    "trainer.monitor=pearson", "method=lora", "trainer.epochs=2", "trainer.lr=0.01")
+                    "method=lora", "trainer.epochs=2", "trainer.lr=0.01")
     record = run_training(cfg, tmp_path / "run")
     best = record["best"]
     assert set(best) >= {"validation/pearson", "validation/spearman", "test/pearson"}
-    assert -1 <= best["test/pearson"] <= 1 and record["majority_class_test_accuracy"] is None
+    assert -1 <= best["test/pearson"] <= 1 and "majority_class_test_accuracy" not in record
+    assert record["task"]["main_metric"] == "pearson" and record["baseline"]["name"] == "constant"
+    assert record["baseline"]["test"]["pearson"] == 0.0
     assert record["parameters"]["trainable_head"] > 0
-    with pytest.raises(ConfigError, match="trainer.monitor='accuracy': must be one of \\['pearson', 'spearman'\\]"):
+    with pytest.raises(ConfigError, match="data.main_metric='accuracy': must be one of \\['pearson', 'spearman'\\]"):
         run_training(smoke_cfg(tmp_path, "data=files", f"data.files.train={tmp_path / 'train.csv'}",
-                               "data.task_type=regression"), tmp_path / "bad")
+                               "data.task_type=regression", "data.main_metric=accuracy"), tmp_path / "bad")
 
 
 def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
