@@ -56,11 +56,10 @@ def test_peft_twin_gives_our_logits_on_the_real_model(arm):
 
 @pytest.mark.slow
 def test_real_lora_tags_entities_far_better_than_all_o(tmp_path):
-    """LoRA on the embedded WNUT-16 tweets (its carved split): entity F1 well above the all-O
-    baseline's 0; ~2 min on 2 cores (the full data, 3 epochs at lr 3e-3 reach 0.41 test F1)."""
-    cfg = compose_config("logger=disabled", "trainer.progress_bar=false", "data=wnut16", "data.max_train=1000",
-                         "data.max_eval=300", "data.max_length=64", "trainer.epochs=2", "method=lora",
-                         "trainer.lr=5e-3")
+    """LoRA on the embedded WNUT-16 tweets (its carved split), one epoch: entity F1 well above the
+    all-O baseline's 0 (0.28 here, in about 40 s on 2 cores; 3 epochs reach 0.41)."""
+    cfg = compose_config("logger=disabled", "trainer.progress_bar=false", "data=wnut16", "data.max_length=64",
+                         "trainer.epochs=1", "method=lora", "trainer.lr=3e-3")
     record = run_training(cfg, tmp_path)
     assert record["baseline"]["test"]["entity_f1"] == 0.0
     assert record["best"]["test/entity_f1"] > 0.15, record["best"]

@@ -159,7 +159,7 @@ def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
 
     seen, calls = [], {"n": 0}
 
-    def evaluate(model, loader, device, precision):
+    def evaluate(model, loader, gold, device, precision, task, label_names):
         calls["n"] += 1
         epoch = (calls["n"] + 1) // 2
         if calls["n"] % 2 == 1:  # validation comes first
@@ -167,7 +167,7 @@ def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
             if allocate_mb:
                 torch.ones(allocate_mb * 2**18).sum()  # float32: 4 bytes each, freed at once
         accuracy = accuracies[epoch - 1]
-        return {"accuracy": accuracy, "macro_f1": accuracy, "mcc": 0.0}, [1.0]
+        return {"accuracy": accuracy, "macro_f1": accuracy, "mcc": 0.0}, {}, [1.0]
 
     monkeypatch.setattr(train, "evaluate", evaluate)
     return seen
