@@ -110,6 +110,19 @@ def max_positions(cfg) -> int | None:
     return positions
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each encoder layer's activations during backward instead of keeping them. The
+    non-reentrant form, so gradients reach adapters and LoRA factors inside a frozen encoder."""
+    target = model if hasattr(model, "gradient_checkpointing_enable") else getattr(model, "backbone", None)
+    if target is None or not getattr(target, "supports_gradient_checkpointing", False):
+        raise ConfigError("trainer.gradient_checkpointing", True, f"{type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):  # its name from transformers 5 on
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
@@ -169,7 +182,8 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None, task:
         config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                             intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
-                            **label_kwargs)
+                            hidden_dropout_prob=cfg.get("dropout", 0.1),
+                            attention_probs_dropout_prob=cfg.get("dropout", 0.1), **label_kwargs)
         model = random_class(config)
     else:
         model = _from_pretrained(auto_class, cfg, label_kwargs)

@@ -23,7 +23,7 @@ from lora_lab.data import Collator, column_values, load_task_data
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.metrics import majority_class_accuracy
-from lora_lab.modeling import load_model, load_tokenizer, pooling_of
+from lora_lab.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, pooling_of
 from lora_lab.precision import autocast
 from lora_lab.preemption import Preempted, StopRequests
 from lora_lab.run_identity import result_config
@@ -176,6 +176,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     set_seed(cfg.seed)
     model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head)
     method.apply(model)
+    if tcfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
     model.to(device)
     counts = measure.parameter_counts(model, method)
 
@@ -185,7 +187,9 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     eval_loaders = {s: evaluation_loader(data.splits[s], tcfg.eval_batch_size, collator)
                     for s in ("validation", "test")}
     gold = {s: gold_labels(data.splits[s], task) for s in eval_loaders}
-    steps_per_epoch = len(train_loader)
+    accum = int(tcfg.get("grad_accum") or 1)
+    batches_per_epoch = len(train_loader)  # micro-batches; an optimiser step takes ``accum`` of them
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.get("max_steps"):
         total_steps = min(total_steps, int(tcfg.max_steps))
@@ -228,7 +232,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
                      **{f"task/{k}": info["task"][k] for k in ("name", "type", "main_metric")},
                      **{f"baseline/{k}": v for k, v in info["baseline"]["test"].items()}})
     print(f"[lora_lab] {method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
-          f"({counts['trainable_percent']:.3f} %), {steps_per_epoch} steps/epoch on {device}")
+          f"({counts['trainable_percent']:.3f} %), {steps_per_epoch} steps/epoch"
+          f"{f' of {accum} micro-batches' if accum > 1 else ''} on {device}")
 
     segment_start = time.perf_counter()
 
@@ -255,12 +260,15 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         train_loader.sampler.set_epoch(epoch, start=progress["batch"] * tcfg.batch_size)
         model.train()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False, initial=progress["batch"],
-                   total=steps_per_epoch, disable=_progress_disabled(tcfg.progress_bar), dynamic_ncols=True)
+                   total=batches_per_epoch, disable=_progress_disabled(tcfg.progress_bar), dynamic_ncols=True)
         for batch in bar:
-            if progress["step"] >= total_steps:
-                break
-            if stop.signum is not None:
-                raise Preempted(stop.signum, progress["step"], write_checkpoint() if every else None)
+            micro = progress["batch"] % accum  # position in the optimiser step's group of micro-batches
+            if micro == 0:  # checkpoints and stops fall between optimiser steps, never inside a group
+                if progress["step"] >= total_steps:
+                    break
+                if stop.signum is not None:
+                    raise Preempted(stop.signum, progress["step"], write_checkpoint() if every else None)
+            group = min(accum, batches_per_epoch - (progress["batch"] - micro))  # an epoch's last may be short
             batch = to_device(batch, device)
             with throughput.step(batch):
                 with autocast(device, tcfg.precision):
@@ -268,21 +276,25 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise Diverged(progress["step"] + 1, loss_value)
-                loss.backward()
-                if tcfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress["step"] += 1
+                (loss / group).backward()  # the group's mean loss, as one batch of group x batch_size
+                stepping = micro + 1 == group
+                if stepping:
+                    if tcfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
             progress["batch"] += 1
             losses.append(loss_value)
             bar.set_postfix(loss=f"{loss_value:.4f}")
+            if not stepping:
+                continue
+            progress["step"] += 1
             step = progress["step"]
             if step % tcfg.log_every == 0:
-                tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
+                tracker.log({"train/loss": statistics.fmean(losses[-group:]), "train/lr": scheduler.get_last_lr()[0],
                              "train/epoch": epoch}, step=step)
-            if every and step % every == 0 and progress["batch"] < steps_per_epoch and step < total_steps:
+            if every and step % every == 0 and progress["batch"] < batches_per_epoch and step < total_steps:
                 write_checkpoint()  # (an epoch's last step is checkpointed after its evaluation)
 
         progress["peaks"]["train"] = measure.higher_peak(progress["peaks"]["train"], peak.read())

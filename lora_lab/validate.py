@@ -145,6 +145,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.epochs": integer(1),
     "trainer.max_steps": integer(1, null=True),
     "trainer.batch_size": integer(1),
+    "trainer.grad_accum": integer(1),
+    "trainer.gradient_checkpointing": boolean(),
     "trainer.eval_batch_size": integer(1),
     "trainer.lr": number(0, 1, low_open=True),
     "trainer.weight_decay": number(0, 1),
@@ -198,6 +200,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.num_heads": integer(1),
     "model.intermediate_size": integer(1),
     "model.max_positions": integer(1),
+    "model.dropout": number(0, 1),
     # the logger
     "logger.mode": choice("auto", "online", "offline", "disabled"),
     "logger.project": text(),

@@ -92,6 +92,19 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, point, n):
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
+def test_killed_run_with_gradient_accumulation_resumes_to_the_same_result(tmp_path):
+    """Micro-batches of 4, two per optimiser step: checkpoints fall between optimiser steps, and a
+    run killed inside a group resumes from the last one to the uninterrupted result."""
+    extra = ["trainer.batch_size=4", "trainer.grad_accum=2"]
+    lora_lab(*run_args(tmp_path, "reference", *extra), cwd=tmp_path)
+    killed = lora_lab(*run_args(tmp_path, "run", *extra), cwd=tmp_path, driver=["step", "5"], check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    lora_lab(*run_args(tmp_path, "run", *extra), cwd=tmp_path)
+    assert_same(result(tmp_path / "run"), result(tmp_path / "reference"))
+    record = records.load_record(tmp_path / "run")
+    assert record["resumes"] == [{"step": 3, "epoch": 1}] and record["last"]["step"] == 16
+
+
 def test_sigterm_checkpoints_and_exits_143_then_resumes(reference, tmp_path):
     args = run_args(tmp_path, "run")
     env = {**os.environ, "WANDB_MODE": "disabled"}
