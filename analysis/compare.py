@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lora_lab.analysis.tables import main_metric, record_task
+from lora_lab.analysis.tables import main_metric, record_baseline, record_task
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
 from lora_lab.methods import describe_method
@@ -101,13 +101,7 @@ def baseline_note(records: list[dict], metric: str) -> str:
     """The task's baseline on test in ``metric``: the records' "baseline" (median over them), else,
     for records written before it, their majority-class accuracy; empty when they have neither."""
     done = [r for r in records if r.get("status") == "completed"]
-    found = []
-    for record in done:
-        baseline = record.get("baseline")
-        test = baseline.get("test") if isinstance(baseline, dict) else None
-        value = test.get(metric) if isinstance(test, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            found.append((str(baseline.get("name") or "baseline"), value))
+    found = [b for b in (record_baseline(r, metric) for r in done) if b is not None]
     if found:
         name = Counter(n for n, _ in found).most_common(1)[0][0]
         value = statistics.median(v for _, v in found)

@@ -40,6 +40,7 @@ from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
 from lora_lab.methods import Method, describe_method
 from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
+from lora_lab.tasks import task_name
 
 # Settings that do not change what a run learns; they may differ between the seeds of one row.
 IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.threads", "trainer.device",
@@ -144,7 +145,8 @@ def record_task(record: dict) -> str:
     return str(name) if name else task_label(record.get("config") or {})
 
 
-def _baseline(record: dict, metric: str) -> tuple | None:
+def record_baseline(record: dict, metric: str) -> tuple | None:
+    """(name, test value in ``metric``) of a record's baseline, or None when it has none."""
     baseline = record.get("baseline")
     test = baseline.get("test") if isinstance(baseline, dict) else None
     value = _number(test.get(metric)) if isinstance(test, dict) else None
@@ -178,7 +180,7 @@ def run_from_record(record: dict, metric: str | None, epoch: str, source: str = 
                trainable=_number(p.get("trainable")), total=_number(p.get("total")),
                peak_memory_mb=_number(m.get("peak_memory_mb")), samples_per_s=_number(m.get("train_samples_per_s")),
                resolved=record.get("method_resolved") or {}, source=source, task=task, metric=metric,
-               baseline=_baseline(record, metric))
+               baseline=record_baseline(record, metric))
 
 
 def record_from_wandb(config: dict, summary: dict, state: str) -> dict:
@@ -225,8 +227,7 @@ def row_sort_key(run: Run) -> tuple:
 
 
 def task_label(config: dict) -> str:
-    data = config.get("data") or {}
-    return str(data.get("subset") or data.get("name") or "task")
+    return task_name(config.get("data") or {})
 
 
 def run_task(run: Run) -> str:

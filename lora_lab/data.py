@@ -22,7 +22,6 @@ validation or test split the source provides are dropped too. Evaluation splits 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os

@@ -18,11 +18,6 @@ def classification_metrics(labels, predictions) -> dict[str, float]:
     }
 
 
-def majority_class_accuracy(labels) -> float:
-    labels = list(labels)
-    return max(labels.count(v) for v in set(labels)) / len(labels)
-
-
 def regression_metrics(targets, predictions) -> dict[str, float]:
     from scipy.stats import pearsonr, spearmanr
 
