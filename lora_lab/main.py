@@ -202,6 +202,8 @@ def app(cfg: DictConfig) -> float:
 def hydra_error_line(error: Exception) -> str:
     """Hydra's multi-line report of a bad override or config choice, as one line."""
     line = first_line(error).rstrip(".")
+    # a resolver's own one-line ConfigError (e.g. ${pick:} with an lr_step outside the grid) says it all
+    line = line.removeprefix("ConfigError raised while resolving interpolation: ")
     override = getattr(error, "override", None)  # an override that could not be parsed
     if override and override not in line:
         line = f"{override}: {line}"

@@ -116,8 +116,11 @@ def test_an_lr_step_outside_the_grid_is_one_line():
     from omegaconf.errors import InterpolationResolutionError
 
     cfg = compose_job(["sweep=fair"], ["arm=head", "lr_step=4", "seed=0"])
-    with pytest.raises(InterpolationResolutionError, match=r"lr_step=4: must be an index into the grid"):
+    with pytest.raises(InterpolationResolutionError, match=r"lr_step=4: must be an index into the grid") as error:
         cfg.trainer.lr
+    from lora_lab.main import hydra_error_line
+
+    assert hydra_error_line(error.value).startswith("lr_step=4: must be an index into the grid [0.001, 0.003,")
 
 
 def test_embedded_study_grid():
