@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -158,11 +159,29 @@ def dense_svd(M: torch.Tensor, k: int | None = None, method: str = "auto", niter
     return out
 
 
+@contextmanager
+def one_thread():
+    """Run torch on one thread inside the block. For the many small decompositions of factors (d x k):
+    with more threads than idle cores each call waits at its thread barriers for descheduled threads,
+    which made the factored analysis of a LLaMA-7B-shaped pair 6 to 17x slower on a busy 2-core machine;
+    one thread loses little on an idle one, since the matrices are thin."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def delta_svd(delta: DeltaW, k: int | None = None, method: str = "auto", niter: int = 2,
               generator: torch.Generator | None = None) -> SVD:
     """SVD of ΔW: from the factors when it has them (all of its at most k_factor directions), else dense."""
     if delta.B is not None and delta.A is not None:
-        return factored_svd(delta.B, delta.A)
+        with one_thread():
+            return factored_svd(delta.B, delta.A)
     if delta.dense is None:
         raise ConfigError("delta_w", "module", "has neither a dense ΔW nor factors B and A")
     return dense_svd(delta.dense, k=k, method=method, niter=niter, generator=generator)
@@ -516,7 +535,8 @@ def analyse_runs(runs: Sequence[RunDeltas], pairs: Sequence[tuple[int, int]] | N
     missing_base = []
     for name in iterator:
         layer, mtype = split_module_name(name)
-        deltas = [run.load(name) for run in runs]
+        with one_thread():  # reading and checking: elementwise work on thin factors, see one_thread
+            deltas = [run.load(name) for run in runs]
         svds = [delta_svd(d, k=dense_k, method=opts.dense_svd, niter=opts.niter, generator=gen) for d in deltas]
         for run, d, s in zip(runs, deltas, svds):
             res.spectra.append({
@@ -527,8 +547,9 @@ def analyse_runs(runs: Sequence[RunDeltas], pairs: Sequence[tuple[int, int]] | N
             })
         if want_t7:
             _table7_for_module(res, runs, deltas, svds, name, layer, mtype, opts, gen, missing_base)
-        for p, (a, b) in enumerate(pairs):
-            _phi_for_module(res, p, deltas[a], deltas[b], svds[a], svds[b], name, layer, mtype, basis, opts, gen)
+        with one_thread():  # d x k bases only: small work, see one_thread
+            for p, (a, b) in enumerate(pairs):
+                _phi_for_module(res, p, deltas[a], deltas[b], svds[a], svds[b], name, layer, mtype, basis, opts, gen)
         del deltas, svds
     if missing_base:
         res.notes.append(f"Table 7 skipped for {len(missing_base)} module(s) without a saved W0: "

@@ -1,12 +1,15 @@
-"""Subspace report over saved runs: spectra, effective ranks, phi heatmaps and the paper's Table 7.
+"""Subspace report over saved runs and PEFT adapters: spectra, effective ranks, phi heatmaps and the paper's Table 7.
 
-    lora-lab-subspace RUN_DIR [RUN_DIR ...] --out REPORT_DIR [options]
+    lora-lab-subspace SOURCE [SOURCE ...] --out REPORT_DIR [--base MODEL] [options]
 
-Each RUN_DIR is a completed lora_lab run (record.json and delta_w.safetensors); both are checked
-before anything is analysed, and the report says which epoch each run's ΔW comes from (the record's
-"files": the best epoch; records of schema version 1: the last epoch). Modules shared by all
-runs are analysed, one at a time, streamed from the safetensors files. phi compares pairs of runs
-(``--pairs``), so it needs two runs or more; one run can be analysed with ``--analyses spectra,table7``.
+Each SOURCE is a completed lora_lab run (record.json and delta_w.safetensors), a PEFT LoRA adapter
+folder (adapter_config.json and adapter_model.safetensors) or the Hub id of one (``user/repo``); all
+are checked before anything is analysed (``sources``), and the report says where each ΔW comes from
+(a run's record "files": the best epoch; records of schema version 1: the last epoch). Modules shared
+by all sources are analysed, one at a time, streamed from the safetensors files, LoRA factors never
+multiplied out. phi compares pairs of sources (``--pairs``), so it needs two or more; one can be
+analysed with ``--analyses spectra,table7``. Table 7 needs W0: runs carry it, PEFT adapters get it
+from ``--base``; without it the report leaves Table 7 out and says why.
 Writes PNG figures, CSV + Markdown tables, phi.safetensors and a report.md that links them.
 """
 from __future__ import annotations
@@ -24,12 +27,12 @@ from typing import Sequence
 
 import torch
 
+from lora_lab.analysis.sources import Sources, check_same_base, load_sources, run_label  # noqa: F401 - run_label: API
 from lora_lab.analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions, AnalysisResult, RunDeltas,
-                               analyse_runs, make_pairs, short_type_names)
+                                        analyse_runs, make_pairs, short_type_names)
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table as format_markdown
-from lora_lab.methods import describe_method
-from lora_lab.records import DeltaWeightsFile, delta_epoch, load_record, open_delta_weights, save_tensors
+from lora_lab.records import DeltaWeightsFile, save_tensors
 
 MAX_HEATMAP_PANELS = 32
 
@@ -41,42 +44,12 @@ MAX_HEATMAP_PANELS = 32
 DeltaFile = DeltaWeightsFile
 
 
-def run_label(record: dict) -> str:
-    cfg = record.get("config") or {}
-    method = describe_method(cfg.get("method"), record.get("method_resolved"))
-    label = method.label()
-    if cfg.get("seed") is not None:
-        label += f" seed={cfg['seed']}"
-    return label
-
-
-def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dict], list[str]]:
-    """The runs with their ΔW, their records, and the labels of runs whose method changed no weight
-    matrix (ΔW = 0 everywhere, e.g. BitFit): those have nothing to analyse and are left out. Every
-    record and ΔW file is checked (``load_record``, ``open_delta_weights``) before any is analysed."""
-    records, files = [], []
-    for run_dir in run_dirs:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise ConfigError("run", str(run_dir), "is not a directory")
-        record = load_record(run_dir)
-        records.append(record)
-        files.append(open_delta_weights(record))
-    labels = [run_label(r) for r in records]
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} ({Path(run_dirs[i]).name})"
-    if len(set(labels)) < len(labels):  # same label and same folder name: number them
-        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
-    runs, kept, unchanged = [], [], []
-    for label, record, f in zip(labels, records, files):
-        if not f.shapes:
-            unchanged.append(label)
-            continue
-        kept.append(record)
-        r = describe_method((record.get("config") or {}).get("method"), record.get("method_resolved")).rank()
-        runs.append(RunDeltas(label, f.shapes, f.load, f.factored, r))
-    return runs, kept, unchanged
+def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunDeltas], list[dict | None], list[str]]:
+    """The runs with their ΔW, their records (None for a PEFT adapter), and the labels of runs whose
+    method changed no weight matrix (ΔW = 0 everywhere, e.g. BitFit), which are left out. Every source
+    is checked before any is analysed; ``load_sources`` says more about each."""
+    sources = load_sources(run_dirs)
+    return sources.runs, [s.record for s in sources.analysed], sources.unchanged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +109,12 @@ def _select_layers(layers: list, wanted: list[int] | None) -> list:
 
 def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
                  heatmap_layers: list[int] | None = None, elapsed: float | None = None,
-                 epochs: Sequence[str | None] | None = None) -> dict:
-    """report.md with its figures and tables; ``epochs``: which epoch each run's ΔW comes from."""
+                 epochs: Sequence[str | None] | None = None, table7_missing: str | None = None,
+                 source_header: str = "run directory") -> dict:
+    """report.md with its figures and tables. ``run_dirs``: where each source is (run directory, adapter
+    folder or Hub id); ``epochs``: where each ΔW comes from (a run's epoch, how an adapter's ΔW is
+    formed); ``table7_missing``: why Table 7 was not computed, when it was asked for; ``source_header``:
+    the name of the column of ``run_dirs``."""
     from lora_lab.analysis import subspace_plots as plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +124,7 @@ def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
     tables: dict[str, tuple[list[str], list[list]]] = {}
     md = ["# Subspace analysis of ΔW (LoRA paper, Section 7)", ""]
     epochs = list(epochs) if epochs is not None else [None] * len(res.labels)
-    md += ["Runs:", "", markdown_table(["#", "label", "ΔW from", "run directory"],
+    md += ["Runs:", "", markdown_table(["#", "label", "ΔW from", source_header],
                                        [[i + 1, lab, epoch or "-", str(d)] for i, (lab, epoch, d)
                                         in enumerate(zip(res.labels, epochs, run_dirs))]), ""]
     md += [f"Modules analysed: {len(res.modules)} (shared by all runs), matrix types: "
@@ -168,6 +145,8 @@ def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
         md += _phi_section(res, out, short, images, tables, plots, heatmap_layers)
     if "table7" in opts.analyses:
         md += _table7_section(res, out, short, tables)
+    elif table7_missing:
+        md += [_TABLE7_TITLE, "", f"Not computed: {table7_missing}", ""]
     if res.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
     (out / "report.md").write_text("\n".join(md))
@@ -282,8 +261,11 @@ def _phi_section(res, out, short, images, tables, plots, heatmap_layers) -> list
     return md
 
 
+_TABLE7_TITLE = "## Table 7: does ΔW amplify directions of W?"
+
+
 def _table7_section(res, out, short, tables) -> list[str]:
-    md = ["## Table 7: does ΔW amplify directions of W?", "",
+    md = [_TABLE7_TITLE, "",
           "U, V: the top-r left / right singular vectors of ΔW, of W (= W0, the weights before training) or "
           "of a random Gaussian matrix; the columns give ||U^T W V||_F for each, ||W||_F, ||ΔW||_F and the "
           "amplification factor ||ΔW||_F / ||U^T W V||_F (ΔW directions). Random directions are uniformly "
@@ -319,7 +301,9 @@ def _table7_section(res, out, short, tables) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-lab-subspace", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="completed lora_lab run directories")
+    p.add_argument("runs", nargs="+", metavar="SOURCE",
+                   help="completed lora_lab run directories, PEFT LoRA adapter folders (adapter_config.json + "
+                        "adapter_model.safetensors) or Hub ids of such adapters (user/repo), mixed freely")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="folder for report.md, figures and tables")
     p.add_argument("--pairs", default="all", choices=["all", "first", "consecutive"],
                    help="which runs phi compares: every pair, the first run against each other, or neighbours")
@@ -337,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip Table 7's W column (a top-r SVD of every W0, randomized above 1024)")
     p.add_argument("--random-draw", action="store_true",
                    help="Table 7: also project W onto one random draw of directions (costs a pass over W0)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="W0 for Table 7 of PEFT adapters: a local base-model folder (.safetensors, sharded or not) "
+                        "or one .safetensors file; without it Table 7 is left out for them")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="compare (phi) sources whose recorded base models have different names")
     p.add_argument("--block", type=int, default=None, help="phi summary block size (default min(k1, k2))")
     p.add_argument("--layers", default=None,
                    help=f"comma-separated layers to draw heatmaps for (default all, at most {MAX_HEATMAP_PANELS})")
@@ -360,21 +349,43 @@ def _parse_list(text: str | None, key: str, cast=str) -> list | None:
         raise ConfigError(key, text, "must be a comma-separated list of integers") from None
 
 
+def _options(args: argparse.Namespace) -> AnalysisOptions:
+    return AnalysisOptions(analyses=tuple(_parse_list(args.analyses, "analyses")), basis=args.basis, side=args.side,
+                           energy=args.energy, dense_dirs=args.dense_dirs, table7_rank=args.rank,
+                           w_row=not args.no_w_row, random_draw=args.random_draw, block=args.block, seed=args.seed)
+
+
+def _table7_without_w0(sources: Sources, opts: AnalysisOptions) -> str | None:
+    """Why Table 7 cannot be computed for some sources (PEFT adapters without --base), or None. When
+    no source has W0, Table 7 is dropped from the analyses: the report keeps what needs ΔW alone."""
+    lacking = sources.without_w0
+    if "table7" not in opts.analyses or not lacking:
+        return None
+    reason = (f"Table 7 needs W0, the base model's weights, which a PEFT adapter does not hold "
+              f"({', '.join(lacking)}); pass --base MODEL (a local model folder with .safetensors weights, or "
+              "one .safetensors file) to compute it")
+    if len(lacking) == len(sources.analysed):
+        if opts.analyses == ("table7",):
+            raise ConfigError("analyses", "table7", reason)
+        opts.analyses = tuple(a for a in opts.analyses if a != "table7")
+    return reason
+
+
 def run_report(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("threads", args.threads, "must be >= 1")
         torch.set_num_threads(args.threads)
-    analyses = tuple(_parse_list(args.analyses, "analyses"))
+    opts = _options(args)
     layers = _parse_list(args.layers, "layers", int)
-    opts = AnalysisOptions(analyses=analyses, basis=args.basis, side=args.side, energy=args.energy,
-                           dense_dirs=args.dense_dirs, table7_rank=args.rank, w_row=not args.no_w_row,
-                           random_draw=args.random_draw,
-                           block=args.block, seed=args.seed)
-    if "phi" in analyses and len(args.runs) < 2:  # say so before reading any file
+    if "phi" in opts.analyses and len(args.runs) < 2:  # say so before reading any file
         opts.check([RunDeltas(str(r), {}, None, {}) for r in args.runs], [])
-    runs, records, unchanged = load_runs(args.runs)
+    sources = load_sources(args.runs, base=args.base)
+    if args.base is not None and not any(s.kind == "peft" for s in sources.analysed):
+        print("note: --base gives W0 to PEFT adapters; run directories carry their own, so it is not used")
+    runs = sources.runs
     out = Path(args.out)
+    unchanged = sources.unchanged
     zero_note = (f"ΔW = 0 for every weight matrix of {', '.join(unchanged)}: the method trains no weight "
                  "matrix (e.g. BitFit), so there is nothing to analyse there; left out.") if unchanged else None
     if zero_note:
@@ -386,24 +397,33 @@ def run_report(args: argparse.Namespace) -> dict:
     if "phi" in opts.analyses and len(runs) < 2:
         opts.analyses = tuple(a for a in opts.analyses if a != "phi")
         print("note: subspace similarity (phi) needs two runs with a non-zero ΔW; skipped")
-    kept_dirs = [record["run_dir"] for record in records]
     pairs = make_pairs(len(runs), args.pairs)
+    if "phi" in opts.analyses and not args.allow_base_mismatch:
+        check_same_base(sources, pairs)
+    no_w0 = _table7_without_w0(sources, opts)
+    if no_w0:
+        print(f"note: {no_w0}")
     t0 = time.perf_counter()
     res = analyse_runs(runs, pairs, opts, progress=None if not args.no_progress else False)
     elapsed = time.perf_counter() - t0
+    res.notes[:0] = sources.notes + ([no_w0 + "."] if no_w0 and "table7" in opts.analyses else [])
     if zero_note:
         res.notes.append(zero_note)
-    written = write_report(res, kept_dirs, out, layers, elapsed, [delta_epoch(record) for record in records])
+    analysed = sources.analysed
+    all_runs = all(s.kind == "run" for s in analysed)
+    written = write_report(res, [s.location for s in analysed], out, layers, elapsed, [s.origin for s in analysed],
+                           table7_missing=None if "table7" in opts.analyses else no_w0,
+                           source_header="run directory" if all_runs else "source")
     if args.wandb:
-        _log_wandb(args, res, records, written)
+        _log_wandb(args, res, sources, written)
     return written
 
 
-def _log_wandb(args, res: AnalysisResult, records: list[dict], written: dict) -> None:
+def _log_wandb(args, res: AnalysisResult, sources: Sources, written: dict) -> None:
     from lora_lab.tracking import Tracker
 
     config = {"runs": [str(r) for r in args.runs], "labels": res.labels,
-              "delta_w_from": [delta_epoch(record) for record in records], "analyses": list(res.options.analyses),
+              "delta_w_from": [s.origin for s in sources.analysed], "analyses": list(res.options.analyses),
               "basis": res.basis, "side": res.options.side, "energy": res.options.energy, "seed": res.options.seed}
     tracker = Tracker.start(config, mode=args.wandb_mode, project=args.wandb_project,
                             name="subspace: " + " vs ".join(res.labels), tags=["subspace"], directory=args.out)

@@ -4,15 +4,18 @@
         tensors   model/<name>            the trainable parameters (never the frozen base)
                   optimizer/<i>/<key>     the optimiser's state per parameter
                   rng/torch, rng/cuda/<i>, rng/numpy
+                  rank<k>/rng/...         the same for rank k > 0 of a torchrun launch
                   progress/<name>         per-step series so far (losses of the current epoch, step times)
         metadata  config                  the settings that change results (run_identity.result_config)
                   progress                step, epoch, position in the epoch, per-epoch metrics, best so
                                           far, measurements so far
-                  optimizer, scheduler, rng_python, rng_numpy
+                  optimizer, scheduler, rng_python, rng_numpy (rank<k>/rng_python, ... for rank k > 0)
     <run_dir>/checkpoint/best-epoch<N>.safetensors    the trainable state of the best epoch so far
 
 A best-epoch file is written before the checkpoint that names it, and older ones are deleted only
-after, so a kill at any moment leaves a checkpoint whose files all exist.
+after, so a kill at any moment leaves a checkpoint whose files all exist. Under torchrun rank 0 writes
+the one checkpoint (the trainable and optimiser state are the same on every rank) with every rank's
+random number generator states; each rank restores its own.
 """
 from __future__ import annotations
 
@@ -81,6 +84,15 @@ def _rng_meta() -> dict[str, str]:
             "rng_numpy": json.dumps([int(pos), int(has_gauss), float(cached)])}
 
 
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's random number generator states: tensors and header entries."""
+    return _rng_tensors(), _rng_meta()
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"rank{rank}/" if rank else ""
+
+
 def _optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], str]:
     state = optimizer.state_dict()
     tensors = {f"optimizer/{index}/{key}": value for index, entry in state["state"].items()
@@ -89,13 +101,17 @@ def _optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def save(directory: Path, model, optimizer, scheduler, config: dict, progress: dict,
-         series: dict[str, torch.Tensor]) -> Path:
-    """Write ``last.safetensors`` atomically; ``series``: per-step values kept as tensors."""
+         series: dict[str, torch.Tensor], rng_states: list | None = None) -> Path:
+    """Write ``last.safetensors`` atomically; ``series``: per-step values kept as tensors;
+    ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's)."""
     optimizer_tensors, groups = _optimizer_parts(optimizer)
     tensors = {**{f"model/{k}": v for k, v in trainable_state(model).items()}, **optimizer_tensors,
-               **_rng_tensors(), **{f"progress/{k}": v for k, v in series.items()}}
+               **{f"progress/{k}": v for k, v in series.items()}}
     meta = {"format": FORMAT, "config": json.dumps(config, default=str), "progress": json.dumps(progress),
-            "optimizer": groups, "scheduler": json.dumps(scheduler.state_dict()), **_rng_meta()}
+            "optimizer": groups, "scheduler": json.dumps(scheduler.state_dict())}
+    for rank, (rng_tensors, rng_meta) in enumerate(rng_states or [rng_state()]):
+        tensors.update({_rank_prefix(rank) + k: v for k, v in rng_tensors.items()})
+        meta.update({_rank_prefix(rank) + k: v for k, v in rng_meta.items()})
     path = Path(directory) / LAST
     records.save_tensors(path, tensors, metadata=meta)
     return path
@@ -175,14 +191,15 @@ def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
     scheduler.load_state_dict(checkpoint.meta["scheduler"])
 
 
-def restore_rng(checkpoint: Checkpoint) -> None:
-    version, state, gauss = checkpoint.meta["rng_python"]
+def restore_rng(checkpoint: Checkpoint, rank: int = 0) -> None:
+    prefix = _rank_prefix(rank)
+    version, state, gauss = checkpoint.meta[prefix + "rng_python"]
     random.setstate((version, tuple(state), gauss))
-    pos, has_gauss, cached = checkpoint.meta["rng_numpy"]
-    np.random.set_state(("MT19937", checkpoint.tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss,
-                         cached))
-    torch.set_rng_state(checkpoint.tensors["rng/torch"])
-    cuda = [checkpoint.tensors[f"rng/cuda/{i}"] for i in range(len(checkpoint.group("rng/cuda")))]
+    pos, has_gauss, cached = checkpoint.meta[prefix + "rng_numpy"]
+    np.random.set_state(("MT19937", checkpoint.tensors[prefix + "rng/numpy"].numpy().astype(np.uint32), pos,
+                         has_gauss, cached))
+    torch.set_rng_state(checkpoint.tensors[prefix + "rng/torch"])
+    cuda = [checkpoint.tensors[f"{prefix}rng/cuda/{i}"] for i in range(len(checkpoint.group(prefix + "rng/cuda")))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 

@@ -91,22 +91,26 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
     carries on, except after a stop signal (the whole process is being stopped).
     ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into."""
     from lora_lab.checkpoint import CHECKPOINT_DIR, peek_progress
+    from lora_lab.distributed import Distributed, setup as setup_distributed
     from lora_lab.preemption import Preempted, StopRequests
     from lora_lab.tracking import Tracker
     from lora_lab.tasks import main_metric
     from lora_lab.train import Diverged, run_training
     from lora_lab.validate import check_config
 
-    tracker, stop = None, StopRequests()
+    tracker, stop, dist = None, StopRequests(), Distributed()
     try:
         check_config(cfg)
+        dist = setup_distributed(cfg.trainer.device)  # under torchrun: join the run's process group
         monitor = f"validation/{main_metric(cfg.data)}"
         done = completed_record(cfg, run_dir) if cfg.trainer.get("skip_done", True) else None
         if done is not None:
             print(f"[lora_lab] already completed, skipped: {run_dir} (trainer.skip_done=false trains it again)")
             return float(done["best"][monitor])
         config = OmegaConf.to_container(cfg, resolve=True)
-        if wandb_run is not None:  # the sweep groups its trials
+        if not dist.is_main:  # rank 0 alone logs the run
+            tracker = Tracker(None)
+        elif wandb_run is not None:  # the sweep groups its trials
             tracker = Tracker.attach(wandb_run, config, name=run_name(cfg))
         else:
             previous = peek_progress(run_dir / CHECKPOINT_DIR) if cfg.trainer.get("resume", True) else None
@@ -115,7 +119,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
                 name=run_name(cfg), group=cfg.logger.get("group") or sweep_name, tags=cfg.logger.get("tags"),
                 directory=run_dir, run_id=(previous or {}).get("wandb_run_id"))
         with stop:
-            record = run_training(cfg, run_dir, tracker, stop)
+            record = run_training(cfg, run_dir, tracker, stop, dist)
         tracker.finish(exit_code=0)
         return float(record["best"][monitor])
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
@@ -125,7 +129,8 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
         failed = {"schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
                   "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)}
-        records.write_json(run_dir / records.RECORD_FILE, failed)
+        if dist.is_main:
+            records.write_json(run_dir / records.RECORD_FILE, failed)
         release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
         if tracker is not None:
             if kind == "preempted":
@@ -183,6 +188,9 @@ def _state_note(cfg: DictConfig, run_dir: Path, progress: dict | None) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def app(cfg: DictConfig) -> float:
+    from lora_lab.distributed import adopt_submitit_environment
+
+    adopt_submitit_environment()  # launcher=slurm_ddp: one job, several tasks, one DDP run
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -216,11 +224,17 @@ def hydra_error_line(error: Exception) -> str:
     return line
 
 
+RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
 def main() -> None:
     """Hydra's own errors (unknown keys, unknown config choices, override syntax) are bad input: one
     line and exit 2, like every other bad input. HYDRA_FULL_ERROR=1 keeps Hydra's full report."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: rank 0 alone writes Hydra's files
+        sys.argv.extend(RANK_OVERRIDES)
 
     full_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1

@@ -1,6 +1,7 @@
 """Measurements every run reports: parameter counts, peak memory, throughput and latency."""
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
@@ -99,13 +100,30 @@ class PeakMemory:
 
 
 def higher_peak(kept: dict | None, new: dict) -> dict:
-    """The larger of two peak-memory readings (of two spans, or of a run before and after a resume)."""
+    """The larger of two peak-memory readings (of two spans, or of a run before and after a resume);
+    per-rank lists element by element."""
     if not kept:
         return dict(new)
     out = dict(kept)
     for key in ("peak_memory_mb", "peak_memory_reserved_mb"):
         if key in new:
             out[key] = max(out.get(key, 0.0), new[key])
+        if f"{key}_per_rank" in new:
+            previous = out.get(f"{key}_per_rank") or [0.0] * len(new[f"{key}_per_rank"])
+            out[f"{key}_per_rank"] = [max(a, b) for a, b in zip(previous, new[f"{key}_per_rank"])]
+    return out
+
+
+def combine_ranks(readings: list[dict]) -> dict:
+    """One reading from every rank's: the maximum (what the largest process needed) and, over several
+    ranks, each rank's peak."""
+    if len(readings) == 1:
+        return readings[0]
+    out = dict(readings[0])
+    for key in ("peak_memory_mb", "peak_memory_reserved_mb"):
+        if key in out:
+            out[f"{key}_per_rank"] = [r[key] for r in readings]
+            out[key] = max(out[f"{key}_per_rank"])
     return out
 
 
@@ -122,7 +140,8 @@ class Throughput:
         self.step_times: list[float] = []
 
     @contextmanager
-    def step(self, batch: dict):
+    def step(self, batch: dict, examples: int | None = None):
+        """``examples``: how many of the batch's examples count (0: a stand-in, see lora_lab.sampling)."""
         synchronize(self.device)
         start = time.perf_counter()
         yield
@@ -131,8 +150,9 @@ class Throughput:
         self.steps += 1
         if self.steps > self.warmup_steps:
             self.seconds += elapsed
-            self.samples += batch["input_ids"].shape[0]
-            self.tokens += float(batch["attention_mask"].sum())
+            counted = batch["input_ids"].shape[0] if examples is None else examples
+            self.samples += counted
+            self.tokens += float(batch["attention_mask"][:counted].sum())
             self.step_times.append(elapsed)
 
     def state(self) -> dict[str, float]:
@@ -143,6 +163,7 @@ class Throughput:
         self.step_times = list(step_times)
 
     def summary(self) -> dict[str, float]:
+        """This process's figures (over several ranks, ``throughput_over_ranks`` gives the run's)."""
         if not self.step_times:
             return {"train_samples_per_s": float("nan"), "train_tokens_per_s": float("nan"),
                     "train_step_ms_median": float("nan"), "measured_steps": 0}
@@ -152,3 +173,15 @@ class Throughput:
             "train_step_ms_median": 1000 * statistics.median(self.step_times),
             "measured_steps": len(self.step_times),
         }
+
+
+def throughput_over_ranks(states: list[dict[str, float]]) -> dict:
+    """The run's training throughput from every rank's ``Throughput.state()``: the sum of the ranks'
+    rates (each rank's examples over its own measured time). Empty for one process, where
+    ``Throughput.summary`` already is the run's."""
+    if len(states) <= 1:
+        return {}
+    rates = [(s["samples"] / s["seconds"], s["tokens"] / s["seconds"]) if s["seconds"] else (math.nan, math.nan)
+             for s in states]
+    return {"train_samples_per_s": sum(r[0] for r in rates), "train_tokens_per_s": sum(r[1] for r in rates),
+            "train_samples_per_s_per_rank": [r[0] for r in rates], "world_size": len(states)}

@@ -123,6 +123,36 @@ def enable_gradient_checkpointing(model) -> None:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def weights_dtype(cfg):
+    """The dtype ``model.dtype`` stores the pre-trained weights in (fp32 when the key is absent)."""
+    import torch
+
+    return getattr(torch, WEIGHT_DTYPES[cfg.get("dtype") or "fp32"])
+
+
+def cast_trainable_to_fp32(model) -> None:
+    """After a method is applied to a bf16 base: the trainable parameters (method, head) in fp32, so
+    that updates and AdamW state keep full precision while the frozen weights stay bf16. Normalisation
+    layers stay fp32 whole, as in the usual mixed precision: they are small, and one with a trainable
+    bias and a frozen weight (BitFit) would otherwise mix dtypes, which CPU layer norms refuse."""
+    import torch
+
+    def to_fp32(p) -> None:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                to_fp32(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            to_fp32(p)
+
+
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
@@ -184,10 +214,15 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None, task:
                             intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
                             hidden_dropout_prob=cfg.get("dropout", 0.1),
                             attention_probs_dropout_prob=cfg.get("dropout", 0.1), **label_kwargs)
-        model = random_class(config)
+        model = random_class(config).to(weights_dtype(cfg))
     else:
         model = _from_pretrained(auto_class, cfg, label_kwargs)
-    return PooledClassifier(model, pooling) if pooled else model
+    return PooledClassifier(model, pooling).to(weights_dtype(cfg)) if pooled else model
+
+
+def _dtype_kwargs(cfg) -> dict:
+    """Loaded straight into bf16 (no fp32 copy first) when ``model.dtype=bf16``."""
+    return {"dtype": weights_dtype(cfg)} if (cfg.get("dtype") or "fp32") != "fp32" else {}
 
 
 def _from_pretrained(auto_class, cfg, label_kwargs: dict):
@@ -201,7 +236,7 @@ def _from_pretrained(auto_class, cfg, label_kwargs: dict):
     try:
         return auto_class.from_pretrained(
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
-            **label_kwargs)
+            **_dtype_kwargs(cfg), **label_kwargs)
     except (OSError, ValueError, SafetensorError) as error:  # missing, corrupt or unusable files
         raise ConfigError("model.name", path, f"could not be loaded: {first_line(error)}") from None
     finally:

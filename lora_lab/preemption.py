@@ -1,8 +1,9 @@
 """Stopping cleanly when the scheduler says the node is going away.
 
-SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1 some time before the end); submitit uses SIGUSR1
-for its checkpoint-and-requeue protocol. While training runs, these signals only raise a flag: the
-loop finishes the step it is in, writes a checkpoint and raises ``Preempted``. The command then exits
+SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1 or another signal some time before the end);
+submitit uses SIGUSR2 (its ``SUBMITIT_PREEMPT_SIGNAL``) for its checkpoint-and-requeue protocol. While
+training runs, these signals only raise a flag: the loop finishes the step it is in, writes a
+checkpoint and raises ``Preempted``. The command then exits
 with 128 + the signal number (143 for SIGTERM), the status a shell or launcher reports for a job
 ended by that signal; a handler installed before ours (submitit's) is called after the checkpoint is
 written, so a launcher's requeue still happens.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(Exception):
@@ -27,7 +28,7 @@ class Preempted(Exception):
 
 
 class StopRequests:
-    """Context manager: while inside, SIGTERM and SIGUSR1 set ``signum`` instead of ending the process."""
+    """Context manager: while inside, SIGTERM, SIGUSR1 and SIGUSR2 set ``signum`` instead of ending the process."""
 
     def __init__(self):
         self.signum: int | None = None

@@ -39,8 +39,14 @@ def _drop(tree: dict, prefix: str = "") -> dict:
 
 
 def result_config(config: dict) -> dict:
-    """The resolved config without the settings that do not change results (nor Hydra's own)."""
-    return _drop({k: v for k, v in config.items() if k != "hydra"})
+    """The resolved config without the settings that do not change results (nor Hydra's own).
+    ``trainer.world_size`` counts only above 1, so one-process runs keep the identity they had
+    before the key existed."""
+    out = _drop({k: v for k, v in config.items() if k != "hydra"})
+    trainer = out.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("world_size") == 1:
+        out["trainer"] = {k: v for k, v in trainer.items() if k != "world_size"}
+    return out
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -13,6 +13,8 @@ Before going online, one TCP connection to the server (or to the HTTP(S) proxy i
 for at most PROBE_TIMEOUT seconds, so a machine without network falls back at once. When the server
 is reachable, `wandb.init` gets `init_timeout` seconds: the `init_timeout` argument, else the
 WANDB_INIT_TIMEOUT environment variable, else DEFAULT_INIT_TIMEOUT.
+
+With ``logger.log_model=true`` a completed run is also logged as a model artifact (``Tracker.log_model``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 DEFAULT_INIT_TIMEOUT = 30.0
 # Seconds to open one TCP connection to the server (name lookup included) before trying wandb.init.
 PROBE_TIMEOUT = 5.0
+# A run's model artifact holds its best epoch's state; "latest" moves to the newest version.
+MODEL_ALIASES = ("best", "latest")
 
 
 def base_url() -> str:
@@ -248,7 +252,61 @@ class Tracker:
         except Exception:  # noqa: BLE001 - a notice to W&B must not disturb the shutdown
             pass
 
+    def log_model(self, run_dir: str | Path, record: dict) -> None:
+        """With ``logger.log_model=true`` (read from the record's config): log the run's record and
+        trainable state, and for LoRA and DoRA its PEFT adapter (exported to ``<run dir>/peft_adapter``),
+        as the model artifact ``model-<W&B run id>`` with the aliases "best" (the files hold the best
+        epoch) and "latest". A no-op without a W&B run; a failure is one line on stderr, never an error:
+        the run itself is complete."""
+        logger = (record.get("config") or {}).get("logger") or {}
+        if self.run is None or not logger.get("log_model"):
+            return
+        try:
+            artifact = model_artifact(self.run.id, Path(run_dir), record)
+            self.run.log_artifact(artifact, aliases=list(MODEL_ALIASES))
+        except Exception as error:  # noqa: BLE001 - the record is written; logging it must not fail the run
+            print(f"lora-lab: the model artifact was not logged to W&B ({type(error).__name__}: "
+                  f"{first_line(error)})", file=sys.stderr, flush=True)
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def model_artifact_name(run_id: str) -> str:
+    """The name a run's model artifact has in its project: a sweep's best run's model is
+    ``<entity>/<project>/model-<its run id>:best``."""
+    return f"model-{run_id}"
+
+
+def model_artifact(run_id: str, run_dir: Path, record: dict):
+    """A W&B model artifact of a completed run: record.json, the trainable state and, for a method
+    that exports to PEFT, the adapter folder (written into the run directory first)."""
+    import wandb
+
+    from lora_lab import records
+    from lora_lab.peft_export import ADAPTER_DIR, EXPORTABLE, export_run
+
+    files = [run_dir / records.RECORD_FILE, run_dir / records.STATE_FILE]
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} has no {missing[0]}")
+    best = record.get("best") or {}
+    metadata = {"method": record.get("method"), "method_resolved": record.get("method_resolved"),
+                "best_epoch": best.get("epoch"), "peft_adapter": record.get("method") in EXPORTABLE,
+                **{k: v for k, v in best.items() if k.startswith(("validation/", "test/"))}}
+    if metadata["peft_adapter"]:
+        try:
+            export_run(run_dir, run_dir / ADAPTER_DIR, force=True, check=False)
+        except Exception as error:  # noqa: BLE001 - e.g. peft not installed: the state is still worth logging
+            metadata["peft_adapter"] = False
+            print(f"lora-lab: the model artifact goes without a PEFT adapter ({type(error).__name__}: "
+                  f"{first_line(error)})", file=sys.stderr, flush=True)
+    artifact = wandb.Artifact(model_artifact_name(run_id), type="model", metadata=metadata,
+                              description=f"{record.get('method')} run {run_dir.name}: trained state of its best epoch")
+    for path in files:
+        artifact.add_file(str(path), name=path.name)
+    if metadata["peft_adapter"]:
+        artifact.add_dir(str(run_dir / ADAPTER_DIR), name=ADAPTER_DIR)
+    return artifact

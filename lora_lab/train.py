@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,12 @@ from tqdm.auto import tqdm
 
 from lora_lab import checkpoint, measure, records
 from lora_lab.data import Collator, column_values, load_task_data
+from lora_lab.distributed import Distributed, device_for
+from lora_lab.distributed import setup as setup_distributed
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, pooling_of
+from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing, load_model, load_tokenizer, \
+    pooling_of, weights_dtype
 from lora_lab.precision import autocast
 from lora_lab.preemption import Preempted, StopRequests
 from lora_lab.run_identity import result_config
@@ -78,28 +83,41 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def own_batches(loader, dist: Distributed):
+    """The evaluation batches this rank predicts: every ``world_size``-th, from its rank on."""
+    if not dist.enabled:
+        return loader
+    batches = [b for i, b in enumerate(loader.batch_sampler) if i % dist.world_size == dist.rank]
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn)
+
+
 @torch.no_grad()
-def predict(model, loader, device, precision: str, task: TaskType) -> tuple[list, list[float]]:
+def predict(model, loader, device, amp, task: TaskType,
+            dist: Distributed = Distributed()) -> tuple[list, list[float]]:
     """Predictions on one split in order, plus the per-batch forward latency in ms. Tagging: per
-    sentence, the predicted tag of each word (at its first sub-token)."""
+    sentence, the predicted tag of each word (at its first sub-token). Over several ranks each
+    predicts its share of the batches (the same batches as one process) and all get every prediction."""
     model.eval()
-    predictions, latencies = [], []
-    for batch in loader:
+    per_batch, latencies = [], []
+    for batch in own_batches(loader, dist):
         batch = to_device(batch, device)
         synchronize(device)
         start = time.perf_counter()
-        with autocast(device, precision):
+        with amp():  # the run's autocast context (lora_lab.precision)
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         synchronize(device)
         latencies.append(1000 * (time.perf_counter() - start))
         if task.head == "token":
             tags, labels = logits.argmax(-1).cpu(), batch["labels"].cpu()
-            predictions.extend(row[gold != IGNORED].tolist() for row, gold in zip(tags, labels))
+            per_batch.append([row[gold != IGNORED].tolist() for row, gold in zip(tags, labels)])
         elif task.name == "regression":  # the single output is the prediction
-            predictions.extend(logits.float().squeeze(-1).tolist())
+            per_batch.append(logits.float().squeeze(-1).tolist())
         else:
-            predictions.extend(logits.argmax(-1).tolist())
-    return predictions, latencies
+            per_batch.append(logits.argmax(-1).tolist())
+    if dist.enabled:  # rank r predicted batches r, r + world_size, ...: interleave them back
+        shares = dist.gather(per_batch)
+        per_batch = [shares[i % dist.world_size][i // dist.world_size] for i in range(sum(map(len, shares)))]
+    return [p for batch_predictions in per_batch for p in batch_predictions], latencies
 
 
 def gold_labels(dataset, task: TaskType) -> list:
@@ -107,11 +125,11 @@ def gold_labels(dataset, task: TaskType) -> list:
     return column_values(dataset, "word_labels" if task.head == "token" else "labels")
 
 
-def evaluate(model, loader, gold: list, device, precision: str, task: TaskType,
-             label_names: list[str]) -> tuple[dict[str, float], dict, list[float]]:
+def evaluate(model, loader, gold: list, device, amp, task: TaskType, label_names: list[str],
+             dist: Distributed = Distributed()) -> tuple[dict[str, float], dict, list[float]]:
     """The task's metrics on one split, its per-class report (tagging: per entity type) and the
-    per-batch forward latency in ms."""
-    predictions, latencies = predict(model, loader, device, precision, task)
+    per-batch forward latency in ms (of this rank's batches)."""
+    predictions, latencies = predict(model, loader, device, amp, task, dist)
     metrics, report = task.score(gold, predictions, label_names)
     return metrics, report, latencies
 
@@ -151,19 +169,24 @@ def _clone_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in checkpoint.trainable_state(model).items()}
 
 
-def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopRequests | None = None) -> dict:
+def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopRequests | None = None,
+                 dist: Distributed | None = None) -> dict:
     """Train one configuration and write its run record into ``run_dir``. Returns the record.
 
     With ``trainer.checkpoint_every`` > 0 a checkpoint is written every that many steps and at the end
-    of every epoch, and a checkpoint found in ``run_dir`` is resumed from (``trainer.resume``)."""
+    of every epoch, and a checkpoint found in ``run_dir`` is resumed from (``trainer.resume``).
+    Under ``torchrun`` every rank runs this; rank 0 alone writes files and logs (lora_lab.distributed)."""
     tracker = tracker or Tracker(None)
     stop = stop or StopRequests()
     run_dir = Path(run_dir)
     tcfg = cfg.trainer
     check_config(cfg)
+    dist = dist or setup_distributed(tcfg.device)
+    main_rank = dist.is_main
+    say = print if main_rank else (lambda *args, **kwargs: None)
     monitor = main_metric(cfg.data)
     method = build_method(cfg.method)  # validates the method's settings before anything is loaded
-    device = resolve_device(tcfg.device)
+    device = resolve_device(device_for(dist, tcfg.device))
     set_seed(cfg.seed)
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg.threads))
@@ -175,19 +198,29 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     set_seed(cfg.seed)
     model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head)
     method.apply(model)
+    cast_trainable_to_fp32(model)  # a bf16 base (model.dtype) trains fp32 parameters
     if tcfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     model.to(device)
     counts = measure.parameter_counts(model, method)
+    train_model = wrap_distributed(model, method, dist, device)
+    if dist.enabled:  # the same initial weights on every rank, then dropout masks of each rank's own
+        torch.manual_seed(cfg.seed * 1_000 + dist.rank)
+    # bf16 weights need bf16 matmuls on every device; an fp32 base autocasts on GPUs only (trainer.precision)
+    bf16_weights = weights_dtype(cfg.model) == torch.bfloat16
+    precision = "bf16" if bf16_weights else tcfg.precision
+    amp = lambda: autocast(device, precision, on_cpu=bf16_weights)  # noqa: E731
 
     collator = Collator(data.pad_token_id, cfg.data.padding, cfg.data.max_length,
                         torch.float if data.regression else torch.long)
-    train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed)
+    train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed,
+                                   rank=dist.rank, world_size=dist.world_size)
+    batches = train_loader.batch_sampler
     eval_loaders = {s: evaluation_loader(data.splits[s], tcfg.eval_batch_size, collator)
                     for s in ("validation", "test")}
     gold = {s: gold_labels(data.splits[s], task) for s in eval_loaders}
     accum = int(tcfg.get("grad_accum") or 1)
-    batches_per_epoch = len(train_loader)  # micro-batches; an optimiser step takes ``accum`` of them
+    batches_per_epoch = batches.batches_per_epoch()  # micro-batches; an optimiser step takes ``accum`` of them
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.get("max_steps"):
@@ -200,7 +233,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     config = result_config(OmegaConf.to_container(cfg, resolve=True))
     checkpoint_dir = run_dir / checkpoint.CHECKPOINT_DIR
     every = int(tcfg.get("checkpoint_every") or 0)
-    checkpoint.discard_partial_writes(run_dir, checkpoint_dir)
+    if main_rank:
+        checkpoint.discard_partial_writes(run_dir, checkpoint_dir)
     progress, losses, best_state = fresh_progress(), [], None
     throughput = measure.Throughput(tcfg.throughput_warmup_steps, device)
     saved = checkpoint.load(checkpoint_dir) if tcfg.get("resume", True) else None
@@ -210,73 +244,87 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         progress = {"reports": {}, **saved.progress}
         losses = saved.tensors["progress/epoch_losses"].tolist()
         if progress["throughput"]:
-            throughput.restore(progress["throughput"], saved.tensors["progress/step_seconds"].tolist())
+            own = (progress.get("throughput_ranks") or [progress["throughput"]])[dist.rank]
+            throughput.restore(own, saved.tensors["progress/step_seconds"].tolist())
         if progress["best_epoch"] is not None:
             best_state = {k: v.to(device) for k, v in checkpoint.load_best(checkpoint_dir,
                                                                             progress["best_epoch"]).items()}
         progress["resumes"].append({"step": progress["step"], "epoch": progress["epoch"]})
-        print(f"[lora_lab] resuming from {saved.path}: step {progress['step']} of {total_steps} "
-              f"(epoch {progress['epoch']}, batch {progress['batch']})")
-    elif checkpoint_dir.exists():
+        say(f"[lora_lab] resuming from {saved.path}: step {progress['step']} of {total_steps} "
+            f"(epoch {progress['epoch']}, batch {progress['batch']})")
+    elif checkpoint_dir.exists() and main_rank:
         shutil.rmtree(checkpoint_dir)  # trainer.resume=false: start over
+    dist.barrier()  # nobody goes on while rank 0 may still be clearing the run directory
     progress["wandb_run_id"] = progress["wandb_run_id"] or getattr(tracker, "run_id", None)
 
     info = {"task": describe(cfg.data, data.label_names), "baseline": baseline(task, gold["test"], data.label_names),
             "parameters": counts, "data_sizes": {k: len(v) for k, v in data.splits.items()},
             "model_resolved": {"pooling": pooling_of(cfg.model, task.head)},
-            "device": str(device)}
+            "device": str(device), "distributed": dist.describe()}
     if task.name == "classification":  # kept for tools that read records written before "baseline"
         info["majority_class_test_accuracy"] = info["baseline"]["test"]["accuracy"]
     tracker.summary({**{f"parameters/{k}": v for k, v in counts.items()},
                      **{f"task/{k}": info["task"][k] for k in ("name", "type", "main_metric")},
                      **{f"baseline/{k}": v for k, v in info["baseline"]["test"].items()}})
-    print(f"[lora_lab] {method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
-          f"({counts['trainable_percent']:.3f} %), {steps_per_epoch} steps/epoch"
-          f"{f' of {accum} micro-batches' if accum > 1 else ''} on {device}")
+    say(f"[lora_lab] {method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
+        f"({counts['trainable_percent']:.3f} %), {steps_per_epoch} steps/epoch"
+        f"{f' of {accum} micro-batches' if accum > 1 else ''} on {device}"
+        f"{f' x {dist.world_size} processes' if dist.enabled else ''}")
 
     segment_start = time.perf_counter()
 
-    def write_checkpoint() -> Path:
+    def write_checkpoint() -> Path | None:
+        """Every rank takes part (each one's RNG state is saved); rank 0 writes."""
         nonlocal segment_start
         written = time.perf_counter()
         progress["train_seconds"] += written - segment_start
         progress["throughput"] = throughput.state()
-        series = {"epoch_losses": torch.tensor(losses, dtype=torch.float64),
-                  "step_seconds": torch.tensor(throughput.step_times, dtype=torch.float64)}
-        path = checkpoint.save(checkpoint_dir, model, optimizer, scheduler, config, progress, series)
-        checkpoint.drop_stale_best(checkpoint_dir, progress["best_epoch"])
+        rng_states = dist.gather(checkpoint.rng_state())
+        if dist.enabled:
+            progress["throughput_ranks"] = dist.gather(throughput.state())
+        path = None
+        if main_rank:
+            series = {"epoch_losses": torch.tensor(losses, dtype=torch.float64),
+                      "step_seconds": torch.tensor(throughput.step_times, dtype=torch.float64)}
+            path = checkpoint.save(checkpoint_dir, model, optimizer, scheduler, config, progress, series, rng_states)
+            checkpoint.drop_stale_best(checkpoint_dir, progress["best_epoch"])
+        dist.barrier()  # a rank that stops next must not end the launch while rank 0 writes
         segment_start = time.perf_counter()
         progress["checkpoint_seconds"] += segment_start - written
         progress["checkpoints_written"] += 1
         return path
 
     if saved is not None:
-        checkpoint.restore_rng(saved)  # last: setting up drew random numbers (model init, method init)
+        checkpoint.restore_rng(saved, dist.rank)  # last: setting up drew random numbers (model init, method init)
     peak = measure.PeakMemory(device)
     peak.reset()
     while not progress["training_done"]:
         epoch = progress["epoch"]
-        train_loader.sampler.set_epoch(epoch, start=progress["batch"] * tcfg.batch_size)
-        model.train()
+        batches.set_epoch(epoch, start=progress["batch"])
+        train_model.train()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False, initial=progress["batch"],
-                   total=batches_per_epoch, disable=_progress_disabled(tcfg.progress_bar), dynamic_ncols=True)
+                   total=batches_per_epoch, disable=_progress_disabled(tcfg.progress_bar) if main_rank else True,
+                   dynamic_ncols=True)
         for batch in bar:
             micro = progress["batch"] % accum  # position in the optimiser step's group of micro-batches
             if micro == 0:  # checkpoints and stops fall between optimiser steps, never inside a group
                 if progress["step"] >= total_steps:
                     break
-                if stop.signum is not None:
-                    raise Preempted(stop.signum, progress["step"], write_checkpoint() if every else None)
+                if dist.sum([stop.signum is not None])[0]:  # every rank stops at the same step
+                    raise Preempted(stop.signum or signal.SIGTERM, progress["step"],
+                                    write_checkpoint() if every else None)
             group = min(accum, batches_per_epoch - (progress["batch"] - micro))  # an epoch's last may be short
+            stepping = micro + 1 == group
+            examples = batches.counted(progress["batch"])  # 0: a stand-in that only keeps DDP in step
             batch = to_device(batch, device)
-            with throughput.step(batch):
-                with autocast(device, tcfg.precision):
-                    loss = model(**batch).loss
-                loss_value = loss.item()
+            with throughput.step(batch, examples), (nullcontext() if stepping or not dist.enabled
+                                                    else train_model.no_sync()):
+                with amp():
+                    loss = train_model(**batch).loss
+                loss_value, weight = global_loss(loss, batch, examples, task, dist)
                 if not math.isfinite(loss_value):
                     raise Diverged(progress["step"] + 1, loss_value)
-                (loss / group).backward()  # the group's mean loss, as one batch of group x batch_size
-                stepping = micro + 1 == group
+                (loss * weight / group).backward()  # the group's mean loss, as one batch of group x batch_size
                 if stepping:
                     if tcfg.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
@@ -296,15 +344,17 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
             if every and step % every == 0 and progress["batch"] < batches_per_epoch and step < total_steps:
                 write_checkpoint()  # (an epoch's last step is checkpointed after its evaluation)
 
-        progress["peaks"]["train"] = measure.higher_peak(progress["peaks"]["train"], peak.read())
+        progress["peaks"]["train"] = measure.higher_peak(progress["peaks"]["train"],
+                                                         measure.combine_ranks(dist.gather(peak.read())))
         peak.reset()
         val, val_report, val_latency = evaluate(model, eval_loaders["validation"], gold["validation"], device,
-                                                tcfg.precision, task, data.label_names)
-        test, test_report, _ = evaluate(model, eval_loaders["test"], gold["test"], device, tcfg.precision, task,
-                                        data.label_names)
+                                                amp, task, data.label_names, dist=dist)
+        test, test_report, _ = evaluate(model, eval_loaders["test"], gold["test"], device, amp, task,
+                                        data.label_names, dist=dist)
         if val_report or test_report:
             progress["reports"][str(epoch)] = {"validation": val_report, "test": test_report}
-        progress["peaks"]["eval"] = measure.higher_peak(progress["peaks"]["eval"], peak.read())
+        progress["peaks"]["eval"] = measure.higher_peak(progress["peaks"]["eval"],
+                                                        measure.combine_ranks(dist.gather(peak.read())))
         progress["eval_batch_ms_median"] = statistics.median(val_latency) if val_latency else None
         row = _epoch_row(epoch, progress["step"], statistics.fmean(losses) if losses else float("nan"), val, test)
         progress["epochs"].append(row)
@@ -313,12 +363,12 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         if best is None or val[monitor] > best[f"validation/{monitor}"]:
             progress.update(best=row, best_epoch=epoch, stale_epochs=0)
             best_state = _clone_state(model)
-            if every:
+            if every and main_rank:
                 checkpoint.save_best(checkpoint_dir, best_state, epoch)
         else:
             progress["stale_epochs"] += 1
-        print(f"[lora_lab] epoch {epoch}: loss {row['train_loss']:.4f}  "
-              f"val {monitor} {val[monitor]:.4f}  test {monitor} {test[monitor]:.4f}")
+        say(f"[lora_lab] epoch {epoch}: loss {row['train_loss']:.4f}  "
+            f"val {monitor} {val[monitor]:.4f}  test {monitor} {test[monitor]:.4f}")
         progress.update(epoch=epoch + 1, batch=0)
         losses = []
         patience = tcfg.get("patience")
@@ -326,7 +376,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
             progress["training_done"] = True
         elif patience and progress["stale_epochs"] >= patience:
             progress.update(training_done=True, stopped_early=True)
-            print(f"[lora_lab] stopping early: validation {monitor} has not improved for {patience} epochs")
+            say(f"[lora_lab] stopping early: validation {monitor} has not improved for {patience} epochs")
         if every:
             write_checkpoint()
         else:
@@ -334,14 +384,45 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
             segment_start = time.perf_counter()
         peak.reset()
 
-    return _finish(cfg, run_dir, model, method, progress, best_state, throughput, info, eval_loaders, device,
-                   tracker, checkpoint_dir)
+    throughput_ranks = dist.gather(throughput.state())
+    record = None
+    if main_rank:
+        record = _finish(cfg, run_dir, model, method, progress, best_state, throughput, info, eval_loaders, device,
+                         tracker, checkpoint_dir, amp, throughput_ranks)
+    return dist.broadcast(record)  # every rank returns rank 0's record (e.g. to a Hydra sweeper)
+
+
+def wrap_distributed(model, method, dist: Distributed, device: torch.device):
+    """DistributedDataParallel over the ranks (the model itself in one process): gradients of the
+    trainable parameters are averaged across ranks after every optimiser step's last micro-batch."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=method.needs_unused_parameter_search)
+
+
+def global_loss(loss: torch.Tensor, batch: dict, examples: int, task: TaskType,
+                dist: Distributed) -> tuple[float, float]:
+    """The loss of the whole global micro-batch (as one process with ``world_size`` times the batch
+    would compute it) and this rank's weight for its own loss. Each rank's loss is a mean over its
+    loss terms (examples; tagging: labelled tokens); weighting it by its share of the global count,
+    times world_size (DDP averages gradients over ranks), makes the gradient that of the global mean."""
+    value = loss.item()
+    if not dist.enabled:
+        return value, 1.0
+    terms = 0 if not examples else int((batch["labels"] != IGNORED).sum()) if task.head == "token" else examples
+    total, loss_sum, bad = dist.sum([terms, value * terms, 0.0 if math.isfinite(value) else 1.0])
+    if bad:
+        return float("nan"), 0.0
+    return loss_sum / total, terms * dist.world_size / total
 
 
 def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info, eval_loaders, device, tracker,
-            checkpoint_dir) -> dict:
+            checkpoint_dir, amp, throughput_ranks: list[dict]) -> dict:
     """Save the best epoch's state and ΔW (and the last epoch's state when it differs), measure
-    inference, write the record. Repeating it after a kill gives the same files."""
+    inference, write the record (rank 0 only). Repeating it after a kill gives the same files."""
     tcfg = cfg.trainer
     epochs, best = progress["epochs"], progress["best"]
     best_epoch, last_epoch = progress["best_epoch"], epochs[-1]["epoch"]
@@ -365,12 +446,13 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
     peaks = progress["peaks"]
     steps = max(progress["step"], 1)
     measurements = {**peaks["train"], **{f"eval_{k}": v for k, v in peaks["eval"].items() if k != "memory_at_start_mb"},
-                    **throughput.summary(), "train_seconds": progress["train_seconds"],
+                    **throughput.summary(), **measure.throughput_over_ranks(throughput_ranks),
+                    "train_seconds": progress["train_seconds"],
                     "eval_batch_ms_median": progress["eval_batch_ms_median"],
                     "checkpoints_written": progress["checkpoints_written"],
                     "checkpoint_seconds": progress["checkpoint_seconds"],
                     "checkpoint_ms_per_step": 1000 * progress["checkpoint_seconds"] / steps}
-    measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg))
+    measurements.update(_inference_latency(model, method, eval_loaders["validation"], device, tcfg, amp))
     measurements["trainable_state_bytes"] = (run_dir / records.STATE_FILE).stat().st_size
 
     record = {
@@ -392,6 +474,7 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
         "environment": environment_info(),
     }
     records.write_json(run_dir / records.RECORD_FILE, record)
+    tracker.log_model(run_dir, record)  # logger.log_model=true: the state (and PEFT adapter) as a W&B artifact
     if not tcfg.get("keep_checkpoint", False) and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     monitor = record["task"]["main_metric"]
@@ -419,7 +502,7 @@ def report_rows(report: dict) -> tuple[list[str], list[list]]:
     return ["split", "class", "precision", "recall", "f1", "support"], rows
 
 
-def _inference_latency(model, method, loader, device, tcfg) -> dict:
+def _inference_latency(model, method, loader, device, tcfg, amp) -> dict:
     """Forward latency of one training-size batch; for methods that merge, unmerged vs merged,
     interleaved round by round."""
     batch = to_device(next(iter(loader)), device)
@@ -427,7 +510,7 @@ def _inference_latency(model, method, loader, device, tcfg) -> dict:
     model.eval()
     enter = ({"unmerged": lambda: method.undo_inference(model), "merged": lambda: method.prepare_inference(model)}
              if method.supports_merge else {"model": lambda: None})
-    with torch.no_grad(), autocast(device, tcfg.precision):
+    with torch.no_grad(), amp():
         times = round_robin({name: (lambda k: model(**inputs)) for name in enter}, int(tcfg.latency_repeats),
                             warmup=1, device=device, enter=enter)
     method.undo_inference(model)

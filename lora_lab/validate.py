@@ -164,6 +164,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.resume": boolean(),
     "trainer.keep_checkpoint": boolean(),
     "trainer.skip_done": boolean(),
+    "trainer.world_size": integer(1),
     # the data
     "data.source": choice("embedded", "hub", "files"),
     "data.name": text(),
@@ -201,12 +202,14 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.intermediate_size": integer(1),
     "model.max_positions": integer(1),
     "model.dropout": number(0, 1),
+    "model.dtype": choice("fp32", "bf16"),
     # the logger
     "logger.mode": choice("auto", "online", "offline", "disabled"),
     "logger.project": text(),
     "logger.entity": text(null=True),
     "logger.group": text(null=True),
     "logger.tags": names(empty=True),
+    "logger.log_model": boolean(),
 }
 
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -259,6 +262,12 @@ def _check_trainer(cfg) -> None:
         raise ConfigError("trainer.device", t.device, "must be auto, cpu, mps, cuda or cuda:<index>")
     if "precision" in t:
         check_precision(t.precision)
+    if "world_size" in t:
+        from lora_lab.distributed import launched_world_size
+
+        if t.world_size != launched_world_size():
+            raise ConfigError("trainer.world_size", t.world_size, f"is the number of processes torchrun started "
+                              f"({launched_world_size()} here), read from WORLD_SIZE; do not set it")
 
 
 def _check_data_config(data) -> None:
@@ -305,6 +314,9 @@ def _check_model(cfg) -> None:
         if model.tokenizer in EMBEDDED_PACKAGES:
             embedded_model_path(model.tokenizer)
     check_model_files(model)
+    if model.get("dtype") == "bf16" and "method" in cfg and cfg.method.get("name") == "full":
+        raise ConfigError("model.dtype", "bf16", "stores the frozen weights in bf16, and full fine-tuning "
+                          "freezes none (its trainable weights stay fp32)")
     if "data" in cfg:
         from lora_lab.modeling import pooling_of
         from lora_lab.tasks import task_type

@@ -110,6 +110,18 @@ def test_inference_and_memory(quick_run):
     assert mem["lora_r8"]["optimizer_state_mb"] < mem["full"]["optimizer_state_mb"] / 50
     assert mem["head"]["activations_saved_mb"] < mem[bench.REFERENCE]["activations_saved_mb"]
 
+    options = result["memory_options"]
+    assert list(options) == ["fp32", "checkpointing", "bf16_base", "bf16_base_checkpointing"]
+    fp32, bf16 = options["fp32"], options["bf16_base"]
+    frozen_fp32 = fp32["weights_mb"] - fp32["trainable_params_mb"]
+    frozen_bf16 = bf16["weights_mb"] - bf16["trainable_params_mb"]
+    assert frozen_bf16 == pytest.approx(frozen_fp32 / 2, rel=0.02)  # norms stay fp32: a little over half
+    assert bf16["trainable_params_mb"] == fp32["trainable_params_mb"]  # trainables, their grads and AdamW: fp32
+    assert bf16["optimizer_state_mb"] == fp32["optimizer_state_mb"]
+    assert options["checkpointing"]["activations_saved_mb"] < fp32["activations_saved_mb"] / 2
+    assert options["bf16_base_checkpointing"]["total_mb"] == min(m["total_mb"] for m in options.values())
+    assert "### 3b. Fitting a bigger model" in result["table_markdown"]
+
 
 def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError

@@ -79,3 +79,45 @@ def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
     v.optimizer.zero_grad(set_to_none=True)
     out["kind"] = "analytic from tensors" + (" + cuda peak allocated" if cuda else "")
     return out
+
+
+# The ways of fitting a bigger model on one device, each a row of section 3b: (label, base dtype,
+# gradient checkpointing).
+MEMORY_OPTIONS = {
+    "fp32": ("fp32 weights", "fp32", False),
+    "checkpointing": ("fp32 + gradient checkpointing", "fp32", True),
+    "bf16_base": ("bf16 frozen base (model.dtype=bf16)", "bf16", False),
+    "bf16_base_checkpointing": ("bf16 frozen base + gradient checkpointing", "bf16", True),
+}
+
+
+def memory_options(cfg, base, batch: dict, device: torch.device) -> dict:
+    """``memory_options.arm`` under each of ``MEMORY_OPTIONS``: the trainer's own ``model.dtype=bf16``
+    (frozen weights bf16, trainable fp32, bf16 autocast) and ``trainer.gradient_checkpointing``.
+    With checkpointing, the saved activations are the layers' inputs and what lies outside the
+    layers; backward recomputes one layer at a time on top of them."""
+    import copy
+
+    from lora_lab.bench.variants import build_ours
+    from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing
+
+    rows = {}
+    for name in cfg.memory_options.rows:
+        if name not in MEMORY_OPTIONS:
+            from lora_lab.errors import ConfigError
+
+            raise ConfigError("memory_options.rows", name, f"must be among {list(MEMORY_OPTIONS)}")
+        label, dtype, checkpointing = MEMORY_OPTIONS[name]
+        model = copy.deepcopy(base).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        variant = build_ours(str(cfg.memory_options.arm), model, cfg, device)
+        del model
+        if dtype == "bf16":
+            cast_trainable_to_fp32(variant.model)
+            variant.precision = "bf16"
+        if checkpointing:
+            enable_gradient_checkpointing(variant.model)
+        variant.step(batch)
+        rows[name] = {"label": f"{variant.label}, {label}", **memory_breakdown(variant, batch, device)}
+        del variant
+        gc.collect()
+    return rows

@@ -67,6 +67,21 @@ def disturbed_samples(results: dict) -> int:
                for s in ("train_step", "inference"))
 
 
+def _memory_table(mem: dict) -> str:
+    rows = []
+    cuda = any("cuda_peak_allocated_mb" in m for m in mem.values())
+    for m in mem.values():
+        row = [m["label"], f"{m['weights_mb']:.1f}", f"{m['gradients_mb']:.1f}",
+               f"{m['optimizer_state_mb']:.1f}", f"{m['activations_saved_mb']:.1f}", f"{m['total_mb']:.1f}"]
+        if cuda:
+            row += [f"{m['cuda_activations_mb']:.1f}", f"{m['cuda_peak_allocated_mb']:.1f}"]
+        rows.append(row)
+    header = ["method", "weights MiB", "gradients", "AdamW state", "saved activations", "total"]
+    if cuda:
+        header += ["CUDA activations (peak - rest)", "CUDA peak"]
+    return markdown_table(header, rows)
+
+
 def render(results: dict) -> str:
     t = results["targets"]
     env = results["setup"]
@@ -101,20 +116,12 @@ def render(results: dict) -> str:
                                      "per-round", "max |Δ logit|", "target", "result"], rows))
     if pf.get("skipped"):
         parts.append(f"Skipped: {pf['skipped']}")
-    mem = results["memory"]
-    rows = []
-    cuda = any("cuda_peak_allocated_mb" in m for m in mem.values())
-    for name, m in mem.items():
-        row = [m["label"], f"{m['weights_mb']:.1f}", f"{m['gradients_mb']:.1f}",
-               f"{m['optimizer_state_mb']:.1f}", f"{m['activations_saved_mb']:.1f}", f"{m['total_mb']:.1f}"]
-        if cuda:
-            row += [f"{m['cuda_activations_mb']:.1f}", f"{m['cuda_peak_allocated_mb']:.1f}"]
-        rows.append(row)
-    header = ["method", "weights MiB", "gradients", "AdamW state", "saved activations", "total"]
-    if cuda:
-        header += ["CUDA activations (peak - rest)", "CUDA peak"]
     parts += ["### 3. Memory of one training step (MiB; from the tensors: parameters, .grad, optimiser state, "
-              "tensors saved for backward)", markdown_table(header, rows)]
+              "tensors saved for backward)", _memory_table(results["memory"])]
+    if results.get("memory_options"):
+        parts += ["### 3b. Fitting a bigger model: bf16 frozen base and gradient checkpointing (MiB; with "
+                  "checkpointing, backward recomputes one layer at a time on top of the saved activations)",
+                  _memory_table(results["memory_options"])]
     inf = results.get("inference")
     if inf:
         rows = []

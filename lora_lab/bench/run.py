@@ -18,7 +18,7 @@ from lora_lab.bench.variants import (
 from lora_lab.bench.training_step import bench_train_step, max_logit_difference
 from lora_lab.bench.checkpointing import bench_checkpoint
 from lora_lab.bench.inference import bench_inference, inference_batch
-from lora_lab.bench.memory import memory_breakdown
+from lora_lab.bench.memory import memory_breakdown, memory_options
 from lora_lab.bench.report import check_targets, disturbed_samples, render
 from lora_lab.configs import CONFIG_PATH
 from lora_lab.peft_twin import peft_missing
@@ -98,6 +98,9 @@ def run_benchmark(cfg, out=print) -> dict:
     section("memory", "3. memory ...")
     results["memory"] = {name: {"label": v.label, **memory_breakdown(v, batch, device)}
                          for name, v in variants.items() if name != CONTROL}
+
+    if cfg.memory_options.enabled:
+        results["memory_options"] = memory_options(cfg, base, batch, device)
 
     if cfg.inference.enabled:
         section("inference", "4. inference latency ...")

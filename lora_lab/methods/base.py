@@ -44,6 +44,9 @@ class Method:
 
     name: str = ""
     supports_merge: bool = False  # True when prepare_inference folds the method into the base weights
+    # True when some trainable parameter may get no gradient in a step; DDP then searches the graph
+    # for them every step (find_unused_parameters), which costs time, so only such methods ask for it
+    needs_unused_parameter_search: bool = False
     order: int = 9  # position of the method's family in tables and plots (full 0, head 1, adapters 2, ...)
     family: str = ""  # legend entry in plots; default: the registered name
     plot_style: tuple[str, str] = ("tab:purple", "x")  # matplotlib colour and marker of the family

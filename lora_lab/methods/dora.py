@@ -92,6 +92,7 @@ class DoRALinear(LoRALinear):
 @register("dora")
 class DoRA(LoRA):
     order, family, plot_style = 3, "DoRA", ("tab:cyan", "h")
+    dora = True
 
     def wrap(self, base: nn.Linear, r: int) -> DoRALinear:
         cfg = self.cfg

@@ -16,6 +16,7 @@ from torch import nn
 from lora_lab.architectures import get_submodule_parent, head_parameter_names, resolve_targets
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
+from lora_lab.peft_import import check_settings, is_adapter_folder, load_adapter, read_adapter
 
 INITS = ("kaiming", "gaussian", "svd")
 
@@ -28,8 +29,10 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        # the factors train in fp32 even on a bf16 base (model.dtype=bf16), from their first value on
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.init = init
@@ -80,6 +83,7 @@ class LoRALinear(nn.Module):
 @register("lora")
 class LoRA(Method):
     supports_merge = True
+    dora = False  # whether the layers carry DoRA's magnitudes (what a PEFT adapter must match)
     order, family, plot_style = 3, "LoRA", ("tab:blue", "o")
 
     def rank(self) -> int | None:
@@ -130,6 +134,8 @@ class LoRA(Method):
             raise ConfigError("method.dropout", cfg.dropout, "must be in [0, 1)")
         if cfg.init not in INITS:
             raise ConfigError("method.init", cfg.init, f"must be one of {list(INITS)}")
+        if cfg.get("init_from") and is_adapter_folder(cfg.init_from):
+            check_settings(read_adapter(cfg.init_from), cfg, dora=self.dora)
 
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
@@ -162,10 +168,14 @@ class LoRA(Method):
     @torch.no_grad()
     def load_factors(self, model: nn.Module, source: str) -> None:
         """Start A and B from an earlier run's trainable state (the LoRA paper starts MRPC, RTE and
-        STS-B from the MNLI LoRA weights). The head is not loaded: label sets differ between tasks."""
+        STS-B from the MNLI LoRA weights). The head is not loaded: label sets differ between tasks.
+        A PEFT adapter folder gives its factors and, when it saved a head that fits, the head."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        if is_adapter_folder(source):
+            load_adapter(read_adapter(source), model, self.lora_modules(model), head_parameter_names(model), self.cfg)
+            return
         path = factors_file(source)
         try:
             saved = load_file(str(path))
@@ -233,12 +243,15 @@ STATE_FILE = "trainable.safetensors"  # what a run directory holds its trained p
 
 
 def factors_file(source) -> Path:
-    """The file ``method.init_from`` names (a run directory or a .safetensors file), checked before any
-    model is loaded: it exists, its header reads (a truncated or foreign file does not) and it holds
-    LoRA factors."""
+    """The file ``method.init_from`` names (a run directory, a .safetensors file or a PEFT LoRA adapter
+    folder), checked before any model is loaded: it exists, its header reads (a truncated or foreign
+    file does not) and it holds LoRA factors. For an adapter folder: the folder."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(str(source)).expanduser()
+    if is_adapter_folder(path):
+        read_adapter(source)
+        return path
     if path.is_dir():
         if not (path / STATE_FILE).is_file():
             raise ConfigError("method.init_from", source, f"is a directory without {STATE_FILE} "
