@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def measure(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark the command line describes; the results as a dict."""
     args = build_parser().parse_args(argv)
     d = args.d or (512 if args.quick else 4096)
     layers = args.layers or (2 if args.quick else 32)
@@ -144,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"  the same as a new process (python -m lora_lab.analysis.subspace_report): "
                   f"{result['process_s']:.2f} s")
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script: prints the results (exit status 0)."""
+    measure(argv)
 
 
 if __name__ == "__main__":

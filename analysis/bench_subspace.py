@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def measure(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark the command line describes; the results as a dict."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     return run_benchmark(d, args.r, args.r_small, layers, repeats, dense_repeats, args.factored_repeats,
                          w_row=args.with_w_row or quick)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script: prints the results (exit status 0)."""
+    measure(argv)
 
 
 if __name__ == "__main__":

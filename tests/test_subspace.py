@@ -402,7 +402,7 @@ def test_report_command_exits_non_zero_with_one_line(tmp_path):
 # The benchmark
 # ----------------------------------------------------------------------------------------------
 def test_benchmark_quick_reports_ratio_of_measured_times(capsys):
-    result = bench_subspace.main(["--quick", "--threads", "1", "--factored-repeats", "5"])
+    result = bench_subspace.measure(["--quick", "--threads", "1", "--factored-repeats", "5"])
     printed = capsys.readouterr().out
     ratio = statistics.median(result["dense_times"]) / statistics.median(result["factored_times"])
     assert result["ratio"] == pytest.approx(ratio)

@@ -291,7 +291,7 @@ def test_the_factored_path_never_forms_a_dense_delta_w(tmp_path, monkeypatch, ca
 
 
 def test_benchmark_writes_adapters_peft_reads_and_times_the_command(tmp_path, capsys):
-    result = bench_peft_adapters.main(["--quick", "--d", "64", "--layers", "1", "--repeats", "1", "--no-process",
+    result = bench_peft_adapters.measure(["--quick", "--d", "64", "--layers", "1", "--repeats", "1", "--no-process",
                                        "--keep", str(tmp_path)])
     printed = capsys.readouterr().out
     assert result["median_s"] > 0 and len(result["times"]) == 1 and "median of 1" in printed
