@@ -24,14 +24,10 @@ from lora_lab.analysis.peft_names import EMBEDDING_FACTORS, FACTORS, MAGNITUDE, 
 from lora_lab.analysis.subspace import RunDeltas
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import DeltaW
+from lora_lab.peft_import import PICKLED_WEIGHTS_FILE as PICKLED_WEIGHTS
+from lora_lab.peft_import import WEIGHTS_FILE as ADAPTER_WEIGHTS
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLED_WEIGHTS = "adapter_model.bin"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-def is_adapter_folder(path: Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 @dataclass

@@ -8,14 +8,13 @@ first matching key wins), else from ``r`` / ``lora_alpha``.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_lab.errors import ConfigError, first_line
-
-ADAPTER_CONFIG = "adapter_config.json"
+from lora_lab.peft_import import CONFIG_FILE as ADAPTER_CONFIG  # noqa: F401 - the name analysis modules use
+from lora_lab.peft_import import lora_scaling
 # init_lora_weights values after which B A is an update of a residual base PEFT saved with the adapter.
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
@@ -91,8 +90,7 @@ class LoraAdapterConfig:
         return float(pattern_value(self.alpha_pattern, module, self.lora_alpha))
 
     def scaling(self, module: str) -> float:
-        r = self.rank(module)
-        return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
+        return lora_scaling(self.alpha(module), self.rank(module), self.use_rslora)
 
     def scaling_rule(self) -> str:
         rule = "α/√r (rsLoRA)" if self.use_rslora else "α/r"

@@ -62,7 +62,7 @@ class PeftAdapter:
 
     @property
     def scaling(self) -> float:
-        return scaling(float(self.config["lora_alpha"]), self.r, bool(self.config.get("use_rslora")))
+        return lora_scaling(float(self.config["lora_alpha"]), self.r, bool(self.config.get("use_rslora")))
 
     @property
     def dora(self) -> bool:
@@ -80,7 +80,8 @@ class PeftAdapter:
             raise self.refuse(f"{WEIGHTS_FILE} could not be read: {first_line(error)}") from None
 
 
-def scaling(alpha: float, r: int, rslora: bool) -> float:
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """LoRA's update scale s (PEFT's rule too): alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / (math.sqrt(r) if rslora else r)
 
 
@@ -173,7 +174,7 @@ def check_settings(adapter: PeftAdapter, method_cfg, dora: bool) -> None:
         return  # r is chosen when the method is applied; load_adapter checks it then
     if r != adapter.r:
         raise refuse(f"has rank r={adapter.r}, this run method.r={r}")
-    ours = scaling(float(method_cfg.alpha), r, bool(method_cfg.rslora))
+    ours = lora_scaling(float(method_cfg.alpha), r, bool(method_cfg.rslora))
     if not math.isclose(ours, adapter.scaling, rel_tol=1e-6):
         c = adapter.config
         raise refuse(f"scales its update by {adapter.scaling:g} (lora_alpha={c['lora_alpha']}, r={adapter.r}, "

@@ -22,15 +22,20 @@ class EpochSampler(Sampler[int]):
     def __init__(self, size: int, seed: int, shuffle: bool = True):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.epoch = 1
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its order): asked for at every step
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        if self._order is None or self._order[0] != epoch:
+            if not self.shuffle:
+                order = list(range(self.size))
+            else:
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                order = torch.randperm(self.size, generator=generator).tolist()
+            self._order = (epoch, order)
+        return self._order[1]
 
     def __iter__(self):
         return iter(self.order(self.epoch))

@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from lora_lab import checkpoint, measure, records
 from lora_lab.data import Collator, column_values, load_task_data
-from lora_lab.distributed import Distributed, device_for
-from lora_lab.distributed import setup as setup_distributed
+from lora_lab.distributed import Distributed, device_for, setup as setup_distributed
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing, load_model, load_tokenizer, \

@@ -29,6 +29,15 @@ def method_cfg(name: str, **overrides):
     return cfg
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Small matrices: one thread avoids thread hand-off costs on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_bert(layers: int = 2, hidden: int = 32, num_labels: int = 2, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 

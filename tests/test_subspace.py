@@ -26,13 +26,7 @@ from lora_lab.records import (DELTA_FILE, LAST_STATE_FILE, STATE_FILE, delta_sha
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small matrices: one thread avoids thread hand-off costs on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gen(seed=0):

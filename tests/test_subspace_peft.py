@@ -29,12 +29,7 @@ peft = pytest.importorskip("peft")
 BERT_TARGETS = ("query", "value")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb_b(model, seed: int) -> None:

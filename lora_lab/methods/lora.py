@@ -16,7 +16,7 @@ from torch import nn
 from lora_lab.architectures import get_submodule_parent, head_parameter_names, resolve_targets
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
-from lora_lab.peft_import import check_settings, is_adapter_folder, load_adapter, read_adapter
+from lora_lab.peft_import import check_settings, is_adapter_folder, load_adapter, lora_scaling, read_adapter
 
 INITS = ("kaiming", "gaussian", "svd")
 
@@ -27,7 +27,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.r = r
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.scaling = lora_scaling(alpha, r, rslora)
         w = base.weight
         # the factors train in fp32 even on a bf16 base (model.dtype=bf16), from their first value on
         dtype = torch.promote_types(w.dtype, torch.float32)
