@@ -11,10 +11,11 @@ else accuracy), so one table may show accuracy for one task and entity F1 for an
 then names each column's metric, the caption lists them and "Avg." is the mean of the columns, as in
 GLUE tables. ``--metric NAME`` shows NAME for every task instead. With ``--tune KEY`` (e.g.
 trainer.lr) the runs of a row are split by that key's value, the value with the best median
-validation metric (the task's own) is chosen per row and task, and the cell reports test at that
-value: the fair protocol in which every method gets the same grid. Runs of one row that differ in
-any other setting are an error, so seeds are never mixed across configurations by accident; so are
-runs of one task that declare different main metrics.
+validation metric (the task's own; best is lowest for perplexity and loss, highest for the others)
+is chosen per row and task, and the cell reports test at that value: the fair protocol in which
+every method gets the same grid. Runs of one row that differ in any other setting are an error, so
+seeds are never mixed across configurations by accident; so are runs of one task that declare
+different main metrics. Bold marks each column's best value in its metric's direction.
 
 Writes <name>.md, <name>.tex (booktabs), <name>.csv (``<task>_<metric>`` and ``<task>_seeds`` per
 task) and <name>_selection.csv (every configuration with its seed count and validation/test medians:
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
+from lora_lab.metrics import higher_is_better, is_better
 from lora_lab.methods import Method, describe_method
 from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
 from lora_lab.tasks import task_name
@@ -330,7 +332,7 @@ def build_table(runs: list[Run], metric: str | None = None, epoch: str = "best",
 
     cells, selection, chosen_runs = {}, [], defaultdict(list)
     for (row, task), by_value in grouped.items():
-        best_value, best_val, entries = None, -math.inf, []
+        best_value, best_val, entries = None, None, []
         m = metrics[task]
         for tuned, group in sorted(by_value.items(), key=lambda kv: str(kv[0])):
             done = [r for r in group if r.completed]
@@ -340,7 +342,7 @@ def build_table(runs: list[Run], metric: str | None = None, epoch: str = "best",
             entry = {"row": row, "task": task, **dict(zip(tune, tuned)), "seeds": len(done),
                      "failed": len(group) - len(done), "metric": m, f"validation_{m}": val, f"test_{m}": test}
             entries.append(entry)
-            if done and val > best_val:
+            if done and is_better(m, val, best_val):
                 best_value, best_val = tuned, val
         selection.extend(entries)
         if best_value is None:
@@ -421,8 +423,11 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
             line += [f"{cell.chosen.get(k):g}" if cell and isinstance(cell.chosen.get(k), float)
                      else str(cell.chosen.get(k, "-") if cell else "-") for k in table.tune]
         rows.append(line)
-    value_columns = list(range(3, 3 + len(table.tasks) + (len(table.tasks) > 1)))
-    best = _best_rows(rows, value_columns)
+    # each task column's best is its metric's; Avg. has one only when every column agrees on the direction
+    directions = {3 + i: higher_is_better(table.metrics[t]) for i, t in enumerate(table.tasks)}
+    if len(table.tasks) > 1 and len(set(directions.values())) == 1:
+        directions[3 + len(table.tasks)] = next(iter(directions.values()))
+    best = _best_rows(rows, directions)
     for reference in table.expected:  # after the best values are found: only our runs are bolded
         values = [reference.get(task) for task in table.tasks]
         line = [reference["method"], reference.get("trainable params") or "-", "-"]
@@ -435,12 +440,13 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
     return header, rows, best
 
 
-def _best_rows(rows: list[list[str]], value_columns: list[int]) -> dict:
+def _best_rows(rows: list[list[str]], directions: dict[int, bool]) -> dict:
+    """Per value column (index -> higher is better), the rows holding its best value."""
     best = {}
-    for column in value_columns:
+    for column, higher in directions.items():
         scores = {i: float(r[column].split(" ")[0]) for i, r in enumerate(rows) if _is_number(r[column])}
         if scores:
-            top = max(scores.values())
+            top = max(scores.values()) if higher else min(scores.values())
             best[column] = {i for i, v in scores.items() if v == top}
     return best
 

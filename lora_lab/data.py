@@ -5,19 +5,22 @@ Face dataset by name) and ``files`` (local CSV / TSV / JSON / JSON Lines, UTF-8;
 classification also CoNLL files: token TAB tag, a blank line between sentences). Every source is
 normalised to the columns ``text`` [``text_pair``] ``label``: for classification one text and a class
 id per row, for regression a float, for token classification (``data.task_type=token_classification``,
-lora_lab.token_data) a list of words and a list of tag ids.
+lora_lab.token_data) a list of words and a list of tag ids. Causal language modelling
+(``data.task_type=causal_lm``, lora_lab.lm_data) has no label: its columns are ``text``, or ``prompt``
+and ``response``; any embedded classification set serves as plain text.
 
 Bad data is a ``ConfigError`` naming the key to fix (the file, the column or the split) before
 anything is trained: unreadable or empty files, text that is not UTF-8, rows without text or label,
 labels that are not classes (negative, out of range, not among ``data.label_names``), a split that
 is unlabeled (every label -1, e.g. GLUE's hidden test labels) or too small to carve from.
 
-``data.dedupe`` (default true) drops exact duplicates (same text and text_pair) from the training
-data before validation and test are carved from it, so no evaluation example is also a training
-example: of rows that repeat with one label the first is kept; rows that repeat with different
-labels are all dropped (no label can be trusted); training rows whose text also occurs in a
-validation or test split the source provides are dropped too. Evaluation splits the source provides
-(e.g. GLUE's dev set) are never changed. One line reports what was dropped.
+``data.dedupe`` (default true) drops exact duplicates (same text and text_pair; causal LM: same text,
+or same prompt and response) from the training data before validation and test are carved from it,
+so no evaluation example is also a training example: of rows that repeat with one label the first is
+kept; rows that repeat with different labels are all dropped (no label can be trusted); training
+rows whose text also occurs in a validation or test split the source provides are dropped too.
+Evaluation splits the source provides (e.g. GLUE's dev set) are never changed. One line reports what
+was dropped.
 """
 from __future__ import annotations
 
@@ -32,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from lora_lab import token_data
+from lora_lab import lm_data, token_data
 from lora_lab.embedded_data import EMBEDDED_DATASETS
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.tasks import TaskType, task_type
 
 SPLITS = ("train", "validation", "test")
-CACHE_VERSION = 4  # bump when loading, splitting or tokenising changes, so stale caches are not reused
+CACHE_VERSION = 5  # bump when loading, splitting or tokenising changes, so stale caches are not reused
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".conll": "conll", ".txt": "conll"}
 UNLABELED = -1  # the label of a row without one (GLUE's test splits); never a class
 
@@ -154,7 +157,8 @@ def _load_raw(cfg):
         if cfg.name not in EMBEDDED_DATASETS:
             raise ConfigError("data.name", cfg.name, f"is not embedded; embedded: {sorted(EMBEDDED_DATASETS)}")
         embedded = EMBEDDED_DATASETS[cfg.name]
-        if embedded.task_type != task_type(cfg).name:
+        as_text = task_type(cfg).head == "lm" and embedded.task_type == "classification"  # its texts, no labels
+        if embedded.task_type != task_type(cfg).name and not as_text:
             raise ConfigError("data.task_type", task_type(cfg).name, f"does not fit the embedded {cfg.name}, "
                               f"a {embedded.task_type} data set")
         return embedded.load(), embedded.label_names
@@ -162,7 +166,7 @@ def _load_raw(cfg):
         verbosity = ds_logging.get_verbosity()
         ds_logging.set_verbosity(ds_logging.CRITICAL)
         try:
-            raw = datasets.load_dataset(cfg.path, cfg.get("subset"))
+            raw = datasets.load_dataset(cfg.path, cfg.get("subset"), revision=cfg.get("revision"))
         except Exception as error:  # noqa: BLE001 - not found, bad subset, no network: all one line
             raise ConfigError("data.path", cfg.path, f"could not be loaded (subset {cfg.get('subset')!r}): "
                               f"{first_line(error)}") from None
@@ -189,11 +193,16 @@ def _normalise_columns(raw, cfg):
 
     tagging = task_type(cfg).head == "token"
     out = {}
-    wanted = {cfg.text_column: "text", cfg.label_column: "label"}
-    if cfg.get("text_pair_column"):
-        wanted[cfg.text_pair_column] = "text_pair"
+    if task_type(cfg).head == "lm":
+        wanted = {column: name for column, (name, _) in lm_data.columns(cfg).items()}
+        keys = [key for _, key in lm_data.columns(cfg).values()]
+    else:
+        wanted = {cfg.text_column: "text", cfg.label_column: "label"}
+        keys = ["data.text_column", "data.label_column", "data.text_pair_column"]
+        if cfg.get("text_pair_column"):
+            wanted[cfg.text_pair_column] = "text_pair"
     for split, ds in raw.items():
-        for column, key in zip(wanted, ("data.text_column", "data.label_column", "data.text_pair_column")):
+        for column, key in zip(wanted, keys):
             if column not in ds.column_names:
                 raise ConfigError(key, column, f"is not a column of the {split} split; columns: {ds.column_names}")
             if tagging:
@@ -246,6 +255,9 @@ def _check_rows(chosen: dict, cfg, regression: bool) -> None:
     if task_type(cfg).head == "token":
         token_data.check_rows(chosen, cfg, source_key)
         return
+    if task_type(cfg).head == "lm":
+        lm_data.check_rows(chosen, cfg, source_key)
+        return
     columns = (("text", "text_column"), ("text_pair", "text_pair_column"), ("label", "label_column"))
     for split, ds in chosen.items():
         for column, config_key in columns:
@@ -284,6 +296,8 @@ def _encode_labels(chosen: dict, source_names, cfg, regression: bool = False):
     if task_type(cfg).head == "token":
         return token_data.encode_tags(chosen, source_names, cfg, source_key)
     chosen = datasets.DatasetDict(chosen)
+    if task_type(cfg).head == "lm":  # the tokens are the labels: no classes
+        return chosen, []
     if regression:
         for split, ds in chosen.items():
             for i, v in enumerate(column_values(ds, "label")):
@@ -343,7 +357,7 @@ def _encode_labels(chosen: dict, source_names, cfg, regression: bool = False):
 def _dedupe(chosen: dict) -> tuple[dict, dict]:
     """Drop duplicate training rows (see the module's docstring). Returns the splits and the counts."""
     train = chosen["train"]
-    columns = ["text", "text_pair"] if "text_pair" in train.column_names else ["text"]
+    columns = [c for c in ("text", "text_pair", "prompt", "response") if c in train.column_names]
 
     def hashable(value):  # token classification rows hold lists
         return tuple(value) if isinstance(value, list) else value
@@ -352,7 +366,9 @@ def _dedupe(chosen: dict) -> tuple[dict, dict]:
         return list(zip(*([hashable(v) for v in column_values(ds, c)] for c in columns)))
 
     held_out = {k for split, ds in chosen.items() if split != "train" for k in keys(ds)}
-    train_keys, labels = keys(train), [hashable(v) for v in column_values(train, "label")]
+    train_keys = keys(train)
+    labels = ([hashable(v) for v in column_values(train, "label")] if "label" in train.column_names
+              else [None] * len(train))  # causal LM: nothing to conflict
     label_sets: dict = {}
     for k, label in zip(train_keys, labels):
         label_sets.setdefault(k, set()).add(label)
@@ -416,8 +432,9 @@ def _carve(chosen: dict, cfg):
 
 
 def build_splits(cfg):
-    """The untokenised train / validation / test splits (columns text [text_pair] label), the label
-    names, and what deduplication dropped (None when ``data.dedupe`` is off)."""
+    """The untokenised train / validation / test splits (columns text [text_pair] label; causal LM:
+    text, or prompt and response), the label names (none for a causal LM), and what deduplication
+    dropped (None when ``data.dedupe`` is off)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -441,9 +458,10 @@ def is_regression(cfg) -> bool:
 
 def cache_key(cfg, tokenizer) -> str:
     """Everything that changes the tokenised result, hashed."""
-    fields = {k: cfg.get(k) for k in ("source", "name", "path", "subset", "text_column", "text_pair_column",
+    fields = {k: cfg.get(k) for k in ("source", "name", "path", "subset", "revision", "text_column", "text_pair_column",
                                        "label_column", "task_type", "val_fraction", "test_fraction", "split_seed",
-                                       "max_train", "max_eval", "max_length", "dedupe")}
+                                       "max_train", "max_eval", "max_length", "dedupe", "prompt_column",
+                                       "response_column", "prompt_template", "packing")}
     fields["label_names"] = [str(n) for n in cfg.get("label_names") or []]
     fields["splits"] = dict(cfg.splits)
     fields["files"] = {}
@@ -460,6 +478,8 @@ def cache_key(cfg, tokenizer) -> str:
 def _tokenise(dsets, tokenizer, max_length, cfg):
     if task_type(cfg).head == "token":
         return token_data.tokenise(dsets, tokenizer, max_length)
+    if task_type(cfg).head == "lm":
+        return lm_data.tokenise(dsets, tokenizer, cfg)
     has_pair = "text_pair" in dsets["train"].column_names
 
     def encode(batch):
@@ -521,6 +541,7 @@ class Collator:
             raise ConfigError("data.padding", padding, "must be 'batch' or 'max_length'")
         self.pad_token_id, self.padding, self.max_length = pad_token_id, padding, max_length
         self.label_dtype = label_dtype
+        self.token_types = True  # False: token_type_ids are left out (decoders do not use segments)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(r["input_ids"]) for r in rows)
@@ -528,12 +549,12 @@ class Collator:
             length = max(length, self.max_length)
         batch = {}
         for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
-            if key in rows[0]:
+            if key in rows[0] and (key != "token_type_ids" or self.token_types):
                 t = torch.full((len(rows), length), fill, dtype=torch.long)
                 for i, r in enumerate(rows):
                     t[i, : len(r[key])] = torch.as_tensor(r[key])
                 batch[key] = t
-        if isinstance(rows[0]["labels"], list):  # one label per position (token classification)
+        if isinstance(rows[0]["labels"], list):  # one label per position (token classification, causal LM)
             labels = torch.full((len(rows), length), token_data.IGNORED, dtype=torch.long)
             for i, r in enumerate(rows):
                 labels[i, : len(r["labels"])] = torch.as_tensor(r["labels"])

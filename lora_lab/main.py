@@ -89,12 +89,14 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
     """Run one job. A completed run of the same config in ``run_dir`` is skipped; an interrupted one
     resumes from its checkpoint. Any failure is written to the run record; in a multirun the sweep
     carries on, except after a stop signal (the whole process is being stopped).
-    ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into."""
+    ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into.
+    Returns the objective a sweeper maximises: the best epoch's validation main metric, negated for a
+    metric that is better lower (perplexity), as ``lora_lab.tasks.objective`` says."""
     from lora_lab.checkpoint import CHECKPOINT_DIR, peek_progress
     from lora_lab.distributed import Distributed, setup as setup_distributed
     from lora_lab.preemption import Preempted, StopRequests
     from lora_lab.tracking import Tracker
-    from lora_lab.tasks import main_metric
+    from lora_lab.tasks import main_metric, objective
     from lora_lab.train import Diverged, run_training
     from lora_lab.validate import check_config
 
@@ -106,7 +108,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         done = completed_record(cfg, run_dir) if cfg.trainer.get("skip_done", True) else None
         if done is not None:
             print(f"[lora_lab] already completed, skipped: {run_dir} (trainer.skip_done=false trains it again)")
-            return float(done["best"][monitor])
+            return objective(main_metric(cfg.data), float(done["best"][monitor]))
         config = OmegaConf.to_container(cfg, resolve=True)
         if not dist.is_main:  # rank 0 alone logs the run
             tracker = Tracker(None)
@@ -121,7 +123,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         with stop:
             record = run_training(cfg, run_dir, tracker, stop, dist)
         tracker.finish(exit_code=0)
-        return float(record["best"][monitor])
+        return objective(main_metric(cfg.data), float(record["best"][monitor]))
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
         kind = {Preempted: "preempted", Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(
             type(error), None) or error_kind(error)

@@ -1,10 +1,46 @@
-"""The metrics of each task type: classification (scikit-learn), regression correlations (STS-B style)
-and entity-level precision / recall / F1 for tagging (seqeval, CoNLL evaluation rules)."""
+"""The metrics of each task type: classification (scikit-learn), regression correlations (STS-B style),
+entity-level precision / recall / F1 for tagging (seqeval, CoNLL evaluation rules) and the token-level
+loss and perplexity of a causal language model (BLEU and ROUGE-L of its generations:
+lora_lab.generation_eval). Every metric is better higher except those in ``MINIMISED_METRICS``."""
 from __future__ import annotations
+
+import math
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman")
 TOKEN_METRICS = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
+LM_METRICS = ("perplexity", "loss")
+GENERATION_METRICS = ("bleu", "rouge_l")  # reported only when trainer.generation.enabled
+MINIMISED_METRICS = frozenset({"perplexity", "loss"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of a metric: what picks the best epoch, the best tuned value and a table's bold."""
+    return metric not in MINIMISED_METRICS
+
+
+def is_better(metric: str, value: float, than: float | None) -> bool:
+    """``value`` beats ``than`` (None: nothing to beat yet) in ``metric``'s direction; NaN never wins."""
+    if value is None or math.isnan(value):
+        return False
+    if than is None or math.isnan(than):
+        return True
+    return value > than if higher_is_better(metric) else value < than
+
+
+def lm_metrics(token_counts: list[int], nll_sums: list[float]) -> dict[str, float]:
+    """The mean negative log-likelihood per predicted token over a whole split (each example's summed
+    NLL over its predicted tokens, so long examples weigh as many tokens as they predict), and its
+    exponential, the perplexity."""
+    tokens = sum(token_counts)
+    if not tokens:
+        return {"loss": math.nan, "perplexity": math.nan}
+    loss = math.fsum(nll_sums) / tokens
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = math.inf
+    return {"loss": loss, "perplexity": perplexity}
 
 
 def classification_metrics(labels, predictions) -> dict[str, float]:

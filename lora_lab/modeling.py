@@ -1,5 +1,7 @@
-"""Load a sequence or token classifier and its tokenizer: the embedded MiniLM, any Hub model, or a
-tiny random BERT built from a config (for tests and smoke runs; no download)."""
+"""Load a sequence or token classifier, or a causal language model, and its tokenizer: the embedded
+MiniLM, any Hub model (encoders and decoders), or a tiny random BERT or decoder built from a config
+(lora_lab.random_models; for tests and smoke runs, no download). ``model.load_in_4bit`` loads the
+frozen base in 4-bit NF4 (lora_lab.quantization)."""
 from __future__ import annotations
 
 import importlib.util
@@ -90,20 +92,48 @@ def check_model_files(cfg) -> None:
                               f"{first_line(error)}") from None
 
 
+def _read_config_json(path: Path, cfg) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError("model.name", str(cfg.name), f"{path} is not valid JSON: {first_line(error)}") from None
+    if not isinstance(config, dict):
+        raise ConfigError("model.name", str(cfg.name), f"{path} is not a model config (not a JSON object)")
+    return config
+
+
+def local_config(cfg, cached: bool = False) -> dict | None:
+    """The model's config.json when it is on this machine (a local folder; with ``cached``, also a Hub
+    model already in the Hugging Face cache); None otherwise. Reads no weights, asks no server."""
+    folder = local_model_folder(cfg)
+    if folder is not None:
+        path = folder / "config.json"
+        return _read_config_json(path, cfg) if path.is_file() else None
+    if cached and cfg.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(str(cfg.name), "config.json")
+        except ValueError:  # not a repository id
+            return None
+        return _read_config_json(Path(found), cfg) if isinstance(found, str) else None
+    return None
+
+
+# where configs keep the longest input: most models, then GPT-2 (n_positions; its config.json has no
+# max_position_embeddings)
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
 def max_positions(cfg) -> int | None:
     """The longest input the model takes, when its config is on this machine; else None."""
     if cfg.source == "random":
         return int(cfg.max_positions)
-    folder = local_model_folder(cfg)
-    if folder is None or not (folder / "config.json").is_file():
+    config = local_config(cfg)
+    if config is None:
         return None
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError("model.name", str(cfg.name), f"{folder / 'config.json'} is not valid JSON: "
-                          f"{first_line(error)}") from None
-    positions = config.get("max_position_embeddings")
-    if not isinstance(positions, int):
+    positions = next((config[k] for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
+    if positions is None:
         return None
     if "roberta" in str(config.get("model_type", "")):  # positions start after the padding index
         positions -= int(config.get("pad_token_id") or 0) + 1
@@ -154,6 +184,9 @@ def cast_trainable_to_fp32(model) -> None:
 
 
 def load_tokenizer(cfg):
+    """The model's tokenizer, with a pad token: one without (GPT-2, Llama) pads with its eos token, the
+    usual convention for decoders (padding is masked out, and a decoder classifier reads the last
+    token that is not padding)."""
     from transformers import AutoTokenizer
 
     source = tokenizer_source(cfg)
@@ -164,60 +197,144 @@ def load_tokenizer(cfg):
         raise ConfigError(key, source, f"tokenizer could not be loaded: {first_line(error)}") from None
     if len(tokenizer) <= len(tokenizer.all_special_tokens):  # built without a vocabulary file
         raise ConfigError(key, source, f"the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(key, source, "the tokenizer has no pad token and no eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-TASKS = ("sequence", "token")
+TASKS = ("sequence", "token", "lm")
 
 
-def pooling_of(cfg, task: str = "sequence") -> str | None:
-    """The pooling a sequence classifier built from ``cfg`` uses ("cls", "mean" or "pooler"); None for
-    token classification, which labels every token."""
+def is_causal_decoder(model_type: str, encoder_decoder: bool = False) -> bool:
+    """Whether a transformers ``model_type`` is a decoder-only language model (GPT-2, Llama, ...): it has
+    a causal LM and no masked LM (BERT-like encoders have both)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return (not encoder_decoder and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def is_decoder(cfg) -> bool | None:
+    """Whether ``cfg`` is a decoder-only model: known for a random model and for a config on this machine
+    (a local folder, a Hub model in the cache); None when only loading it can tell."""
+    from lora_lab.random_models import DECODERS, arch_of
+
+    if cfg.source == "random":
+        return arch_of(cfg) in DECODERS
+    config = local_config(cfg, cached=True)
+    if config is None:
+        return None
+    return is_causal_decoder(str(config.get("model_type") or ""), bool(config.get("is_encoder_decoder")))
+
+
+def pooling_of(cfg, task: str = "sequence", decoder: bool | None = None) -> str | None:
+    """The pooling a sequence classifier built from ``cfg`` uses ("cls", "mean", "pooler" or, for a
+    decoder's own head, "last"); None for token classification and causal LMs, which predict at every
+    token. Also refuses a task the model cannot take (a causal LM of an encoder). ``decoder``: whether
+    the model is a decoder, when the caller knows (else found from ``cfg`` where it can be)."""
     from lora_lab.pooling import POOLINGS, resolve_pooling
 
     if task not in TASKS:
         raise ConfigError("task", task, f"must be one of {list(TASKS)}")
-    if task == "token":
-        value = cfg.get("pooling", "auto")
-        if value not in POOLINGS:
-            raise ConfigError("model.pooling", value, f"must be one of {list(POOLINGS)}")
-        if value != "auto":
-            raise ConfigError("model.pooling", value, "applies to sequence classification only; token "
-                              "classification labels every token")
-        return None
-    return resolve_pooling(cfg)
-
-
-def load_model(cfg, num_labels: int, label_names: list[str] | None = None, task: str = "sequence"):
-    """A classifier with ``num_labels`` outputs: one per sequence (``task="sequence"``, pooled as
-    ``model.pooling`` says) or one per token (``task="token"``)."""
-    from transformers import (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                              BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel)
-
-    from lora_lab.pooling import PooledClassifier
-
-    pooling = pooling_of(cfg, task)
-    labels = dict(enumerate(label_names)) if label_names else None
-    label_kwargs = {"num_labels": num_labels}
-    if labels:
-        label_kwargs.update(id2label=labels, label2id={v: k for k, v in labels.items()})
-    pooled = pooling in ("cls", "mean")  # our head on the bare backbone, not the model's own
-    if task == "token":
-        random_class, auto_class = BertForTokenClassification, AutoModelForTokenClassification
-    elif pooled:
-        random_class, auto_class = BertModel, AutoModel
-    else:
-        random_class, auto_class = BertForSequenceClassification, AutoModelForSequenceClassification
+    if decoder is None:
+        decoder = is_decoder(cfg)
+    if task == "sequence":
+        return resolve_pooling(cfg, decoder)
+    value = cfg.get("pooling", "auto")
+    if value not in POOLINGS:
+        raise ConfigError("model.pooling", value, f"must be one of {list(POOLINGS)}")
+    if value != "auto":
+        what = "token classification labels every token" if task == "token" else "a causal LM predicts every token"
+        raise ConfigError("model.pooling", value, f"applies to sequence classification only; {what}")
     if cfg.source == "random":
-        config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                            intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
-                            hidden_dropout_prob=cfg.get("dropout", 0.1),
-                            attention_probs_dropout_prob=cfg.get("dropout", 0.1), **label_kwargs)
-        model = random_class(config).to(weights_dtype(cfg))
+        from lora_lab.random_models import arch_of, head_class_name
+
+        head_class_name(arch_of(cfg), task)  # e.g. OPT has no token classifier
+    if task == "lm" and decoder is False:
+        key, value = ("model.arch", "bert") if cfg.source == "random" else ("model.name", str(cfg.name))
+        raise ConfigError(key, value, "is an encoder; a causal LM needs a decoder-only model (GPT-2, Llama, ...: "
+                          "e.g. model=gpt2, or model=tiny_gpt2 for a smoke run)")
+    return None
+
+
+def load_model(cfg, num_labels: int, label_names: list[str] | None = None, task: str = "sequence",
+               pad_token_id: int | None = None):
+    """A classifier with ``num_labels`` outputs: one per sequence (``task="sequence"``, pooled as
+    ``model.pooling`` says) or one per token (``task="token"``); or a causal language model
+    (``task="lm"``, a decoder; no labels).
+
+    A decoder's config gets the tokenizer's ``pad_token_id`` (given, or read from the tokenizer), since
+    its classifier reads the last token that is not padding. With ``model.load_in_4bit`` the base is
+    loaded in 4-bit NF4 onto the current CUDA device (a random model is built, saved to a temporary
+    folder and loaded back quantised)."""
+    from lora_lab import quantization
+    from lora_lab.pooling import PooledClassifier
+    from lora_lab.random_models import DECODERS, arch_of
+
+    if task not in TASKS:
+        raise ConfigError("task", task, f"must be one of {list(TASKS)}")
+    quantized = quantization.wants_4bit(cfg)
+    if quantized:
+        quantization.check_4bit_environment()  # before anything is loaded
+    if cfg.source == "random":
+        decoder = arch_of(cfg) in DECODERS
     else:
-        model = _from_pretrained(auto_class, cfg, label_kwargs)
-    return PooledClassifier(model, pooling).to(weights_dtype(cfg)) if pooled else model
+        config = _pretrained_config(cfg)
+        decoder = is_causal_decoder(config.model_type, bool(getattr(config, "is_encoder_decoder", False)))
+    pooling = pooling_of(cfg, task, decoder)
+    pooled = pooling in ("cls", "mean")  # our head on the bare backbone, not the model's own
+    head = "pooled" if pooled else task
+    kwargs = {}
+    if task != "lm":
+        kwargs["num_labels"] = num_labels
+        if label_names:
+            labels = dict(enumerate(label_names))
+            kwargs.update(id2label=labels, label2id={v: k for k, v in labels.items()})
+    if decoder:
+        kwargs["pad_token_id"] = pad_token_id if pad_token_id is not None else load_tokenizer(cfg).pad_token_id
+    if cfg.source == "random":
+        model = _random_model(cfg, head, kwargs)
+        if quantized:
+            model = _reloaded_4bit(model, _AUTO_CLASSES[head], cfg)
+    else:
+        model = _from_pretrained(_AUTO_CLASSES[head], cfg, kwargs, quantized)
+    if not pooled:
+        return model
+    wrapped = PooledClassifier(model, pooling)
+    if not quantized:
+        return wrapped.to(weights_dtype(cfg))
+    wrapped.classifier.to(device=model.device, dtype=weights_dtype(cfg))  # the backbone is in place already
+    wrapped.is_loaded_in_4bit = True
+    return wrapped
+
+
+# the transformers auto class that loads each head of a pre-trained model
+_AUTO_CLASSES = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification",
+                 "lm": "AutoModelForCausalLM", "pooled": "AutoModel"}
+
+
+def _random_model(cfg, head: str, kwargs: dict):
+    from lora_lab.random_models import build_random_model
+
+    return build_random_model(cfg, head, **kwargs).to(weights_dtype(cfg))
+
+
+def _reloaded_4bit(model, auto_class: str, cfg):
+    """A random model quantised as a pre-trained one is: saved, then loaded back in 4 bits."""
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    with tempfile.TemporaryDirectory(prefix="lora_lab_4bit_") as folder:
+        hf_logging.disable_progress_bar()  # "writing model shards" of a temporary copy
+        try:
+            model.save_pretrained(folder)
+        finally:
+            hf_logging.enable_progress_bar()
+        return _load_pretrained(auto_class, folder, cfg, {}, True, key="model.load_in_4bit", shown=True)
 
 
 def _dtype_kwargs(cfg) -> dict:
@@ -225,20 +342,46 @@ def _dtype_kwargs(cfg) -> dict:
     return {"dtype": weights_dtype(cfg)} if (cfg.get("dtype") or "fp32") != "fp32" else {}
 
 
-def _from_pretrained(auto_class, cfg, label_kwargs: dict):
+def _model_path(cfg) -> str:
+    return embedded_model_path(cfg.name) if cfg.source == "embedded" else tokenizer_source(cfg)
+
+
+def _pretrained_config(cfg):
+    """The transformers config of a pre-trained model (config.json only: it tells an encoder from a decoder)."""
+    from transformers import AutoConfig
+
+    path = _model_path(cfg)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=bool(cfg.trust_remote_code))
+    except (OSError, ValueError) as error:  # missing, corrupt or unusable files, no network
+        raise ConfigError("model.name", path, f"could not be loaded: {first_line(error)}") from None
+
+
+def _from_pretrained(auto_class: str, cfg, kwargs: dict, quantized: bool = False):
+    return _load_pretrained(auto_class, _model_path(cfg), cfg, kwargs, quantized)
+
+
+def _load_pretrained(auto_class: str, path: str, cfg, kwargs: dict, quantized: bool, key: str = "model.name",
+                     shown=None):
+    import transformers
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
-    path = embedded_model_path(cfg.name) if cfg.source == "embedded" else tokenizer_source(cfg)
+    from lora_lab import quantization
+
+    load = dict(_dtype_kwargs(cfg))
+    if quantized:  # the unquantised modules (embeddings, norms, head) in model.dtype, fp32 unless bf16
+        load.update(dtype=weights_dtype(cfg), **quantization.load_kwargs())
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised: classifier.*" report is expected
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors is noise in every run's log
     try:
-        return auto_class.from_pretrained(
+        return getattr(transformers, auto_class).from_pretrained(
             path, trust_remote_code=bool(cfg.trust_remote_code), use_safetensors=cfg.use_safetensors,
-            **_dtype_kwargs(cfg), **label_kwargs)
-    except (OSError, ValueError, SafetensorError) as error:  # missing, corrupt or unusable files
-        raise ConfigError("model.name", path, f"could not be loaded: {first_line(error)}") from None
+            **load, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:  # missing, corrupt or unusable files, no such head
+        shown = path if shown is None else shown
+        raise ConfigError(key, shown, f"could not be loaded: {first_line(error)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

@@ -5,9 +5,13 @@ out_dir)`` loads into the run's base model with the run's logits.
 The model is rebuilt from the run record (same config and seed, so a random model and an untrained
 head come out as in the run), the method applied and the trained state loaded; then a PEFT model is
 built with the same settings, given our weights and saved with PEFT's own ``save_pretrained``. The
-task head (trained or not) is saved as ``modules_to_save``. A LoRA run with ``init=svd`` trained on a
-changed W0 (the residual W0 - s B0 A0); it is exported as PEFT converts its PiSSA adapters: a rank-2r
-LoRA of scale 1 holding ΔW = s (B A - B0 A0), which applies to the pretrained W0.
+task head (trained or not) is saved as ``modules_to_save``; a language model has none (its output
+layer is pre-trained) and its adapter's task_type is CAUSAL_LM (SEQ_CLS for a sequence classifier).
+A LoRA run with ``init=svd`` trained on a changed W0 (the residual W0 - s B0 A0); it is exported as
+PEFT converts its PiSSA adapters: a rank-2r LoRA of scale 1 holding ΔW = s (B A - B0 A0), which applies
+to the pretrained W0. GPT-2's Conv1D layers export with ``fan_in_fan_out=True``; a run that adapted
+parts of GPT-2's fused c_attn (targets [q, v]) exports exactly as one LoRA of rank 2r per c_attn, the
+parts' A stacked and their B block-structured, at scale 1 (``LoRA.peft_adapter``).
 
 After writing, the adapter is loaded back with PEFT onto a fresh copy of the base and its logits
 compared with ours on a random batch (``--no-check`` skips this): the largest difference is printed,
@@ -118,36 +122,21 @@ def head_modules(model: nn.Module) -> list[str]:
     return sorted({name.rpartition(".")[0] for name in head_parameter_names(model)})
 
 
-def peft_weights(method, model: nn.Module, config) -> dict[str, torch.Tensor]:
-    """The method's parameters under PEFT's names; an svd-initialised LoRA as ΔW's rank-2r factors
-    (``config`` is changed to rank 2r and scale 1 to match)."""
-    from lora_lab.methods.base import PEFT_PREFIX
-
-    layers = method.lora_modules(model)
-    if not any(layer.init == "svd" for layer in layers.values()):
-        return {k: v for k, v in method.peft_state_dict(model).items() if not k.endswith(".base_layer.weight")}
-    config.r = config.lora_alpha = 2 * int(method.resolved["r"])
-    config.use_rslora = False
-    weights = {}
-    for name, delta in method.delta_weights(model).items():  # B = s [B, -B0], A = [A, A0]: the scale is in B
-        weights[f"{PEFT_PREFIX}{name}.lora_A.default.weight"] = delta.A
-        weights[f"{PEFT_PREFIX}{name}.lora_B.default.weight"] = delta.B
-    return weights
-
-
 def build_peft_model(run: RebuiltRun, base_name: str | None):
     """A PEFT model on a copy of the base, with the run's adapter and head in it."""
     import peft
 
     method, model = run.method, run.model
-    config = method.peft_config(model)
-    config.modules_to_save = head_modules(run.base)
-    weights = peft_weights(method, model, config)
+    config, weights = method.peft_adapter(model)
+    head = head_modules(run.base)
+    config.modules_to_save = list(head) or None
     twin = peft.get_peft_model(copy.deepcopy(run.base), config)
     twin.peft_config["default"].base_model_name_or_path = base_name  # get_peft_model sets the model's own
+    # a SEQ_CLS model adds "classifier" and "score" itself (again when loaded): the file names the head
+    twin.peft_config["default"].modules_to_save = config.modules_to_save = list(head) or None
     params = dict(twin.named_parameters())
     ours = dict(model.named_parameters())
-    for module in config.modules_to_save:
+    for module in head:
         for leaf, _ in run.base.get_submodule(module).named_parameters():
             weights[f"base_model.model.{module}.modules_to_save.default.{leaf}"] = ours[f"{module}.{leaf}"]
     unknown = sorted(set(weights) - set(params))

@@ -6,6 +6,10 @@ adapter, saved with safetensors (``adapter_model.bin`` is pickled and never read
 LoRA has. Once the method is applied, ``load_adapter`` checks it against the model (the same adapted
 modules, rank and shapes) and copies A, B (DoRA: the magnitudes) and, when it fits, the task head.
 The run's config is authoritative: the adapter must agree with it, nothing is adopted from the adapter.
+
+GPT-2's Conv1D layers: PEFT stores A (r x in) and B (out x r) as for nn.Linear, ``fan_in_fan_out`` only
+says how it merges, so such an adapter loads as any other. PEFT adapts whole layers: a run that adapts
+parts of a fused layer (GPT-2's q and v in c_attn) cannot start from a PEFT adapter.
 """
 from __future__ import annotations
 
@@ -31,7 +35,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 UNSUPPORTED = {
     "bias": (lambda v: v not in (None, "none"), "trains biases"),
     "lora_bias": (bool, "has a bias on lora_B"),
-    "fan_in_fan_out": (bool, "targets transposed (Conv1D) weights"),
     "rank_pattern": (bool, "gives some modules another rank (rank_pattern)"),
     "alpha_pattern": (bool, "gives some modules another alpha (alpha_pattern)"),
     "layer_replication": (bool, "replicates layers"),
@@ -188,6 +191,10 @@ def load_adapter(adapter: PeftAdapter, model: nn.Module, lora_modules: dict[str,
     method has just created: every adapted module's factors (and magnitudes), then the head when every
     saved head tensor fits a head parameter of ``model`` (else a note says the head starts fresh)."""
     refuse = adapter.refuse
+    part = next((name for name, layer in lora_modules.items() if getattr(layer, "rows", None) is not None), None)
+    if part is not None:
+        raise refuse(f"is a PEFT adapter of whole layers, but this run adapts parts of fused layers (e.g. {part}); "
+                     "target the whole layer (e.g. c_attn, or q, k and v together)")
     ours, theirs = set(lora_modules), set(adapter.factors)
     if ours != theirs:
         extra, missing = sorted(theirs - ours), sorted(ours - theirs)
@@ -217,8 +224,12 @@ def load_adapter(adapter: PeftAdapter, model: nn.Module, lora_modules: dict[str,
             if name in head_names and adapter.shapes[key] == tuple(params[name].shape)}
     if adapter.head and len(head) < len(adapter.head):
         misfit = next(name for name in adapter.head if name not in head)
-        print(f"[lora_lab] {KEY}: the adapter's saved {misfit} does not fit this model's head "
-              "(another task or pooling?); the head starts fresh")
+        if not head_names:
+            print(f"[lora_lab] {KEY}: the adapter's saved {misfit} is not loaded: this model has no task head "
+                  "(a language model's output layer is pre-trained and stays as it is)")
+        else:
+            print(f"[lora_lab] {KEY}: the adapter's saved {misfit} does not fit this model's head "
+                  "(another task or pooling?); the head starts fresh")
         head = {}
     wanted.update({key: params[name] for name, key in head.items()})
     tensors = adapter.tensors()

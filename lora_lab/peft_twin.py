@@ -38,7 +38,9 @@ def build_peft_twin(method, model: nn.Module, base: nn.Module) -> nn.Module:
     head = head_parameter_names(model)
     ours = dict(model.named_parameters())
     for name, p in twin.get_base_model().named_parameters():
-        if name in head:  # the head trains in both and starts from our current values
+        # a classifier PEFT wraps itself (task_type SEQ_CLS: modules_to_save) runs its trainable copy
+        name = name.replace(".modules_to_save.default.", ".")
+        if name in head and ".original_module." not in name:  # the head trains in both, from our values
             p.requires_grad_(True)
             p.data.copy_(ours[name].detach())
     return twin.to(next(model.parameters()).device)

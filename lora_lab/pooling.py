@@ -5,6 +5,10 @@
 - ``mean``: a linear classifier on the mean of the last hidden states over the attention mask.
 - ``auto``: what the checkpoint was trained with, as its sentence-transformers pooling config
   declares (``1_Pooling/config.json``), else ``pooler``.
+
+A decoder-only model (GPT-2, Llama, ...) attends causally: its own head (``auto``, ``pooler``) reads the
+last token that is not padding, reported as ``last``; ``mean`` averages over the mask as for encoders;
+``cls`` is refused, since the first token has seen only itself.
 """
 from __future__ import annotations
 
@@ -71,19 +75,23 @@ def declared_pooling(folder) -> str | None:
                       f"{' or '.join(SUPPORTED_DECLARED)}; set model.pooling=cls|mean|pooler")
 
 
-def resolve_pooling(model_cfg) -> str:
-    """``model.pooling`` made concrete: "cls", "mean" or "pooler".
+def resolve_pooling(model_cfg, decoder: bool | None = None) -> str:
+    """``model.pooling`` made concrete: "cls", "mean" or "pooler"; for a decoder-only model
+    (``decoder``; None: not known before loading) "mean" or "last" (its own head).
 
     A config without the key (written before it existed) keeps the model's own head, as it was run.
     """
-    value = model_cfg.get("pooling", "pooler")
-    if value not in POOLINGS:
-        raise ConfigError("model.pooling", value, f"must be one of {list(POOLINGS)}")
-    if value != "auto":
-        return value
-    folder = local_model_folder(model_cfg)
-    declared = declared_pooling(folder) if folder is not None else None
-    return declared or "pooler"
+    given = model_cfg.get("pooling", "pooler")
+    if given not in POOLINGS:
+        raise ConfigError("model.pooling", given, f"must be one of {list(POOLINGS)}")
+    value = given
+    if given == "auto":
+        folder = local_model_folder(model_cfg)
+        value = (declared_pooling(folder) if folder is not None else None) or "pooler"
+    if decoder and value == "cls":
+        raise ConfigError("model.pooling", given, "pools the first token, which in a causal decoder has seen only "
+                          "itself; set model.pooling=mean, or pooler for the model's own head (the last token)")
+    return "last" if decoder and value == "pooler" else value
 
 
 class PooledClassifier(nn.Module):
@@ -143,7 +151,9 @@ class PooledClassifier(nn.Module):
 
 
 def _dropout_probability(config) -> float:
-    for name in ("classifier_dropout", "hidden_dropout_prob", "seq_classif_dropout", "dropout"):
+    # BERT's, DistilBERT's, OPT's; GPT-2's residual dropout; the Llama family has attention dropout only
+    for name in ("classifier_dropout", "hidden_dropout_prob", "seq_classif_dropout", "dropout", "resid_pdrop",
+                 "attention_dropout"):
         value = getattr(config, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

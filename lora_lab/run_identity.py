@@ -38,14 +38,33 @@ def _drop(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# keys added after runs were recorded, per config section, with the value that gives what runs gave
+# before the key existed
+ADDED_DEFAULTS = {
+    "model": {"arch": "bert", "num_kv_heads": None, "load_in_4bit": False},
+    "data": {"revision": None, "prompt_column": None, "response_column": None, "prompt_template": "{prompt}\n",
+             "packing": False},
+    "trainer": {"warmup_steps": None, "label_smoothing": 0.0},
+}
+
+
 def result_config(config: dict) -> dict:
     """The resolved config without the settings that do not change results (nor Hydra's own).
-    ``trainer.world_size`` counts only above 1, so one-process runs keep the identity they had
-    before the key existed."""
+    ``trainer.world_size`` counts only above 1, the keys of ``ADDED_DEFAULTS`` only away from their
+    defaults and ``trainer.generation`` only when enabled, so runs keep the identity they had before
+    those keys existed."""
     out = _drop({k: v for k, v in config.items() if k != "hydra"})
     trainer = out.get("trainer")
-    if isinstance(trainer, dict) and trainer.get("world_size") == 1:
-        out["trainer"] = {k: v for k, v in trainer.items() if k != "world_size"}
+    if isinstance(trainer, dict):
+        if trainer.get("world_size") == 1:
+            trainer = {k: v for k, v in trainer.items() if k != "world_size"}
+        if not (trainer.get("generation") or {}).get("enabled", True):
+            trainer = {k: v for k, v in trainer.items() if k != "generation"}
+        out["trainer"] = trainer
+    for section, defaults in ADDED_DEFAULTS.items():
+        values = out.get(section)
+        if isinstance(values, dict):
+            out[section] = {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
     return out
 
 

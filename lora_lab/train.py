@@ -3,6 +3,12 @@
     setup (seed, device, tokenizer, data, model, method) -> [resume from a checkpoint] -> train with
     AdamW + linear warm-up/decay, checkpointing every N steps -> evaluate every epoch on validation and
     test, keep the best epoch's state -> save it, its ΔW and the run record, with the measurements.
+
+The best epoch is the one with the best validation main metric in that metric's direction (lower
+perplexity is better: lora_lab.metrics.higher_is_better). A causal LM (task head "lm") is scored by
+its token-weighted loss and perplexity; its baseline is the pre-trained model itself, evaluated on
+test before the method is applied (once: a resumed run reads it from its checkpoint), and with
+``trainer.generation.enabled`` its greedy generations add BLEU and ROUGE-L (lora_lab.generation_eval).
 """
 from __future__ import annotations
 
@@ -20,19 +26,22 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lora_lab import checkpoint, measure, records
+from lora_lab import checkpoint, generation_eval, lm_data, measure, records
 from lora_lab.data import Collator, column_values, load_task_data
 from lora_lab.distributed import Distributed, device_for, setup as setup_distributed
+from lora_lab.architectures import model_type
 from lora_lab.errors import ConfigError
+from lora_lab.losses import training_loss
+from lora_lab.metrics import is_better
 from lora_lab.methods import build_method
-from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing, load_model, load_tokenizer, \
-    pooling_of, weights_dtype
+from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing, is_causal_decoder, load_model, \
+    load_tokenizer, pooling_of, weights_dtype
 from lora_lab.precision import autocast
 from lora_lab.preemption import Preempted, StopRequests
 from lora_lab.run_identity import result_config
 from lora_lab.run_info import environment_info
 from lora_lab.sampling import evaluation_loader, training_loader
-from lora_lab.tasks import TaskType, describe, main_metric
+from lora_lab.tasks import TaskType, describe, main_metric, objective
 from lora_lab.timing import round_robin, synchronize
 from lora_lab.token_data import IGNORED
 from lora_lab.tracking import Tracker
@@ -94,7 +103,8 @@ def own_batches(loader, dist: Distributed):
 def predict(model, loader, device, amp, task: TaskType,
             dist: Distributed = Distributed()) -> tuple[list, list[float]]:
     """Predictions on one split in order, plus the per-batch forward latency in ms. Tagging: per
-    sentence, the predicted tag of each word (at its first sub-token). Over several ranks each
+    sentence, the predicted tag of each word (at its first sub-token). Causal LM: per example, the
+    summed negative log-likelihood of its predicted tokens (``sequence_nll``). Over several ranks each
     predicts its share of the batches (the same batches as one process) and all get every prediction."""
     model.eval()
     per_batch, latencies = [], []
@@ -106,7 +116,9 @@ def predict(model, loader, device, amp, task: TaskType,
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         synchronize(device)
         latencies.append(1000 * (time.perf_counter() - start))
-        if task.head == "token":
+        if task.head == "lm":
+            per_batch.append(sequence_nll(logits, batch["labels"]))
+        elif task.head == "token":
             tags, labels = logits.argmax(-1).cpu(), batch["labels"].cpu()
             per_batch.append([row[gold != IGNORED].tolist() for row, gold in zip(tags, labels)])
         elif task.name == "regression":  # the single output is the prediction
@@ -119,8 +131,23 @@ def predict(model, loader, device, amp, task: TaskType,
     return [p for batch_predictions in per_batch for p in batch_predictions], latencies
 
 
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Each sequence's summed negative log-likelihood of its labelled tokens, each predicted from the
+    positions before it (the shift a causal LM's own loss makes). Row by row, so that only one
+    sequence's logits are ever held in fp32."""
+    sums = []
+    for row_logits, row_labels in zip(logits, labels):
+        nll = torch.nn.functional.cross_entropy(row_logits[:-1].float(), row_labels[1:], ignore_index=IGNORED,
+                                                reduction="sum")
+        sums.append(float(nll))
+    return sums
+
+
 def gold_labels(dataset, task: TaskType) -> list:
-    """What predictions are scored against: a label per example, or every word's tag per sentence."""
+    """What predictions are scored against: a label per example, every word's tag per sentence, or
+    (causal LM) the number of tokens each example predicts, which weighs its summed loss."""
+    if task.head == "lm":
+        return [lm_data.predicted_tokens(labels) for labels in column_values(dataset, "labels")]
     return column_values(dataset, "word_labels" if task.head == "token" else "labels")
 
 
@@ -135,9 +162,46 @@ def evaluate(model, loader, gold: list, device, amp, task: TaskType, label_names
 
 def baseline(task: TaskType, gold: list, label_names: list[str]) -> dict:
     """The run record's ``baseline``: what predicting the majority class (a constant, O everywhere)
-    scores on the test split."""
+    scores on the test split. (A causal LM's is the pre-trained model: ``pretrained_baseline``.)"""
     metrics, _ = task.score(gold, task.baseline_predictions(gold, label_names), label_names)
     return {"name": task.baseline, "test": metrics}
+
+
+def pretrained_baseline(model, loader, gold: list, device, amp, task: TaskType, dist: Distributed,
+                        generation: "generation_eval.SplitGeneration | None" = None) -> dict:
+    """The causal LM's ``baseline``: the test metrics of the model as loaded, before any method
+    changes it (and its generations, with ``trainer.generation`` on test). The model goes back to
+    the CPU afterwards and the random state is restored, so the method is set up exactly as in a run
+    without this evaluation."""
+    rng = torch.get_rng_state()
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base stays on the GPU it was loaded on
+        model.to(device)
+    metrics, _, _ = evaluate(model, loader, gold, device, amp, task, [], dist=dist)
+    out = {"name": task.baseline, "test": metrics}
+    if generation is not None:
+        scores, examples = generation.run(model, device, amp, dist)
+        metrics.update(scores)
+        out["generations"] = {"test": examples}
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to("cpu")
+    torch.set_rng_state(rng)
+    return out
+
+
+def generation_splits(cfg, data, tokenizer, monitor: str) -> dict[str, "generation_eval.SplitGeneration"]:
+    """The splits generated on after every epoch (``trainer.generation``), each with its prompts: the
+    configured ones, and validation whenever a generation metric picks the best epoch. None when off."""
+    settings = cfg.trainer.get("generation") or {}
+    if not settings.get("enabled"):
+        return {}
+    generation_eval.require_libraries()
+    splits = set(settings.get("splits") or [])
+    if monitor in data.task.optional_metrics:
+        splits.add("validation")
+    return {split: generation_eval.SplitGeneration(
+                data.splits[split], tokenizer, settings, end_of_text=lm_data.end_of_text_id(tokenizer),
+                pad_token_id=data.pad_token_id, batch_size=cfg.trainer.eval_batch_size)
+            for split in ("validation", "test") if split in splits}
 
 
 def _epoch_row(epoch: int, step: int, train_loss: float, val: dict, test: dict) -> dict:
@@ -161,7 +225,7 @@ def fresh_progress() -> dict:
             "stale_epochs": 0, "stopped_early": False, "training_done": False, "train_seconds": 0.0,
             "checkpoint_seconds": 0.0, "checkpoints_written": 0, "peaks": {"train": None, "eval": None},
             "throughput": None, "eval_batch_ms_median": None, "resumes": [], "wandb_run_id": None,
-            "reports": {}}
+            "reports": {}, "baseline": None, "generations": {}}
 
 
 def _clone_state(model) -> dict[str, torch.Tensor]:
@@ -194,30 +258,42 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     data = load_task_data(cfg.data, tokenizer)
     check_data(cfg, data)
     task = data.task
-    set_seed(cfg.seed)
-    model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head)
-    method.apply(model)
-    cast_trainable_to_fp32(model)  # a bf16 base (model.dtype) trains fp32 parameters
-    if tcfg.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(model)
-    model.to(device)
-    counts = measure.parameter_counts(model, method)
-    train_model = wrap_distributed(model, method, dist, device)
-    if dist.enabled:  # the same initial weights on every rank, then dropout masks of each rank's own
-        torch.manual_seed(cfg.seed * 1_000 + dist.rank)
     # bf16 weights need bf16 matmuls on every device; an fp32 base autocasts on GPUs only (trainer.precision)
     bf16_weights = weights_dtype(cfg.model) == torch.bfloat16
     precision = "bf16" if bf16_weights else tcfg.precision
     amp = lambda: autocast(device, precision, on_cpu=bf16_weights)  # noqa: E731
-
     collator = Collator(data.pad_token_id, cfg.data.padding, cfg.data.max_length,
                         torch.float if data.regression else torch.long)
-    train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed,
-                                   rank=dist.rank, world_size=dist.world_size)
-    batches = train_loader.batch_sampler
     eval_loaders = {s: evaluation_loader(data.splits[s], tcfg.eval_batch_size, collator)
                     for s in ("validation", "test")}
     gold = {s: gold_labels(data.splits[s], task) for s in eval_loaders}
+    generators = generation_splits(cfg, data, tokenizer, monitor)
+    checkpoint_dir = run_dir / checkpoint.CHECKPOINT_DIR
+    set_seed(cfg.seed)
+    model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head)
+    pretrained = None
+    if task.head == "lm":  # the pre-trained model is the baseline: evaluated once, before the method
+        known = checkpoint.peek_progress(checkpoint_dir) if tcfg.get("resume", True) and main_rank else None
+        pretrained = dist.broadcast((known or {}).get("baseline"))
+        if pretrained is None:
+            pretrained = pretrained_baseline(model, eval_loaders["test"], gold["test"], device, amp, task, dist,
+                                             generators.get("test"))
+    if is_causal_decoder(model_type(model)):  # GPT-2 would add token-type embeddings an encoder's tokenizer asks for
+        collator.token_types = False
+    method.apply(model)
+    cast_trainable_to_fp32(model)  # a bf16 base (model.dtype) trains fp32 parameters
+    if tcfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base is placed on its GPU as it loads
+        model.to(device)
+    counts = measure.parameter_counts(model, method)
+    train_model = wrap_distributed(model, method, dist, device)
+    if dist.enabled:  # the same initial weights on every rank, then dropout masks of each rank's own
+        torch.manual_seed(cfg.seed * 1_000 + dist.rank)
+
+    train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed,
+                                   rank=dist.rank, world_size=dist.world_size)
+    batches = train_loader.batch_sampler
     accum = int(tcfg.get("grad_accum") or 1)
     batches_per_epoch = batches.batches_per_epoch()  # micro-batches; an optimiser step takes ``accum`` of them
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
@@ -225,12 +301,12 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     if tcfg.get("max_steps"):
         total_steps = min(total_steps, int(tcfg.max_steps))
     optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay)
-    warmup = int(math.ceil(tcfg.warmup_ratio * total_steps))
+    warmup = (int(tcfg.warmup_steps) if tcfg.get("warmup_steps") is not None
+              else int(math.ceil(tcfg.warmup_ratio * total_steps)))
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     config = result_config(OmegaConf.to_container(cfg, resolve=True))
-    checkpoint_dir = run_dir / checkpoint.CHECKPOINT_DIR
     every = int(tcfg.get("checkpoint_every") or 0)
     if main_rank:
         checkpoint.discard_partial_writes(run_dir, checkpoint_dir)
@@ -255,8 +331,14 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         shutil.rmtree(checkpoint_dir)  # trainer.resume=false: start over
     dist.barrier()  # nobody goes on while rank 0 may still be clearing the run directory
     progress["wandb_run_id"] = progress["wandb_run_id"] or getattr(tracker, "run_id", None)
+    progress["generations"] = progress.get("generations") or {}
+    if task.head == "lm":
+        progress["baseline"] = progress.get("baseline") or pretrained
+    else:
+        progress["baseline"] = baseline(task, gold["test"], data.label_names)
 
-    info = {"task": describe(cfg.data, data.label_names), "baseline": baseline(task, gold["test"], data.label_names),
+    info = {"task": describe(cfg.data, data.label_names, generation=bool(generators)),
+            "baseline": {k: v for k, v in progress["baseline"].items() if k != "generations"},
             "parameters": counts, "data_sizes": {k: len(v) for k, v in data.splits.items()},
             "model_resolved": {"pooling": pooling_of(cfg.model, task.head)},
             "device": str(device), "distributed": dist.describe()}
@@ -319,7 +401,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
             with throughput.step(batch, examples), (nullcontext() if stepping or not dist.enabled
                                                     else train_model.no_sync()):
                 with amp():
-                    loss = train_model(**batch).loss
+                    loss = training_loss(train_model(**batch), batch, task.head, tcfg.get("label_smoothing") or 0.0)
                 loss_value, weight = global_loss(loss, batch, examples, task, dist)
                 if not math.isfinite(loss_value):
                     raise Diverged(progress["step"] + 1, loss_value)
@@ -352,6 +434,11 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
                                         data.label_names, dist=dist)
         if val_report or test_report:
             progress["reports"][str(epoch)] = {"validation": val_report, "test": test_report}
+        generated = {}
+        for split, metrics in (("validation", val), ("test", test)):
+            if split in generators:
+                scores, generated[split] = generators[split].run(model, device, amp, dist)
+                metrics.update(scores)
         progress["peaks"]["eval"] = measure.higher_peak(progress["peaks"]["eval"],
                                                         measure.combine_ranks(dist.gather(peak.read())))
         progress["eval_batch_ms_median"] = statistics.median(val_latency) if val_latency else None
@@ -359,13 +446,17 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
         progress["epochs"].append(row)
         tracker.log({k: v for k, v in row.items() if k != "step"}, step=progress["step"])
         best = progress["best"]
-        if best is None or val[monitor] > best[f"validation/{monitor}"]:
+        if best is None or is_better(monitor, val[monitor], best[f"validation/{monitor}"]):
             progress.update(best=row, best_epoch=epoch, stale_epochs=0)
             best_state = _clone_state(model)
             if every and main_rank:
                 checkpoint.save_best(checkpoint_dir, best_state, epoch)
         else:
             progress["stale_epochs"] += 1
+        if generated:  # kept for the best epoch and the latest one only
+            progress["generations"] = {k: v for k, v in progress["generations"].items()
+                                       if k == str(progress["best_epoch"])}
+            progress["generations"][str(epoch)] = generated
         say(f"[lora_lab] epoch {epoch}: loss {row['train_loss']:.4f}  "
             f"val {monitor} {val[monitor]:.4f}  test {monitor} {test[monitor]:.4f}")
         progress.update(epoch=epoch + 1, batch=0)
@@ -402,16 +493,29 @@ def wrap_distributed(model, method, dist: Distributed, device: torch.device):
                                    find_unused_parameters=method.needs_unused_parameter_search)
 
 
+def loss_terms(batch: dict, task: TaskType) -> int | None:
+    """How many terms a batch's mean loss averages: its labelled tokens for tagging, its predicted
+    tokens (labelled positions after the first, as the causal shift leaves them) for a causal LM;
+    None for one loss term per example."""
+    if task.head == "token":
+        return int((batch["labels"] != IGNORED).sum())
+    if task.head == "lm":
+        return int((batch["labels"][:, 1:] != IGNORED).sum())
+    return None
+
+
 def global_loss(loss: torch.Tensor, batch: dict, examples: int, task: TaskType,
                 dist: Distributed) -> tuple[float, float]:
     """The loss of the whole global micro-batch (as one process with ``world_size`` times the batch
     would compute it) and this rank's weight for its own loss. Each rank's loss is a mean over its
-    loss terms (examples; tagging: labelled tokens); weighting it by its share of the global count,
-    times world_size (DDP averages gradients over ranks), makes the gradient that of the global mean."""
+    loss terms (``loss_terms``: examples, labelled tokens or predicted tokens); weighting it by its
+    share of the global count, times world_size (DDP averages gradients over ranks), makes the
+    gradient that of the global mean."""
     value = loss.item()
     if not dist.enabled:
         return value, 1.0
-    terms = 0 if not examples else int((batch["labels"] != IGNORED).sum()) if task.head == "token" else examples
+    terms = loss_terms(batch, task) if examples else 0
+    terms = examples if terms is None else terms
     total, loss_sum, bad = dist.sum([terms, value * terms, 0.0 if math.isfinite(value) else 1.0])
     if bad:
         return float("nan"), 0.0
@@ -469,6 +573,7 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
         "measurements": measurements,
         **({"delta_w_shapes": delta_shapes} if delta_shapes is not None else {}),
         **_reports(progress, best_epoch, last_epoch),
+        **_generations(progress, best_epoch, last_epoch),
         **info,
         "environment": environment_info(),
     }
@@ -477,12 +582,17 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
     if not tcfg.get("keep_checkpoint", False) and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     monitor = record["task"]["main_metric"]
+    # the main metric, whatever the task, as a number to maximise (sweeps maximise it): negated for a
+    # metric that is better lower, so the objective of a perplexity of 12 is -12
     tracker.summary({**{f"best/{k}": v for k, v in best.items()}, **{f"last/{k}": v for k, v in epochs[-1].items()},
                      **{f"measure/{k}": v for k, v in measurements.items()},
-                     "objective": best[f"validation/{monitor}"]})  # the main metric, whatever the task: sweeps maximise it
+                     "objective": objective(monitor, best[f"validation/{monitor}"])})
     if "reports" in record:
         columns, rows = report_rows(record["reports"]["best"])
         tracker.log_table("best/report", columns, rows)
+    if "generations" in record and hasattr(tracker, "log_table"):
+        columns, rows = generation_rows(record["generations"])
+        tracker.log_table("best/generations", columns, rows)
     return record
 
 
@@ -492,6 +602,25 @@ def _reports(progress: dict, best_epoch: int, last_epoch: int) -> dict:
     if str(best_epoch) not in reports:
         return {}
     return {"reports": {"best": reports[str(best_epoch)], "last": reports.get(str(last_epoch))}}
+
+
+def _generations(progress: dict, best_epoch: int, last_epoch: int) -> dict:
+    """The generations kept (``trainer.generation.keep_examples`` per split) of the pre-trained model,
+    the best epoch and the last, if the run generated."""
+    kept = progress.get("generations") or {}
+    baseline = (progress.get("baseline") or {}).get("generations")
+    out = {name: kept[str(epoch)] for name, epoch in (("best", best_epoch), ("last", last_epoch)) if str(epoch) in kept}
+    if baseline:
+        out["baseline"] = baseline
+    return {"generations": out} if out else {}
+
+
+def generation_rows(generations: dict) -> tuple[list[str], list[list]]:
+    """The kept generations as table rows (model, split, prompt, references, generation), for W&B."""
+    rows = [[model, split, g["prompt"], "\n".join(g["references"]), g["generation"]]
+            for model in ("baseline", "best") for split, examples in (generations.get(model) or {}).items()
+            for g in examples]
+    return ["model", "split", "prompt", "references", "generation"], rows
 
 
 def report_rows(report: dict) -> tuple[list[str], list[list]]:

@@ -151,6 +151,8 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.lr": number(0, 1, low_open=True),
     "trainer.weight_decay": number(0, 1),
     "trainer.warmup_ratio": number(0, 1),
+    "trainer.warmup_steps": integer(0, null=True),
+    "trainer.label_smoothing": number(0, 1, high_open=True),
     "trainer.max_grad_norm": number(0, null=True),
     "trainer.device": text(),
     "trainer.precision": text(),
@@ -165,15 +167,29 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.keep_checkpoint": boolean(),
     "trainer.skip_done": boolean(),
     "trainer.world_size": integer(1),
+    "trainer.generation.enabled": boolean(),
+    "trainer.generation.max_new_tokens": integer(1),
+    "trainer.generation.max_examples": integer(1, null=True),
+    "trainer.generation.splits": names(),
+    "trainer.generation.batch_size": integer(1, null=True),
+    "trainer.generation.keep_examples": integer(0),
+    "trainer.generation.num_beams": integer(1),
+    "trainer.generation.length_penalty": number(-10, 10),
+    "trainer.generation.no_repeat_ngram_size": integer(0),
     # the data
     "data.source": choice("embedded", "hub", "files"),
     "data.name": text(),
     "data.path": text(null=True),
     "data.subset": text(null=True),
+    "data.revision": text(null=True),
     "data.text_column": text(),
     "data.text_pair_column": text(null=True),
     "data.label_column": text(),
-    "data.task_type": choice("classification", "regression", "token_classification", null=True),
+    "data.prompt_column": text(null=True),
+    "data.response_column": text(null=True),
+    "data.prompt_template": text(),
+    "data.packing": boolean(),
+    "data.task_type": choice("classification", "regression", "token_classification", "causal_lm", null=True),
     "data.main_metric": text(null=True),
     "data.label_names": names(null=True),
     "data.splits.train": text(),
@@ -190,6 +206,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "data.cache_dir": text(null=True),
     # the model
     "model.source": choice("embedded", "hub", "random"),
+    "model.arch": choice("bert", "gpt2", "llama", "qwen2", "mistral", "opt", "gemma"),
     "model.name": text(),
     "model.trust_remote_code": boolean(),
     "model.use_safetensors": boolean(),
@@ -199,10 +216,12 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.hidden_size": integer(1),
     "model.num_layers": integer(1),
     "model.num_heads": integer(1),
+    "model.num_kv_heads": integer(1, null=True),
     "model.intermediate_size": integer(1),
     "model.max_positions": integer(1),
     "model.dropout": number(0, 1),
     "model.dtype": choice("fp32", "bf16"),
+    "model.load_in_4bit": boolean(),
     # the logger
     "logger.mode": choice("auto", "online", "offline", "disabled"),
     "logger.project": text(),
@@ -250,6 +269,8 @@ def check_config(cfg) -> None:
         _check_trainer(cfg)
     if "data" in cfg:
         _check_data_config(cfg.data)
+    if "data" in cfg and "trainer" in cfg:
+        _check_generation(cfg)
     if "model" in cfg:
         _check_model(cfg)
 
@@ -268,13 +289,17 @@ def _check_trainer(cfg) -> None:
         if t.world_size != launched_world_size():
             raise ConfigError("trainer.world_size", t.world_size, f"is the number of processes torchrun started "
                               f"({launched_world_size()} here), read from WORLD_SIZE; do not set it")
+    if t.get("label_smoothing") and "data" in cfg and (cfg.data.get("task_type") or "") == "regression":
+        raise ConfigError("trainer.label_smoothing", t.label_smoothing, "applies to cross-entropy losses; "
+                          "data.task_type=regression has none (set it to 0)")
 
 
 def _check_data_config(data) -> None:
     from lora_lab.data import EMBEDDED_DATASETS, check_files
-    from lora_lab.tasks import main_metric
+    from lora_lab.tasks import main_metric, task_type
 
     main_metric(data)  # the task type is known and the main metric is one of its metrics
+    _check_causal_lm(data)
 
     if data.get("source") == "embedded" and data.get("name") not in EMBEDDED_DATASETS:
         raise ConfigError("data.name", data.get("name"), f"is not embedded; embedded: {sorted(EMBEDDED_DATASETS)}")
@@ -284,6 +309,8 @@ def _check_data_config(data) -> None:
         check_files(data)
     columns = [("data.text_column", data.get("text_column")), ("data.text_pair_column", data.get("text_pair_column")),
                ("data.label_column", data.get("label_column"))]
+    if task_type(data).head == "lm":  # reads no label; prompt and response were compared above
+        columns = []
     seen = {}
     for key, column in columns:
         if column is not None and column in seen:
@@ -304,24 +331,83 @@ def _check_data_config(data) -> None:
         raise ConfigError("data.cache_dir", cache_dir, "exists and is not a directory")
 
 
+def _check_causal_lm(data) -> None:
+    """The causal-LM keys: a prompt column comes with a response column, the template holds {prompt};
+    they and packing apply to data.task_type=causal_lm only."""
+    from lora_lab.lm_data import check_template
+    from lora_lab.tasks import task_type
+
+    kind = task_type(data)
+    prompt, response = data.get("prompt_column"), data.get("response_column")
+    if kind.head != "lm":
+        for key, value in (("data.prompt_column", prompt), ("data.response_column", response),
+                           ("data.packing", data.get("packing") or None)):
+            if value is not None:
+                raise ConfigError(key, _plain(value), f"applies to data.task_type=causal_lm only (it is {kind.name})")
+        return
+    if prompt and not response:
+        raise ConfigError("data.prompt_column", prompt, "needs data.response_column, the text the loss covers after "
+                          "the prompt (for plain text set neither: data.text_column is read)")
+    if response and not prompt:
+        raise ConfigError("data.response_column", response, "needs data.prompt_column, the text the response follows "
+                          "(for plain text set neither: data.text_column is read)")
+    if prompt and prompt == response:
+        raise ConfigError("data.response_column", response, "is also data.prompt_column")
+    if "prompt_template" in data:
+        check_template(data.prompt_template)
+
+
+def _check_generation(cfg) -> None:
+    """``trainer.generation`` needs prompt/response causal-LM data and its libraries; the generation
+    metrics can be the main metric only when it is on."""
+    from lora_lab.tasks import main_metric, task_type
+
+    generation = cfg.trainer.get("generation") or {}
+    enabled = bool(generation.get("enabled"))
+    kind, metric = task_type(cfg.data), main_metric(cfg.data)
+    if metric in kind.optional_metrics and not enabled:
+        raise ConfigError("data.main_metric", metric, "is scored on generated text: it needs "
+                          "trainer.generation.enabled=true")
+    if not enabled:
+        return
+    if kind.head != "lm" or not cfg.data.get("prompt_column"):
+        raise ConfigError("trainer.generation.enabled", True, "applies to data.task_type=causal_lm with "
+                          "data.prompt_column and data.response_column (prompts to generate from, references to "
+                          f"score against); this run has data.task_type={kind.name}"
+                          + ("" if kind.head != "lm" else " on plain text"))
+    for split in generation.get("splits") or []:
+        if split not in ("validation", "test"):
+            raise ConfigError("trainer.generation.splits", _plain(generation.splits), f"names {split!r}: "
+                              "generation runs on validation and test")
+    from lora_lab.generation_eval import require_libraries
+
+    require_libraries()
+
+
 def _check_model(cfg) -> None:
     from lora_lab.modeling import EMBEDDED_PACKAGES, check_model_files, embedded_model_path, max_positions
 
     model = cfg.model
     if model.get("source") == "random":
-        if model.hidden_size % model.num_heads:
-            raise ConfigError("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
+        from lora_lab.random_models import check_sizes
+
+        check_sizes(model)  # heads divide the hidden size, key/value heads the heads
         if model.tokenizer in EMBEDDED_PACKAGES:
             embedded_model_path(model.tokenizer)
     check_model_files(model)
     if model.get("dtype") == "bf16" and "method" in cfg and cfg.method.get("name") == "full":
         raise ConfigError("model.dtype", "bf16", "stores the frozen weights in bf16, and full fine-tuning "
                           "freezes none (its trainable weights stay fp32)")
+    from lora_lab import quantization
+
+    quantization.check_4bit_settings(cfg)
+    if quantization.wants_4bit(model) and not cfg.get("dry_run"):  # a dry run plans a GPU run on any machine
+        quantization.check_4bit_environment()
     if "data" in cfg:
         from lora_lab.modeling import pooling_of
         from lora_lab.tasks import task_type
 
-        pooling_of(model, task_type(cfg.data).head)  # a token task with model.pooling set is an error
+        pooling_of(model, task_type(cfg.data).head)  # a token task with model.pooling set, an encoder's causal LM
     limit = max_positions(model)
     length = cfg.data.get("max_length") if "data" in cfg else None
     if limit is not None and is_integer(length) and length > limit:
@@ -353,6 +439,13 @@ def check_data(cfg, data) -> None:
     from lora_lab.data import column_values, source_key
 
     trainer = cfg.get("trainer") or {}
+    if data.task.head == "lm":
+        from lora_lab.lm_data import predicted_tokens
+
+        for split, ds in data.splits.items():
+            if not any(predicted_tokens(labels) for labels in column_values(ds, "labels")):
+                raise ConfigError("data.max_length", cfg.data.get("max_length"), f"leaves the {split} split no token "
+                                  f"to predict ({len(ds)} rows): every response is cut off or empty")
     train_rows = len(data.splits["train"])
     batch_size = trainer.get("batch_size")
     if is_integer(batch_size) and batch_size > train_rows:
@@ -361,7 +454,7 @@ def check_data(cfg, data) -> None:
         tags = {t for sentence in column_values(data.splits["train"], "word_labels") for t in sentence}
         if all(data.label_names[t] == "O" for t in tags):
             raise ConfigError(*source_key(cfg.data, "train"), "the train split has no entity: every tag is O")
-    elif not data.regression:
+    elif not data.regression and data.task.head != "lm":
         for split, ds in data.splits.items():
             classes = sorted(set(column_values(ds, "labels")))
             if len(classes) < 2:

@@ -231,4 +231,6 @@ def test_every_shipped_config_passes_the_checks(option, inputs):
     from lora_lab.validate import check_config
 
     extra = expand(files("good.csv"), inputs) if option == "data=files" else []
+    if option.startswith("data=") and compose_config(option).data.task_type == "causal_lm":
+        extra.append("model=tiny_gpt2")  # a causal LM needs a decoder; the default model is an encoder
     check_config(compose_config(option, *extra))

@@ -82,36 +82,75 @@ def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
 
 
 # The ways of fitting a bigger model on one device, each a row of section 3b: (label, base dtype,
-# gradient checkpointing).
+# gradient checkpointing). "nf4": the base reloaded in 4-bit NF4 (model.load_in_4bit=true, the
+# unquantised modules bf16), on a CUDA GPU with bitsandbytes only; skipped elsewhere.
 MEMORY_OPTIONS = {
     "fp32": ("fp32 weights", "fp32", False),
     "checkpointing": ("fp32 + gradient checkpointing", "fp32", True),
     "bf16_base": ("bf16 frozen base (model.dtype=bf16)", "bf16", False),
     "bf16_base_checkpointing": ("bf16 frozen base + gradient checkpointing", "bf16", True),
+    "nf4_base": ("4-bit NF4 frozen base (model.load_in_4bit=true, model.dtype=bf16)", "nf4", False),
 }
 
 
-def memory_options(cfg, base, batch: dict, device: torch.device) -> dict:
+def nf4_unavailable(device: torch.device) -> str | None:
+    """Why the 4-bit row cannot run here (no CUDA device, no bitsandbytes), or None when it can."""
+    from lora_lab.errors import ConfigError
+    from lora_lab.quantization import check_4bit_environment
+
+    if device.type != "cuda":
+        return f"needs a CUDA GPU; the benchmark runs on {device}"
+    try:
+        check_4bit_environment()
+    except ConfigError as error:
+        return error.problem
+    return None
+
+
+def _nf4_base(cfg):
+    """The benchmark's model loaded as ``model.load_in_4bit=true`` loads it (the same seed: a random
+    model gets the same weights as the base), onto the current CUDA device."""
+    from omegaconf import open_dict
+
+    from lora_lab.modeling import load_model
+
+    model_cfg = cfg.model.copy()
+    with open_dict(model_cfg):
+        model_cfg.load_in_4bit, model_cfg.dtype = True, "bf16"
+    torch.manual_seed(int(cfg.seed))
+    return load_model(model_cfg, int(cfg.num_labels), None)
+
+
+def memory_options(cfg, base, batch: dict, device: torch.device) -> tuple[dict, dict]:
     """``memory_options.arm`` under each of ``MEMORY_OPTIONS``: the trainer's own ``model.dtype=bf16``
-    (frozen weights bf16, trainable fp32, bf16 autocast) and ``trainer.gradient_checkpointing``.
-    With checkpointing, the saved activations are the layers' inputs and what lies outside the
-    layers; backward recomputes one layer at a time on top of them."""
+    (frozen weights bf16, trainable fp32, bf16 autocast), ``trainer.gradient_checkpointing`` and
+    ``model.load_in_4bit``. With checkpointing, the saved activations are the layers' inputs and what
+    lies outside the layers; backward recomputes one layer at a time on top of them. Returns the
+    measured rows and the skipped ones (name -> label and reason). A 4-bit row's weights are the packed
+    4-bit tensors, without the quantisation constants bitsandbytes keeps beside them."""
     import copy
 
     from lora_lab.bench.variants import build_ours
     from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing
 
-    rows = {}
+    rows, skipped = {}, {}
     for name in cfg.memory_options.rows:
         if name not in MEMORY_OPTIONS:
             from lora_lab.errors import ConfigError
 
             raise ConfigError("memory_options.rows", name, f"must be among {list(MEMORY_OPTIONS)}")
         label, dtype, checkpointing = MEMORY_OPTIONS[name]
-        model = copy.deepcopy(base).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        if dtype == "nf4":
+            reason = nf4_unavailable(device)
+            if reason:
+                skipped[name] = {"label": label, "reason": reason}
+                continue
+            model = _nf4_base(cfg)
+        else:
+            model = copy.deepcopy(base).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
         variant = build_ours(str(cfg.memory_options.arm), model, cfg, device)
         del model
-        if dtype == "bf16":
+        if dtype in ("bf16", "nf4"):
             cast_trainable_to_fp32(variant.model)
             variant.precision = "bf16"
         if checkpointing:
@@ -120,4 +159,4 @@ def memory_options(cfg, base, batch: dict, device: torch.device) -> dict:
         rows[name] = {"label": f"{variant.label}, {label}", **memory_breakdown(variant, batch, device)}
         del variant
         gc.collect()
-    return rows
+    return rows, skipped

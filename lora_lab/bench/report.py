@@ -119,9 +119,11 @@ def render(results: dict) -> str:
     parts += ["### 3. Memory of one training step (MiB; from the tensors: parameters, .grad, optimiser state, "
               "tensors saved for backward)", _memory_table(results["memory"])]
     if results.get("memory_options"):
-        parts += ["### 3b. Fitting a bigger model: bf16 frozen base and gradient checkpointing (MiB; with "
+        parts += ["### 3b. Fitting a bigger model: bf16 or 4-bit frozen base, gradient checkpointing (MiB; with "
                   "checkpointing, backward recomputes one layer at a time on top of the saved activations)",
                   _memory_table(results["memory_options"])]
+    for row in (results.get("memory_options_skipped") or {}).values():
+        parts.append(f"Skipped: {row['label']}: {row['reason']}.")
     inf = results.get("inference")
     if inf:
         rows = []

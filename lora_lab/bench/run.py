@@ -100,7 +100,7 @@ def run_benchmark(cfg, out=print) -> dict:
                          for name, v in variants.items() if name != CONTROL}
 
     if cfg.memory_options.enabled:
-        results["memory_options"] = memory_options(cfg, base, batch, device)
+        results["memory_options"], results["memory_options_skipped"] = memory_options(cfg, base, batch, device)
 
     if cfg.inference.enabled:
         section("inference", "4. inference latency ...")

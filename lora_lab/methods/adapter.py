@@ -3,6 +3,10 @@
 An adapter maps h -> h + up(act(down(h))) and sits right after a projection, before the residual add
 and LayerNorm. Houlsby: after the attention output projection and after the FFN output; Pfeiffer:
 after the FFN output only. The up-projection starts at zero so every adapter starts as the identity.
+
+On decoders the same places: GPT-2's attn.c_proj and mlp.c_proj (Conv1D), Llama's o_proj and
+down_proj; Houlsby's LayerNorms are whatever normalisation layers the model has (RMSNorm in Llama).
+Adapters follow whole layers: a part of a fused layer (GPT-2's q in c_attn) is refused.
 """
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ import torch
 from torch import nn
 
 from lora_lab.architectures import (
+    all_matrices,
     get_submodule_parent,
     head_parameter_names,
     layer_norm_parameter_names,
-    resolve_targets,
+    resolve_matrices,
 )
 from lora_lab.errors import ConfigError
+from lora_lab.linear_layers import dense_weight, features, float_dtype
 from lora_lab.methods.base import DeltaW, Method, freeze_all, register
 
 INSERT_AFTER = {"houlsby": ["o", "ffn_out"], "pfeiffer": ["ffn_out"]}
@@ -40,7 +46,7 @@ class Bottleneck(nn.Module):
 class WithAdapter(nn.Module):
     """A linear layer followed by a bottleneck adapter on its output."""
 
-    def __init__(self, base: nn.Linear, adapter: Bottleneck):
+    def __init__(self, base: nn.Module, adapter: Bottleneck):
         super().__init__()
         self.base = base
         self.adapter = adapter
@@ -93,15 +99,19 @@ class Adapter(Method):
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
         where = list(cfg.insert_after) if cfg.get("insert_after") else INSERT_AFTER[cfg.variant]
-        matched = resolve_targets(model, where, key="method.insert_after")
+        matrices = all_matrices(resolve_matrices(model, where, key="method.insert_after"))
+        part = next((m for m in matrices if m.part is not None), None)
+        if part is not None:
+            raise ConfigError("method.insert_after", list(where), f"names {part.name}, a part of the fused layer "
+                              f"{part.module}; an adapter follows a whole layer")
         freeze_all(model)
-        self.wrapped = sorted({n for names in matched.values() for n in names})
+        self.wrapped = [m.name for m in matrices]
         for name in self.wrapped:
             parent, child = get_submodule_parent(model, name)
             base = getattr(parent, child)
-            dim = base.out_features
+            dim = features(base)[0]
             adapter = Bottleneck(dim, bottleneck_size(cfg, dim), cfg.activation)
-            adapter.to(device=base.weight.device, dtype=base.weight.dtype)
+            adapter.to(device=base.weight.device, dtype=float_dtype(base))
             setattr(parent, child, WithAdapter(base, adapter))
         train_ln = cfg.train_layer_norm if cfg.get("train_layer_norm") is not None else cfg.variant == "houlsby"
         trained = self.method_parameter_names(model) | head_parameter_names(model)
@@ -120,7 +130,7 @@ class Adapter(Method):
         out = {}
         for name, m in model.named_modules():
             if isinstance(m, WithAdapter):
-                W = m.base.weight.detach().float().cpu()
+                W = dense_weight(m.base).detach().float().cpu()  # out x in, also for a Conv1D
                 U = m.adapter.up.weight.detach().float().cpu()
                 D = m.adapter.down.weight.detach().float().cpu()
                 out[name] = DeltaW(B=U, A=D @ W, base=W, kind="adapter_linearised")

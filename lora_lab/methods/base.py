@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lora_lab.architectures import Matrix, get_submodule_parent
 from lora_lab.errors import ConfigError
+from lora_lab.linear_layers import FusedParts, dense_weight, features
 
 
 @dataclass
@@ -43,7 +45,9 @@ class Method:
     from the config alone, so analysis can ask them about a run record without building a model."""
 
     name: str = ""
-    supports_merge: bool = False  # True when prepare_inference folds the method into the base weights
+    # True when prepare_inference folds the method into the base weights; ``apply`` may turn it off for
+    # the instance (nothing merges into a quantised 4-bit base)
+    supports_merge: bool = False
     # True when some trainable parameter may get no gradient in a step; DDP then searches the graph
     # for them every step (find_unused_parameters), which costs time, so only such methods ask for it
     needs_unused_parameter_search: bool = False
@@ -167,17 +171,42 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-class WeightSnapshot:
-    """Copies of some Linear weights taken before training, to report ΔW = W - W0 afterwards."""
+def matrix_shape(model: nn.Module, matrix: Matrix) -> tuple[int, int]:
+    """(out, in) of a resolved matrix: a part of a fused layer has only its rows."""
+    d_out, d_in = features(model.get_submodule(matrix.module))
+    return (matrix.rows[1] - matrix.rows[0] if matrix.rows else d_out), d_in
 
-    def __init__(self, model: nn.Module, module_names: list[str]):
-        self.initial = {
-            name: model.get_submodule(name).weight.detach().to("cpu", copy=True) for name in module_names
-        }
+
+def wrap_matrices(model: nn.Module, matrices: list[Matrix], make: Callable[[nn.Module, Matrix], nn.Module]) -> None:
+    """Replace each layer adapted whole by ``make(layer, matrix)``, and each fused layer with adapted
+    parts by a ``FusedParts`` holding ``make(layer, matrix)`` per part (``matrix.rows`` says which)."""
+    by_module: dict[str, list[Matrix]] = {}
+    for matrix in matrices:
+        by_module.setdefault(matrix.module, []).append(matrix)
+    for module, found in by_module.items():
+        parent, child = get_submodule_parent(model, module)
+        base = getattr(parent, child)
+        if found[0].part is None:
+            setattr(parent, child, make(base, found[0]))
+        else:
+            setattr(parent, child, FusedParts(base, {m.part: make(base, m) for m in found}))
+
+
+class WeightSnapshot:
+    """Copies of some weight matrices taken before training, to report ΔW = W - W0 afterwards (out x
+    in, also for a Conv1D, whose stored weight is the transpose)."""
+
+    def __init__(self, model: nn.Module, matrices: list[Matrix]):
+        self.matrices = {m.name: m for m in matrices}
+        self.initial = {m.name: self._weight(model, m).to("cpu", copy=True) for m in matrices}
+
+    @staticmethod
+    def _weight(model: nn.Module, matrix: Matrix) -> torch.Tensor:
+        return dense_weight(model.get_submodule(matrix.module), matrix.rows).detach().contiguous()
 
     def deltas(self, model: nn.Module) -> dict[str, DeltaW]:
         out = {}
         for name, w0 in self.initial.items():
-            w = model.get_submodule(name).weight.detach().float().cpu()
+            w = self._weight(model, self.matrices[name]).float().cpu()
             out[name] = DeltaW(dense=w - w0.float(), base=w0.float())
         return out

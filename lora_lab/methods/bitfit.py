@@ -3,6 +3,11 @@
 Trained: every parameter of the backbone (``model.base_model_prefix``) whose name ends in ".bias":
 the q/k/v/o and FFN biases and every LayerNorm's beta, the embedding LayerNorm's included. No weight
 matrix changes, so ΔW is zero everywhere and there is nothing to merge. PEFT has no counterpart.
+
+Decoders: GPT-2 per layer 3d (c_attn) + d (attn.c_proj) + d_ff (c_fc) + d (mlp.c_proj) + 2d (ln_1, ln_2
+betas), plus ln_f's d; OPT likewise with its q/k/v/out_proj, fc1, fc2 and LayerNorm biases; Qwen2 has
+only its q, k and v biases; Llama, Mistral and Gemma have none (RMSNorm has no beta), so BitFit is
+refused there. A language model has no task head, so train_head adds nothing on it.
 """
 from __future__ import annotations
 

@@ -13,6 +13,11 @@ Trained per adapted matrix: r (in + out) factor parameters plus out magnitudes. 
 low-rank branch only (PEFT, with dropout active in training, also feeds the dropped input through
 W0 for the rescaling term; both agree in eval mode and without dropout). Merging folds W' into the
 layer's weight; the pre-merge W0 is kept while merged, so unmerging restores it exactly.
+
+Layers and parts as for LoRA (``lora.py``): on a Conv1D the matrix is its out x in transpose; on a
+part of a fused layer (GPT-2's c_attn q and v) the norm and magnitude are those of the part's output
+rows, which is well defined because both are per output row (the other rows pass through). A
+quantised (4-bit) base is dequantised for W0 in every forward and never merged.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.errors import ConfigError
+from lora_lab.linear_layers import Rows, bias_rows, copy_to_weight, dense_weight, features
 from lora_lab.methods.base import PEFT_PREFIX, DeltaW, register
 from lora_lab.methods.lora import LoRA, LoRALinear
 
@@ -29,11 +35,11 @@ MAGNITUDE = "lora_magnitude"
 
 
 class DoRALinear(LoRALinear):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, init: str = "kaiming"):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming", rows: Rows | None = None):
         if init not in INITS:
             raise ValueError(f"DoRA supports init {list(INITS)}, not {init!r}")
-        super().__init__(base, r, alpha, dropout, rslora, init)
+        super().__init__(base, r, alpha, dropout, rslora, init, rows)
         # ||W0 + s B A||_c with B = 0: the model starts unchanged.
         self.lora_magnitude = nn.Parameter(self.weight_norm().detach().clone())
         self.register_buffer("w0_while_merged", None, persistent=False)
@@ -43,8 +49,8 @@ class DoRALinear(LoRALinear):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def unmerged_weight(self) -> torch.Tensor:
-        """W0, whether merged or not."""
-        return self.w0_while_merged if self.merged else self.base.weight
+        """W0 (out x in, rows x in for a part), whether merged or not."""
+        return self.w0_while_merged if self.merged else self.base_weight()
 
     def weight_norm(self, w0: torch.Tensor | None = None) -> torch.Tensor:
         """||W0 + s B A|| over each output row: one value per output feature (not detached)."""
@@ -66,27 +72,36 @@ class DoRALinear(LoRALinear):
     def merge(self) -> None:
         if not self.merged:
             merged = self.dora_weight()
-            self.w0_while_merged = self.base.weight.detach().clone()
-            self.base.weight.copy_(merged)
+            w0 = self.base_weight().detach().clone()
+            copy_to_weight(self.base, merged, self.rows)
+            self.w0_while_merged = w0
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight.copy_(self.w0_while_merged)
+            copy_to_weight(self.base, self.w0_while_merged, self.rows)
             self.w0_while_merged = None
             self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def update(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output (its rows, for a part), computed from W0 itself: the base layer's output
+        ``out`` there is only used once merged."""
         if self.merged:
-            return self.base(x)
-        w0 = self.base.weight
+            return out
+        w0 = self.base_weight()
+        if self.quantized:  # dequantised in its stored dtype; computed in the input's, as the layer itself does
+            w0 = w0.to(x.dtype)
         out = F.linear(x, w0) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
         scale = self.lora_magnitude / self.weight_norm(w0).detach()
         out = out * scale.to(out.dtype)
-        if self.base.bias is not None:
-            out = out + self.base.bias.to(out.dtype)
+        bias = bias_rows(self.base, self.rows)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
         return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) if self.merged else self.update(x, None)
 
 
 @register("dora")
@@ -94,9 +109,9 @@ class DoRA(LoRA):
     order, family, plot_style = 3, "DoRA", ("tab:cyan", "h")
     dora = True
 
-    def wrap(self, base: nn.Linear, r: int) -> DoRALinear:
+    def wrap(self, base: nn.Module, r: int, rows: Rows | None = None) -> DoRALinear:
         cfg = self.cfg
-        return DoRALinear(base, r, float(cfg.alpha), float(cfg.dropout), bool(cfg.rslora), cfg.init)
+        return DoRALinear(base, r, float(cfg.alpha), float(cfg.dropout), bool(cfg.rslora), cfg.init, rows)
 
     def check(self) -> None:
         cfg = self.cfg
@@ -118,13 +133,18 @@ class DoRA(LoRA):
                                    kind="dora")
         return out
 
-    def peft_config(self, model: nn.Module):
-        import peft
-
-        cfg = self.cfg
-        return peft.LoraConfig(r=int(self.resolved["r"]), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
-                               target_modules=list(self.adapted), bias="none", use_rslora=bool(cfg.rslora),
-                               use_dora=True)
+    def peft_extra_weights(self, model: nn.Module, module: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """The magnitudes of an exported module: a fused layer's rows outside its adapted parts get
+        ||W0 row||, which makes PEFT's rescaling of those rows exactly 1."""
+        layers = self.lora_modules(model)
+        base = model.get_submodule(module).base
+        with torch.no_grad():
+            # the parts' rows of a merged layer hold W', but they are overwritten here
+            magnitude = torch.linalg.vector_norm(dense_weight(base).detach().float().cpu(), dim=1)
+            for n in names:
+                start, stop = layers[n].rows or (0, features(base)[0])
+                magnitude[start:stop] = layers[n].lora_magnitude.detach().float().cpu()
+        return {f"{PEFT_PREFIX}{module}.lora_magnitude_vector.default.weight": magnitude}
 
     def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """LoRA's entries (with W0 as the twin's base layer when merged), plus the magnitudes."""

@@ -1,9 +1,10 @@
-"""Full fine-tuning: every parameter trains."""
+"""Full fine-tuning: every parameter trains. ΔW = W - W0 is reported for the ``delta_targets``
+matrices, out x in (a Conv1D's stored in x out weight transposed)."""
 from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.architectures import resolve_targets
+from lora_lab.architectures import all_matrices, resolve_matrices
 from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, register
 
 
@@ -14,8 +15,9 @@ class FullFineTuning(Method):
     def apply(self, model: nn.Module) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
-        matched = resolve_targets(model, self.cfg.delta_targets, key="method.delta_targets")
-        self.snapshot = WeightSnapshot(model, sorted({n for names in matched.values() for n in names}))
+        matched = resolve_matrices(model, self.cfg.delta_targets, key="method.delta_targets",
+                                   skip_absent_aliases=True)
+        self.snapshot = WeightSnapshot(model, all_matrices(matched))
 
     def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
         return self.snapshot.deltas(model)

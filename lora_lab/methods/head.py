@@ -1,9 +1,23 @@
-"""Head-only tuning, and FT-TopK: the task head plus the top K transformer layers train."""
+"""Head-only tuning, and FT-TopK: the task head plus the top K transformer layers train.
+
+On a language model (``*ForCausalLM``, GPT-2's LMHeadModel) the "head" is the pre-trained output
+layer, not a fresh task head (``architectures.head_parameter_names`` is empty for it): this method
+trains it when it has its own weight (Llama, Qwen2, Mistral) and counts it as the method's. When it is
+tied to the input embeddings (GPT-2, OPT, Gemma) training it would train the embeddings too: head-only
+(top_layers=0) is then refused, and FT-top-K trains the top K layers with the output layer frozen.
+"""
 from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.architectures import head_parameter_names, layer_stack, resolve_targets
+from lora_lab.architectures import (
+    all_matrices,
+    head_parameter_names,
+    layer_stack,
+    output_layer,
+    output_layer_is_tied,
+    resolve_matrices,
+)
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, freeze_all, register
 
@@ -28,20 +42,31 @@ class HeadOnly(Method):
         stack_name, layers = layer_stack(model)
         if not 0 <= k <= len(layers):
             raise ConfigError("method.top_layers", k, f"must be between 0 and {len(layers)} (the model's layers)")
+        if output_layer(model) is not None and output_layer_is_tied(model) and k == 0:
+            raise ConfigError("method.top_layers", k, f"{type(model).__name__} is a language model whose output layer "
+                              "is tied to its input embeddings: head-only tuning would train the embeddings; "
+                              "set top_layers >= 1 (the output layer then stays frozen)")
         freeze_all(model)
-        trained = head_parameter_names(model)
+        trained = head_parameter_names(model) | self.method_parameter_names(model)
         top = [f"{stack_name}.{i}" for i in range(len(layers) - k, len(layers))]
         params = dict(model.named_parameters())
         for name in params:
             if name in trained or any(name.startswith(prefix + ".") for prefix in top):
                 params[name].requires_grad_(True)
-        snapshot_names = []
+        snapshot = []
         if k:
-            matched = resolve_targets(model, self.cfg.delta_targets, key="method.delta_targets")
-            snapshot_names = sorted(
-                n for names in matched.values() for n in names if any(n.startswith(p + ".") for p in top)
-            )
-        self.snapshot = WeightSnapshot(model, snapshot_names)
+            matched = resolve_matrices(model, self.cfg.delta_targets, key="method.delta_targets",
+                                       skip_absent_aliases=True)
+            snapshot = [m for m in all_matrices(matched) if any(m.module.startswith(p + ".") for p in top)]
+        self.snapshot = WeightSnapshot(model, snapshot)
+
+    def method_parameter_names(self, model: nn.Module) -> set[str]:
+        """A language model's untied output layer (it has no task head); empty otherwise."""
+        out = output_layer(model)
+        if out is None or output_layer_is_tied(model):
+            return set()
+        ids = {id(p) for p in out.parameters()}
+        return {name for name, p in model.named_parameters() if id(p) in ids}
 
     def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
         return self.snapshot.deltas(model)

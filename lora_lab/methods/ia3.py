@@ -7,36 +7,60 @@ activation: h = W (l ⊙ x) + b. The vectors start at 1, so the model is unchang
 Both forms fold into the weights: output scaling gives W' = diag(l) W and b' = l ⊙ b, input scaling
 gives W' = W diag(l) with the bias unchanged. Merging keeps a copy of the weights it overwrites, so
 unmerging restores them exactly (dividing by l would fail for entries near zero).
+
+W is always the out x in matrix (``lora_lab.linear_layers``): on GPT-2's Conv1D, which stores W^T, the
+FFN input scaling multiplies stored rows, not columns. On parts of a fused layer (GPT-2's k and v in
+c_attn, the default targets) the vector scales those parts' output rows only (2 d per layer, as with
+separate k and v); input scaling applies to whole layers. On a quantised (4-bit) base nothing merges.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lora_lab.architectures import canonical_alias, get_submodule_parent, head_parameter_names, resolve_targets
+from lora_lab.architectures import all_matrices, canonical_alias, head_parameter_names, peft_task_type, resolve_matrices
 from lora_lab.errors import ConfigError
-from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
+from lora_lab.linear_layers import (
+    Rows,
+    attach,
+    bias_rows,
+    copy_to_weight,
+    dense_weight,
+    features,
+    float_dtype,
+    is_quantized,
+    transposed,
+)
+from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register, wrap_matrices
 
 PARAMETER = "ia3_l"
 
 
 class IA3Linear(nn.Module):
     """A linear layer whose output (``feedforward=False``) or input (``feedforward=True``) is
-    multiplied elementwise by a learned vector ``ia3_l``."""
+    multiplied elementwise by a learned vector ``ia3_l``; with ``rows``, the output rows of one part
+    of a fused layer (inside a ``FusedParts``, which owns the base layer and calls ``update``)."""
 
-    def __init__(self, base: nn.Linear, feedforward: bool):
+    def __init__(self, base: nn.Module, feedforward: bool, rows: Rows | None = None):
         super().__init__()
-        self.base = base
+        if rows is None:
+            self.base = base
+        else:
+            attach(self, base)
+        if feedforward and rows is not None:
+            raise ValueError("input scaling applies to a whole layer, not to rows of a fused one")
+        self.rows = rows
         self.feedforward = feedforward
-        w = base.weight
-        size = base.in_features if feedforward else base.out_features
-        self.ia3_l = nn.Parameter(torch.ones(size, device=w.device, dtype=w.dtype))
+        out_features, in_features = features(base)
+        size = in_features if feedforward else (out_features if rows is None else rows[1] - rows[0])
+        self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=float_dtype(base)))
         self.merged = False
         self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight, bias before merge
 
     def original_weight(self) -> torch.Tensor:
-        """The weight without the vector folded in (the stored copy while merged)."""
-        return self._unmerged[0] if self.merged else self.base.weight
+        """The out x in weight (rows x in for a part) without the vector folded in (the stored copy
+        while merged)."""
+        return self._unmerged[0] if self.merged else dense_weight(self.base, self.rows)
 
     def scaled(self, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """``diag(vector) W`` on the output side, ``W diag(vector)`` on the input side."""
@@ -51,12 +75,13 @@ class IA3Linear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
-        weight, bias = self.base.weight, self.base.bias
-        self._unmerged = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        weight, bias = dense_weight(self.base, self.rows), bias_rows(self.base, self.rows)
+        unmerged = (weight.detach().clone(), None if bias is None else bias.detach().clone())
         l = self.ia3_l.detach()
-        weight.copy_(self.scaled(weight.float(), l.float()).to(weight.dtype))
+        copy_to_weight(self.base, self.scaled(weight.float(), l.float()), self.rows)
         if bias is not None and not self.feedforward:
             bias.copy_((bias.float() * l.float()).to(bias.dtype))
+        self._unmerged = unmerged
         self.merged = True
 
     @torch.no_grad()
@@ -64,19 +89,22 @@ class IA3Linear(nn.Module):
         if not self.merged:
             return
         weight, bias = self._unmerged
-        self.base.weight.copy_(weight)
+        copy_to_weight(self.base, weight, self.rows)
         if bias is not None:
-            self.base.bias.copy_(bias)
+            bias_rows(self.base, self.rows).copy_(bias)
         self._unmerged = None
         self.merged = False
+
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The output (rows) given the base layer's output ``out`` there: output scaling."""
+        return out if self.merged else (out * self.ia3_l).to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
         if self.feedforward:
             return self.base((x * self.ia3_l).to(x.dtype))
-        out = self.base(x)
-        return (out * self.ia3_l).to(out.dtype)
+        return self.update(x, self.base(x))
 
 
 def _as_list(value) -> list:
@@ -116,23 +144,23 @@ class IA3(Method):
 
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
-        matched = resolve_targets(model, _as_list(cfg.targets), key="method.targets")
+        matrices = all_matrices(resolve_matrices(model, _as_list(cfg.targets), key="method.targets"))
         feedforward = _as_list(cfg.get("feedforward"))
-        ff_matched = resolve_targets(model, feedforward, key="method.feedforward") if feedforward else {}
-        self.adapted: list[str] = sorted({n for names in matched.values() for n in names})
-        self.feedforward_modules: list[str] = sorted({n for names in ff_matched.values() for n in names})
+        ff_matrices = all_matrices(resolve_matrices(model, feedforward, key="method.feedforward") if feedforward else {})
+        self.adapted: list[str] = [m.name for m in matrices]
+        self.feedforward_modules: list[str] = [m.name for m in ff_matrices]
+        part = next((m for m in ff_matrices if m.part is not None), None)
+        if part is not None:
+            raise ConfigError("method.feedforward", feedforward, f"names {part.name}, a part of the fused layer "
+                              f"{part.module}; input scaling applies to whole layers")
         outside = sorted(set(self.feedforward_modules) - set(self.adapted))
         if outside:
             raise ConfigError("method.feedforward", feedforward, f"matches {outside[0]}, which method.targets does not")
         freeze_all(model)
         ff = set(self.feedforward_modules)
-        count = 0
-        for name in self.adapted:
-            parent, child = get_submodule_parent(model, name)
-            wrapped = IA3Linear(getattr(parent, child), feedforward=name in ff)
-            count += wrapped.ia3_l.numel()
-            setattr(parent, child, wrapped)
-        self.resolved = {"ia3_parameters": count}
+        wrap_matrices(model, matrices, lambda base, matrix: IA3Linear(base, matrix.name in ff, matrix.rows))
+        self.supports_merge = not any(is_quantized(m.base) for m in self.ia3_modules(model).values())
+        self.resolved = {"ia3_parameters": sum(m.ia3_l.numel() for m in self.ia3_modules(model).values())}
         trained = self.method_parameter_names(model)
         if cfg.train_head:
             trained |= head_parameter_names(model)
@@ -154,6 +182,8 @@ class IA3(Method):
         return out
 
     def prepare_inference(self, model: nn.Module) -> None:
+        if not self.supports_merge:  # a quantised base: the unmerged model is the inference model
+            return
         for m in self.ia3_modules(model).values():
             m.merge()
 
@@ -162,9 +192,16 @@ class IA3(Method):
             m.unmerge()
 
     def peft_config(self, model: nn.Module):
+        """PEFT's IA3Config for the same vectors; None when parts of a fused layer are scaled (PEFT's
+        (IA)³ scales whole layers)."""
         import peft
 
-        return peft.IA3Config(target_modules=list(self.adapted), feedforward_modules=list(self.feedforward_modules))
+        layers = self.ia3_modules(model).values()
+        if any(m.rows is not None for m in layers):
+            return None
+        return peft.IA3Config(target_modules=list(self.adapted), feedforward_modules=list(self.feedforward_modules),
+                              fan_in_fan_out=bool(layers) and all(transposed(m.base) for m in layers),
+                              task_type=peft_task_type(model))
 
     def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """PEFT keeps (out_features, 1) vectors for output scaling and (1, in_features) for input scaling."""

@@ -3,36 +3,86 @@
 The chosen linear layers are wrapped, not subclassed. A starts Kaiming-uniform (as loralib and PEFT
 do) or Gaussian, B at zero, so the model is unchanged at step 0. ``init=svd`` instead starts B A from
 the top-r singular directions of W0 and freezes the residual W0 - s B A (the principal-subspace init).
+
+Any linear-like layer (``lora_lab.linear_layers``): nn.Linear; GPT-2's Conv1D (ΔW = s B A is out x in
+as always; merging adds its transpose into the stored in x out weight); a bitsandbytes 4-bit
+Linear4bit (QLoRA): the factors train in fp32 beside the frozen quantised weight, nothing merges into
+it (``supports_merge`` is False, ``prepare_inference`` leaves the model as it is), ``init=svd`` is
+refused and ΔW's base is the dequantised W0.
+
+Parts of a fused layer (GPT-2's c_attn with targets [q, v], see ``lora_lab.architectures``): each part
+gets its own A (r x in) and B (rows x r), as loralib's MergedLinear in the LoRA paper's GPT-2 code, so
+q and v cost exactly what separate q and v matrices would; ΔW is reported per part
+(``...attn.c_attn.q``). PEFT has no such layer: ``peft_config`` is None for such a run (no twin), and
+``peft_adapter`` exports it exactly as one LoRA of rank n r per fused layer (the parts' A stacked,
+their B placed block-wise in their rows, scale 1).
 """
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_lab.architectures import get_submodule_parent, head_parameter_names, resolve_targets
+from lora_lab.architectures import (
+    all_matrices,
+    get_submodule_parent,
+    head_parameter_names,
+    peft_task_type,
+    resolve_matrices,
+)
 from lora_lab.errors import ConfigError, first_line
-from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register
+from lora_lab.linear_layers import (
+    FusedParts,
+    Rows,
+    add_to_weight,
+    attach,
+    dense_weight,
+    features,
+    float_dtype,
+    is_quantized,
+    transposed,
+)
+from lora_lab.methods.base import (
+    PEFT_PREFIX,
+    DeltaW,
+    Method,
+    freeze_all,
+    matrix_shape,
+    register,
+    wrap_matrices,
+)
 from lora_lab.peft_import import check_settings, is_adapter_folder, load_adapter, lora_scaling, read_adapter
 
 INITS = ("kaiming", "gaussian", "svd")
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, init: str = "kaiming"):
+    """A linear-like layer plus s B A: the whole layer, or with ``rows`` one part of a fused layer
+    (then it lives inside a ``FusedParts``, which owns the base layer and calls ``update``)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming", rows: Rows | None = None):
         super().__init__()
-        self.base = base
+        if rows is None:
+            self.base = base
+        else:
+            attach(self, base)
+        self.rows = rows
+        out_features, in_features = features(base)
+        if rows is not None:
+            out_features = rows[1] - rows[0]
         self.r = r
         self.scaling = lora_scaling(alpha, r, rslora)
-        w = base.weight
-        # the factors train in fp32 even on a bf16 base (model.dtype=bf16), from their first value on
-        dtype = torch.promote_types(w.dtype, torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=dtype))
+        self.quantized = is_quantized(base)
+        device = base.weight.device
+        # the factors train in fp32 even on a bf16 or 4-bit base, from their first value on
+        dtype = torch.promote_types(float_dtype(base), torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.init = init
@@ -46,38 +96,62 @@ class LoRALinear(nn.Module):
         self.register_buffer("A0", self.lora_A.detach().clone(), persistent=False)
         self.register_buffer("B0", self.lora_B.detach().clone(), persistent=False)
 
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight for this matrix, out x in (rows x in for a part), as it is now."""
+        return dense_weight(self.base, self.rows)
+
     @torch.no_grad()
     def _init_from_svd(self) -> None:
-        w = self.base.weight.float()
+        if self.quantized:
+            raise ValueError("the svd init needs a dense W0, not a quantised one")
+        w = self.base_weight().float()
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         root = torch.sqrt(S[: self.r] / self.scaling)
         self.lora_A.copy_((root[:, None] * Vh[: self.r]).to(self.lora_A.dtype))
         self.lora_B.copy_((U[:, : self.r] * root[None, :]).to(self.lora_B.dtype))
-        self.base.weight.sub_((self.scaling * self.lora_B.float() @ self.lora_A.float()).to(w.dtype))
+        add_to_weight(self.base, -self.scaling * self.lora_B.float() @ self.lora_A.float(), self.rows)
 
     def delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
 
     @torch.no_grad()
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW of the low-rank part as (B', A') with B' A' = s (B A - B0 A0), on the CPU in fp32: (s B, A)
+        after a zero start, rank-2r factors after the svd init."""
+        s = self.scaling
+        B, A = self.lora_B.float().cpu(), self.lora_A.float().cpu()
+        if self.init != "svd":
+            return s * B, A
+        return torch.cat([s * B, -s * self.B0.float().cpu()], dim=1), torch.cat([A, self.A0.float().cpu()], dim=0)
+
+    @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+            add_to_weight(self.base, self.delta(), self.rows)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight.sub_(self.delta().to(self.base.weight.dtype))
+            add_to_weight(self.base, -self.delta(), self.rows)
             self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output (its rows, for a part) given the base layer's output ``out`` there."""
         if self.merged:
             return out
-        low = F.linear(self.dropout(x), self.lora_A)
+        A, x = self.lora_A, self.dropout(x)
+        if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        low = F.linear(x, A)
         B = self.lora_B if self.scaling == 1.0 else self.lora_B * self.scaling
+        if low.dtype != out.dtype:  # a bf16 or 4-bit base outside autocast: fp32 factors, base-dtype output
+            return out + F.linear(low, B).to(out.dtype)
         # out + low @ B^T as one GEMM with the add fused in (no separate pass over the output)
         return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t()).view(out.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.update(x, self.base(x))
 
 
 @register("lora")
@@ -116,10 +190,10 @@ class LoRA(Method):
     def sort_key(self) -> tuple:
         return (self.order, self.name, len(self.cfg.get("targets") or []), self.rank() or 0)
 
-    def wrap(self, base: nn.Linear, r: int) -> LoRALinear:
-        """The layer that replaces an adapted linear layer (DoRA returns its own)."""
+    def wrap(self, base: nn.Module, r: int, rows: Rows | None = None) -> LoRALinear:
+        """The layer that adapts a linear layer, or rows ``rows`` of it (DoRA returns its own)."""
         cfg = self.cfg
-        return LoRALinear(base, r, float(cfg.alpha), float(cfg.dropout), bool(cfg.rslora), cfg.init)
+        return LoRALinear(base, r, float(cfg.alpha), float(cfg.dropout), bool(cfg.rslora), cfg.init, rows)
 
     def check(self) -> None:
         cfg = self.cfg
@@ -139,19 +213,22 @@ class LoRA(Method):
 
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
-        matched = resolve_targets(model, cfg.targets)
-        freeze_all(model)
-        self.adapted: list[str] = sorted({n for names in matched.values() for n in names})
-        bases = {name: model.get_submodule(name) for name in self.adapted}
+        matrices = all_matrices(resolve_matrices(model, cfg.targets))
+        self.adapted: list[str] = [m.name for m in matrices]
+        shapes = {m.name: matrix_shape(model, m) for m in matrices}
+        quantized = [m.name for m in matrices if is_quantized(model.get_submodule(m.module))]
+        if quantized:
+            self.check_quantized(quantized[0])
         r = cfg.r
         if cfg.get("budget") is not None:
-            r = rank_for_budget(int(cfg.budget), [(b.out_features, b.in_features) for b in bases.values()])
-        for name, base in bases.items():
-            if min(base.out_features, base.in_features) < r and cfg.init == "svd":
-                raise ConfigError("method.r", r, f"exceeds the rank of {name} ({base.out_features})")
-            parent, child = get_submodule_parent(model, name)
-            setattr(parent, child, self.wrap(base, r))
-        lora_parameters = r * sum(b.in_features + b.out_features for b in bases.values())
+            r = rank_for_budget(int(cfg.budget), list(shapes.values()))
+        for name, (d_out, d_in) in shapes.items():
+            if min(d_out, d_in) < r and cfg.init == "svd":
+                raise ConfigError("method.r", r, f"exceeds the rank of {name} ({min(d_out, d_in)})")
+        freeze_all(model)
+        wrap_matrices(model, matrices, lambda base, matrix: self.wrap(base, r, matrix.rows))
+        self.supports_merge = not quantized  # nothing merges into a quantised weight
+        lora_parameters = r * sum(d_in + d_out for d_out, d_in in shapes.values())
         self.resolved = {"r": r, "lora_parameters": lora_parameters}
         if cfg.get("init_from"):
             self.load_factors(model, cfg.init_from)
@@ -161,6 +238,12 @@ class LoRA(Method):
         if cfg.train_head:
             for name in head_parameter_names(model):
                 params[name].requires_grad_(True)
+
+    def check_quantized(self, name: str) -> None:
+        """A quantised (4-bit) base: refuse what needs its dense weight changed."""
+        if self.cfg.init == "svd":
+            raise ConfigError("method.init", "svd", f"needs a dense W0 to split, but {name} is quantised (4-bit); "
+                              "use init=kaiming")
 
     def method_parameter_names(self, model: nn.Module) -> set[str]:
         return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
@@ -199,20 +282,18 @@ class LoRA(Method):
     def delta_weights(self, model: nn.Module) -> dict[str, DeltaW]:
         out = {}
         for name, m in self.lora_modules(model).items():
-            s = m.scaling
-            B, A = m.lora_B.detach().float().cpu(), m.lora_A.detach().float().cpu()
-            residual = m.base.weight.detach().float().cpu().clone()  # not a view of the live weight
+            B, A = m.update_factors()
+            residual = m.base_weight().detach().float().cpu().clone()  # not a view of the live weight
             if m.merged:
-                residual = residual - s * B @ A
-            if m.init == "svd":  # ΔW = s (B A - B0 A0): factors of rank <= 2r
-                B0, A0 = m.B0.float().cpu(), m.A0.float().cpu()
-                out[name] = DeltaW(B=torch.cat([s * B, -s * B0], dim=1), A=torch.cat([A, A0], dim=0),
-                                   base=residual + s * B0 @ A0, kind="lora")
-            else:
-                out[name] = DeltaW(B=s * B, A=A, base=residual, kind="lora")
+                residual = residual - m.scaling * m.lora_B.detach().float().cpu() @ m.lora_A.detach().float().cpu()
+            if m.init == "svd":  # the pretrained W0 is the residual plus the start s B0 A0
+                residual = residual + m.scaling * m.B0.float().cpu() @ m.A0.float().cpu()
+            out[name] = DeltaW(B=B, A=A, base=residual, kind="lora")
         return out
 
     def prepare_inference(self, model: nn.Module) -> None:
+        if not self.supports_merge:  # a quantised base: the unmerged model is the inference model
+            return
         for m in self.lora_modules(model).values():
             m.merge()
 
@@ -221,11 +302,13 @@ class LoRA(Method):
             m.unmerge()
 
     def peft_config(self, model: nn.Module):
-        import peft
-
+        """PEFT's LoraConfig for the same adapter; None when fused parts are adapted (PEFT adapts whole
+        layers only; ``peft_adapter`` still exports such a run exactly)."""
+        if any(m.rows is not None for m in self.lora_modules(model).values()):
+            return None
         cfg = self.cfg
-        return peft.LoraConfig(r=int(self.resolved["r"]), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
-                               target_modules=list(self.adapted), bias="none", use_rslora=bool(cfg.rslora))
+        return self.peft_config_for_modules(model, list(self.adapted), r=int(self.resolved["r"]),
+                                            lora_alpha=float(cfg.alpha), use_rslora=bool(cfg.rslora))
 
     def peft_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
@@ -234,9 +317,65 @@ class LoRA(Method):
             out[prefix + "lora_A.default.weight"] = m.lora_A.detach()
             out[prefix + "lora_B.default.weight"] = m.lora_B.detach()
             if m.init == "svd" or m.merged:  # the frozen residual differs from the pretrained weight
-                base = m.base.weight.detach()
-                out[prefix + "base_layer.weight"] = base - m.delta().to(base.dtype) if m.merged else base
+                residual = m.base_weight().detach()
+                if m.merged:
+                    residual = residual - m.delta().to(residual.dtype)
+                out[prefix + "base_layer.weight"] = residual.t() if transposed(m.base) else residual
         return out
+
+    def peft_adapter(self, model: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:
+        """A PEFT LoRA adapter (config, weights under PEFT's names, head not included) whose model gives
+        this model's outputs on the pretrained base. The factors as they are where PEFT has the same
+        layer; else exact factors of ΔW at scale 1 (rank and alpha per module by rank_pattern and
+        alpha_pattern): an svd-initialised matrix as s [B, -B0] [A; A0] (rank 2r, as PEFT converts its
+        PiSSA adapters), the parts of a fused layer as one LoRA on the whole layer, A the parts' A
+        stacked, B block-structured (each part's B in its rows and its own columns, zero elsewhere)."""
+        layers = self.lora_modules(model)
+        if not any(m.init == "svd" or m.rows is not None for m in layers.values()):
+            weights = {k: v for k, v in self.peft_state_dict(model).items() if not k.endswith(".base_layer.weight")}
+            return self.peft_config(model), weights
+        factors = {name: m.update_factors() for name, m in layers.items()}
+        modules: dict[str, list[str]] = {}  # adapted module -> the names of its adapted matrices
+        for name, m in layers.items():
+            modules.setdefault(name if m.rows is None else name.rpartition(".")[0], []).append(name)
+        weights, ranks = {}, {}
+        for module, names in modules.items():
+            base = model.get_submodule(module).base
+            d_out = features(base)[0]
+            B = torch.zeros(d_out, sum(factors[n][0].shape[1] for n in names))
+            column = 0
+            for n in names:
+                start, stop = layers[n].rows or (0, d_out)
+                k = factors[n][0].shape[1]
+                B[start:stop, column:column + k] = factors[n][0]
+                column += k
+            prefix = f"{PEFT_PREFIX}{module}."
+            weights[prefix + "lora_A.default.weight"] = torch.cat([factors[n][1] for n in names], dim=0)
+            weights[prefix + "lora_B.default.weight"] = B
+            weights.update(self.peft_extra_weights(model, module, names))
+            ranks[module] = column
+        r = max(ranks.values())
+        pattern = {re.escape(module): k for module, k in ranks.items() if k != r}  # PEFT reads keys as regexes
+        config = self.peft_config_for_modules(model, sorted(modules), r=r, lora_alpha=r, use_rslora=False,
+                                              rank_pattern=pattern, alpha_pattern=dict(pattern))
+        return config, weights
+
+    def peft_extra_weights(self, model: nn.Module, module: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """Weights besides A and B that an exported module needs (DoRA: its magnitudes)."""
+        return {}
+
+    def peft_config_for_modules(self, model: nn.Module, modules: list[str], **settings):
+        """``peft_config`` for whole modules ``modules`` (what ``peft_adapter`` exports)."""
+        import peft
+
+        cfg = self.cfg
+        bases = [model.get_submodule(m).base for m in modules]
+        options = dict(lora_dropout=float(cfg.dropout), target_modules=list(modules), bias="none",
+                       fan_in_fan_out=all(transposed(b) for b in bases), task_type=peft_task_type(model))
+        if self.dora:
+            options["use_dora"] = True
+        options.update(settings)
+        return peft.LoraConfig(**options)
 
 
 STATE_FILE = "trainable.safetensors"  # what a run directory holds its trained parameters in
@@ -278,9 +417,11 @@ def rank_for_budget(budget: int, shapes: list[tuple[int, int]]) -> int:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its base layer with ΔW merged in: a plain model for deployment."""
+    """Replace every LoRA layer (and fused layer with LoRA parts) by its base layer with ΔW merged in:
+    a plain model for deployment. A quantised base cannot take ΔW: ConfigError."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
+        whole = isinstance(m, LoRALinear) and m.rows is None
+        if whole or (isinstance(m, FusedParts) and all(isinstance(p, LoRALinear) for p in m.parts().values())):
             m.merge()
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, m.base)

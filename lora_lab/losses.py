@@ -1,0 +1,21 @@
+"""The training loss with label smoothing (``trainer.label_smoothing``; the LoRA paper's GPT-2 runs
+use 0.1). Without smoothing the model's own loss is used as it is. With it, the cross-entropy is
+computed here from the logits, over the same terms the model's loss averages: one per example
+(classification), per labelled token (tagging), per predicted token (causal LM: logits at position t
+predict the token at t + 1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lora_lab.token_data import IGNORED
+
+
+def training_loss(outputs, batch: dict, head: str, label_smoothing: float) -> torch.Tensor:
+    if not label_smoothing:
+        return outputs.loss
+    logits, labels = outputs.logits, batch["labels"]
+    if head == "lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORED, label_smoothing=float(label_smoothing))
