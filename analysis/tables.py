@@ -39,7 +39,7 @@ from pathlib import Path
 
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
-from lora_lab.metrics import higher_is_better, is_better
+from lora_lab.metrics import display_scale, higher_is_better, is_better
 from lora_lab.methods import Method, describe_method
 from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
 from lora_lab.tasks import task_name
@@ -412,10 +412,12 @@ def table_cells(table: Table) -> tuple[list[str], list[list[str]], dict]:
         trainable, total = table.params[row]
         percent = f"{100 * trainable / total:.2f}" if trainable is not None and total else "-"
         line = [row, human_count(trainable), percent]
-        line += [format_cell(table.cells.get((row, task)), table.agg) for task in table.tasks]
+        line += [format_cell(table.cells.get((row, task)), table.agg, display_scale(table.metrics[task]))
+                 for task in table.tasks]
         if len(table.tasks) > 1:
             avg = table.average(row)
-            line.append(f"{100 * avg:.1f}" if math.isfinite(avg) else "-")
+            scale = display_scale(table.metrics[table.tasks[0]])
+            line.append(f"{scale * avg:.1f}" if math.isfinite(avg) else "-")
         memory, speed = table.efficiency[row]
         line += [f"{memory:.0f}" if memory else "-", f"{speed:.1f}" if speed else "-"]
         if table.tune and len(table.tasks) == 1:
@@ -464,11 +466,12 @@ def caption(table: Table) -> str:
     epoch = "best epoch on validation" if table.epoch == "best" else "last epoch"
     if table.metric:
         what = metric_name(table.metric)
-        text = f"Test {what} (x100), {how}, {epoch}."
+        text = f"Test {what}{' (x100)' if display_scale(table.metric) != 1 else ''}, {how}, {epoch}."
     else:
         what = "metric"
-        columns = ", ".join(f"{t} {metric_name(table.metrics[t])}" for t in table.tasks)
-        text = f"Test metric x100: {columns}; {how}, {epoch}; Avg. is the mean of the task columns."
+        columns = ", ".join(f"{t} {metric_name(table.metrics[t])}{' x100' if display_scale(table.metrics[t]) != 1 else ''}"
+                            for t in table.tasks)
+        text = f"Test metric: {columns}; {how}, {epoch}; Avg. is the mean of the task columns."
     if table.tune:
         by = f"validation {what}" if table.metric else "validation value of each task's metric"
         text += f" {', '.join(table.tune)} chosen per row and task by median {by}."
@@ -484,8 +487,8 @@ def caption(table: Table) -> str:
     elif failed:
         text += f" {failed} failed run(s) left out (listed in the selection CSV)."
     if table.baselines:
-        text += " Baselines (test): " + ", ".join(f"{t} {name} {100 * value:.1f}" for t, (name, value)
-                                                  in sorted(table.baselines.items())) + "."
+        text += " Baselines (test): " + ", ".join(f"{t} {name} {display_scale(table.metrics[t]) * value:.1f}"
+                                                  for t, (name, value) in sorted(table.baselines.items())) + "."
     return text
 
 

@@ -12,6 +12,13 @@ TOKEN_METRICS = ("entity_f1", "entity_precision", "entity_recall", "token_accura
 LM_METRICS = ("perplexity", "loss")
 GENERATION_METRICS = ("bleu", "rouge_l")  # reported only when trainer.generation.enabled
 MINIMISED_METRICS = frozenset({"perplexity", "loss"})
+# shown as they are in tables (BLEU is already 0-100; perplexity and loss are unbounded); the others,
+# fractions in [0, 1] or correlations, are shown x100 as papers do
+UNSCALED_METRICS = frozenset({"bleu", "perplexity", "loss"})
+
+
+def display_scale(metric: str) -> float:
+    return 1.0 if metric in UNSCALED_METRICS else 100.0
 
 
 def higher_is_better(metric: str) -> bool:

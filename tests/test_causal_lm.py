@@ -278,7 +278,7 @@ def test_tables_choose_and_bold_the_lowest_perplexity(tmp_path):
     table = build_table(collect_runs([tmp_path], None, "best"), tune=["trainer.lr"])
     cell = table.cells[("LoRA r=8 α=8 (q+v)", "e2e_nlg")]
     assert cell.chosen == {"trainer.lr": 1e-2} and cell.value == 7.5
-    assert "**750.0**" in to_markdown(table) and "**850.0**" not in to_markdown(table)
+    assert "**7.5**" in to_markdown(table) and "**8.5**" not in to_markdown(table)  # perplexity as it is, not x100
 
 
 # ---------------------------------------------------------------- the trainer

@@ -323,7 +323,7 @@ def test_each_task_is_shown_in_its_own_main_metric(tmp_path):
     assert md[0].startswith("| Method | Trainable params | % of total | trec6 (accuracy) | wnut16 (entity F1) | Avg. |")
     assert md[2] == "| Full FT | 100.0K | 100.00 | **95.0** | **44.0** | **69.5** | 1000 | 20.0 |"
     caption = md[-1]
-    assert caption.startswith("Test metric x100: trec6 accuracy, wnut16 entity F1; median over seeds, best epoch")
+    assert caption.startswith("Test metric: trec6 accuracy x100, wnut16 entity F1 x100; median over seeds, best epoch")
     assert caption.endswith(" Baselines (test): trec6 majority class 22.4, wnut16 all O 0.0.")
     assert r"wnut16 (entity F1)" in to_latex(t)
     header = next(csv.reader(io.StringIO(to_csv(t))))
