@@ -73,3 +73,10 @@ def load_kwargs() -> dict:
 def is_4bit(model) -> bool:
     """Whether ``model`` holds bitsandbytes 4-bit weights (it stays on the device it was loaded on)."""
     return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+def to_device(model, device) -> None:
+    """``model.to(device)``, except for a 4-bit model: it stays on the GPU it was loaded on (transformers
+    refuses to move one)."""
+    if not is_4bit(model):
+        model.to(device)

@@ -26,12 +26,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from lora_lab import checkpoint, generation_eval, lm_data, measure, records
+from lora_lab import checkpoint, generation_eval, lm_data, measure, quantization, records
 from lora_lab.data import Collator, column_values, load_task_data
 from lora_lab.distributed import Distributed, device_for, setup as setup_distributed
 from lora_lab.architectures import model_type
 from lora_lab.errors import ConfigError
-from lora_lab.losses import training_loss
+from lora_lab.losses import sequence_nll, training_loss
 from lora_lab.metrics import is_better
 from lora_lab.methods import build_method
 from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing, is_causal_decoder, load_model, \
@@ -131,18 +131,6 @@ def predict(model, loader, device, amp, task: TaskType,
     return [p for batch_predictions in per_batch for p in batch_predictions], latencies
 
 
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """Each sequence's summed negative log-likelihood of its labelled tokens, each predicted from the
-    positions before it (the shift a causal LM's own loss makes). Row by row, so that only one
-    sequence's logits are ever held in fp32."""
-    sums = []
-    for row_logits, row_labels in zip(logits, labels):
-        nll = torch.nn.functional.cross_entropy(row_logits[:-1].float(), row_labels[1:], ignore_index=IGNORED,
-                                                reduction="sum")
-        sums.append(float(nll))
-    return sums
-
-
 def gold_labels(dataset, task: TaskType) -> list:
     """What predictions are scored against: a label per example, every word's tag per sentence, or
     (causal LM) the number of tokens each example predicts, which weighs its summed loss."""
@@ -174,16 +162,14 @@ def pretrained_baseline(model, loader, gold: list, device, amp, task: TaskType, 
     the CPU afterwards and the random state is restored, so the method is set up exactly as in a run
     without this evaluation."""
     rng = torch.get_rng_state()
-    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base stays on the GPU it was loaded on
-        model.to(device)
+    quantization.to_device(model, device)
     metrics, _, _ = evaluate(model, loader, gold, device, amp, task, [], dist=dist)
     out = {"name": task.baseline, "test": metrics}
     if generation is not None:
         scores, examples = generation.run(model, device, amp, dist)
         metrics.update(scores)
         out["generations"] = {"test": examples}
-    if not getattr(model, "is_loaded_in_4bit", False):
-        model.to("cpu")
+    quantization.to_device(model, "cpu")
     torch.set_rng_state(rng)
     return out
 
@@ -270,7 +256,8 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     generators = generation_splits(cfg, data, tokenizer, monitor)
     checkpoint_dir = run_dir / checkpoint.CHECKPOINT_DIR
     set_seed(cfg.seed)
-    model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head)
+    model = load_model(cfg.model, data.num_labels, data.label_names, task=task.head,
+                       pad_token_id=tokenizer.pad_token_id)
     pretrained = None
     if task.head == "lm":  # the pre-trained model is the baseline: evaluated once, before the method
         known = checkpoint.peek_progress(checkpoint_dir) if tcfg.get("resume", True) and main_rank else None
@@ -284,8 +271,7 @@ def run_training(cfg, run_dir: Path, tracker: Tracker | None = None, stop: StopR
     cast_trainable_to_fp32(model)  # a bf16 base (model.dtype) trains fp32 parameters
     if tcfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
-    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base is placed on its GPU as it loads
-        model.to(device)
+    quantization.to_device(model, device)
     counts = measure.parameter_counts(model, method)
     train_model = wrap_distributed(model, method, dist, device)
     if dist.enabled:  # the same initial weights on every rank, then dropout masks of each rank's own
@@ -493,15 +479,14 @@ def wrap_distributed(model, method, dist: Distributed, device: torch.device):
                                    find_unused_parameters=method.needs_unused_parameter_search)
 
 
-def loss_terms(batch: dict, task: TaskType) -> int | None:
-    """How many terms a batch's mean loss averages: its labelled tokens for tagging, its predicted
-    tokens (labelled positions after the first, as the causal shift leaves them) for a causal LM;
-    None for one loss term per example."""
-    if task.head == "token":
-        return int((batch["labels"] != IGNORED).sum())
-    if task.head == "lm":
-        return int((batch["labels"][:, 1:] != IGNORED).sum())
-    return None
+def loss_terms(batch: dict, examples: int, task: TaskType) -> int:
+    """How many terms a batch's mean loss averages: its examples, its labelled tokens for tagging, its
+    predicted tokens (labelled positions after the first, as the causal shift leaves them) for a
+    causal LM; none for a stand-in batch (no examples)."""
+    if not examples or task.head not in ("token", "lm"):
+        return examples
+    labels = batch["labels"][:, 1:] if task.head == "lm" else batch["labels"]
+    return int((labels != IGNORED).sum())
 
 
 def global_loss(loss: torch.Tensor, batch: dict, examples: int, task: TaskType,
@@ -514,8 +499,7 @@ def global_loss(loss: torch.Tensor, batch: dict, examples: int, task: TaskType,
     value = loss.item()
     if not dist.enabled:
         return value, 1.0
-    terms = loss_terms(batch, task) if examples else 0
-    terms = examples if terms is None else terms
+    terms = loss_terms(batch, examples, task)
     total, loss_sum, bad = dist.sum([terms, value * terms, 0.0 if math.isfinite(value) else 1.0])
     if bad:
         return float("nan"), 0.0
@@ -590,7 +574,7 @@ def _finish(cfg, run_dir, model, method, progress, best_state, throughput, info,
     if "reports" in record:
         columns, rows = report_rows(record["reports"]["best"])
         tracker.log_table("best/report", columns, rows)
-    if "generations" in record and hasattr(tracker, "log_table"):
+    if "generations" in record:
         columns, rows = generation_rows(record["generations"])
         tracker.log_table("best/generations", columns, rows)
     return record

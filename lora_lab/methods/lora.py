@@ -285,7 +285,7 @@ class LoRA(Method):
             B, A = m.update_factors()
             residual = m.base_weight().detach().float().cpu().clone()  # not a view of the live weight
             if m.merged:
-                residual = residual - m.scaling * m.lora_B.detach().float().cpu() @ m.lora_A.detach().float().cpu()
+                residual = residual - m.delta().detach().float().cpu()
             if m.init == "svd":  # the pretrained W0 is the residual plus the start s B0 A0
                 residual = residual + m.scaling * m.B0.float().cpu() @ m.A0.float().cpu()
             out[name] = DeltaW(B=B, A=A, base=residual, kind="lora")
