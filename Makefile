@@ -14,13 +14,13 @@ install:
 
 # The default comparison on the embedded MiniLM-L6 + Rotten Tomatoes; prints the table at the end.
 compare: install
-	$(PYTHON) -m lora_lab.main experiment=compare
+	$(PYTHON) -m lora_lab experiment=compare
 
 # The embedded default study (180 jobs: 2 tasks x 10 arms x 3 lr x 3 seeds, 2 in parallel), then its table
 # and plots in experiments/embedded_study/ (see its README).
 STUDY_DIR ?= outputs/embedded_study/latest
 study: install
-	$(PYTHON) -m lora_lab.main experiment=embedded_study launcher=joblib hydra.sweep.dir=$(STUDY_DIR)
+	$(PYTHON) -m lora_lab experiment=embedded_study launcher=joblib hydra.sweep.dir=$(STUDY_DIR)
 	$(PYTHON) -m lora_lab.analysis.tables $(STUDY_DIR) --tune trainer.lr --plot --out experiments/embedded_study --name study
 
 test: install

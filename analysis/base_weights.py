@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lora_lab.analysis.peft_names import suffix_matches
+from lora_lab.peft.names import suffix_matches
 from lora_lab.errors import ConfigError, first_line
 
 SHARD_INDEX = "model.safetensors.index.json"

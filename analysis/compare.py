@@ -20,7 +20,7 @@ from lora_lab.analysis.tables import main_metric, record_baseline, record_task
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
 from lora_lab.methods import describe_method
-from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
+from lora_lab.runtime.records import RECORD_FILE, find_run_dirs, load_record, write_text
 
 COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)", "train samples/s",
            "val {m}", "test {m}", "epoch", "failed"]

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from lora_lab.analysis.base_weights import BaseMatrix, BaseWeights
-from lora_lab.analysis.peft_config import ADAPTER_CONFIG, LoraAdapterConfig
-from lora_lab.analysis.peft_names import EMBEDDING_FACTORS, FACTORS, MAGNITUDE, parse_peft_key
+from lora_lab.peft.adapter_config import ADAPTER_CONFIG, LoraAdapterConfig
+from lora_lab.peft.names import EMBEDDING_FACTORS, FACTORS, MAGNITUDE, parse_peft_key
 from lora_lab.analysis.subspace import RunDeltas
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import DeltaW
-from lora_lab.peft_import import PICKLED_WEIGHTS_FILE as PICKLED_WEIGHTS
-from lora_lab.peft_import import WEIGHTS_FILE as ADAPTER_WEIGHTS
+from lora_lab.peft.importer import PICKLED_WEIGHTS_FILE as PICKLED_WEIGHTS
+from lora_lab.peft.importer import WEIGHTS_FILE as ADAPTER_WEIGHTS
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 

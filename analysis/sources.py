@@ -15,13 +15,13 @@ from typing import Sequence
 
 from lora_lab.analysis.base_weights import BaseWeights
 from lora_lab.analysis.peft_adapter import ADAPTER_WEIGHTS, PeftAdapter
-from lora_lab.analysis.peft_config import ADAPTER_CONFIG
-from lora_lab.analysis.peft_names import align_names
+from lora_lab.peft.adapter_config import ADAPTER_CONFIG
+from lora_lab.peft.names import align_names
 from lora_lab.analysis.subspace import RunDeltas
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods import describe_method
-from lora_lab.peft_import import is_adapter_folder
-from lora_lab.records import RECORD_FILE, delta_epoch, load_record, open_delta_weights
+from lora_lab.peft.importer import is_adapter_folder
+from lora_lab.runtime.records import RECORD_FILE, delta_epoch, load_record, open_delta_weights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 

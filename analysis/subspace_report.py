@@ -32,7 +32,7 @@ from lora_lab.analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions,
                                         analyse_runs, make_pairs, short_type_names)
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table as format_markdown
-from lora_lab.records import DeltaWeightsFile, save_tensors
+from lora_lab.runtime.records import DeltaWeightsFile, save_tensors
 
 MAX_HEATMAP_PANELS = 32
 
@@ -420,7 +420,7 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def _log_wandb(args, res: AnalysisResult, sources: Sources, written: dict) -> None:
-    from lora_lab.tracking import Tracker
+    from lora_lab.runtime.tracking import Tracker
 
     config = {"runs": [str(r) for r in args.runs], "labels": res.labels,
               "delta_w_from": [s.origin for s in sources.analysed], "analyses": list(res.options.analyses),

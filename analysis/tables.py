@@ -39,10 +39,10 @@ from pathlib import Path
 
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
-from lora_lab.metrics import display_scale, higher_is_better, is_better
+from lora_lab.tasks.metrics import display_scale, higher_is_better, is_better
 from lora_lab.methods import Method, describe_method
-from lora_lab.records import RECORD_FILE, find_run_dirs, load_record, write_text
-from lora_lab.tasks import task_name
+from lora_lab.runtime.records import RECORD_FILE, find_run_dirs, load_record, write_text
+from lora_lab.tasks.task_types import task_name
 
 # Settings that do not change what a run learns; they may differ between the seeds of one row.
 IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.threads", "trainer.device",
@@ -189,7 +189,7 @@ def record_from_wandb(config: dict, summary: dict, state: str) -> dict:
     """A W&B run (config + summary, as the trainer logs them) in the shape of a local run record:
     ``task/*`` becomes its "task", the numbers of ``baseline/*`` its baseline's test metrics (the
     baseline named after the task's type: majority class, constant, all O)."""
-    from lora_lab.tasks import TASK_TYPES
+    from lora_lab.tasks.task_types import TASK_TYPES
 
     def section(prefix):
         return {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
@@ -591,7 +591,7 @@ def log_to_wandb(table: Table, images: list[Path], project: str, name: str, dire
     """One W&B run of job type "analysis" holding the table (and plots); offline without an API key."""
     import os
 
-    from lora_lab.tracking import Tracker
+    from lora_lab.runtime.tracking import Tracker
 
     header, rows, _ = table_cells(table)
     tracker = Tracker.start({"metric": table.metric or "main metric", "metrics": table.metrics, "epoch": table.epoch,

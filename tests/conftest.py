@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import lora_lab.configs  # noqa: F401 - registers the resolvers the configs use (${pick:}, ${run_key:}, ...)
+import lora_lab.config.compose  # noqa: F401 - registers the resolvers the configs use (${pick:}, ${run_key:}, ...)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -25,7 +25,9 @@ def die() -> None:
 def arm(point: str, n: int) -> None:
     import torch
 
-    from lora_lab import checkpoint, records, train
+    from lora_lab.runtime import checkpoint, records
+
+    from lora_lab.trainer import train
 
     calls = {"count": 0}
 
@@ -114,7 +116,7 @@ def arm(point: str, n: int) -> None:
 if __name__ == "__main__":
     point, n, *overrides = sys.argv[1:]
     arm(point, int(n))
-    from lora_lab.main import main
+    from lora_lab.cli.main import main
 
     sys.argv = ["lora-lab", *overrides]
     main()

@@ -6,15 +6,15 @@ import torch
 from conftest import compose_config, method_cfg
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.modeling import enable_gradient_checkpointing, load_model
-from lora_lab.train import run_training
+from lora_lab.models.loading import enable_gradient_checkpointing, load_model
+from lora_lab.trainer.train import run_training
 
 EXACT = ["experiment=smoke", "logger=disabled", "model.dropout=0", "data.padding=max_length", "trainer.epochs=2",
          "trainer.max_grad_norm=null"]
 
 
 def trained_state(run_dir):
-    from lora_lab import records
+    from lora_lab.runtime import records
 
     return records.load_file(str(run_dir / records.STATE_FILE))
 
@@ -67,7 +67,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 
 
 def test_gradient_checkpointing_run_and_encoder_flag(tmp_path):
-    from lora_lab.modeling import load_model as load
+    from lora_lab.models.loading import load_model as load
 
     cfg = compose_config("model=tiny", "model.pooling=mean")
     model = load(cfg.model, 2)

@@ -8,7 +8,9 @@ import torch
 import wandb
 from omegaconf import OmegaConf
 
-from lora_lab import agent, records
+from lora_lab.cli import agent
+
+from lora_lab.runtime import records
 
 FIXED = ["experiment=smoke", "method=lora", "trainer.threads=1"]
 

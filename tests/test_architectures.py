@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import method_cfg, tiny_bert, tiny_distilbert, tiny_roberta
-from lora_lab.architectures import head_parameter_names, layer_stack, resolve_targets
+from lora_lab.models.architectures import head_parameter_names, layer_stack, resolve_targets
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 

@@ -1,6 +1,6 @@
 """Bad input, one row each: the command prints exactly one line, ``lora-lab: error: ...`` naming the
 key, exits with status 2, and trains nothing. Most rows run the command in this process (Hydra and
-all); a few run the real ``python -m lora_lab.main`` to prove the installed command behaves the same."""
+all); a few run the real ``python -m lora_lab.cli.main`` to prove the installed command behaves the same."""
 from __future__ import annotations
 
 import csv
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_lab import main as main_module
-from lora_lab.modeling import embedded_model_path
+from lora_lab.cli import main as main_module
+from lora_lab.models.loading import embedded_model_path
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
 STATE_FILE = "trainable.safetensors"
@@ -199,7 +199,7 @@ def test_bad_input_real_command(row, inputs, tmp_path):
     _, overrides, key = next(r for r in ROWS if r[0] == row)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
-    out = subprocess.run([sys.executable, "-m", "lora_lab.main", *command(tmp_path, expand(overrides, inputs))],
+    out = subprocess.run([sys.executable, "-m", "lora_lab.cli.main", *command(tmp_path, expand(overrides, inputs))],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert_one_line_and_nothing_trained(out.returncode, out.stderr, key, tmp_path / "run")
 
@@ -228,7 +228,7 @@ def shipped_options():
 def test_every_shipped_config_passes_the_checks(option, inputs):
     """The checks refuse bad input, never a config the project ships."""
     from conftest import compose_config
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     extra = expand(files("good.csv"), inputs) if option == "data=files" else []
     if option.startswith("data=") and compose_config(option).data.task_type == "causal_lm":

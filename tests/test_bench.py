@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab import bench, timing
+from lora_lab import bench
+
+from lora_lab.runtime import timing
 from lora_lab.bench import variants
-from lora_lab.configs import compose
+from lora_lab.config.compose import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ["full", "head", "houlsby", "pfeiffer", "bitfit", "ia3", "lora_r1", "lora_r8", "lora_r64", "dora"]

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose_config, method_cfg
-from lora_lab import records
+from lora_lab.runtime import records
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.modeling import cast_trainable_to_fp32, load_model
+from lora_lab.models.loading import cast_trainable_to_fp32, load_model
 
 SMOKE = ["experiment=smoke", "model.dtype=bf16"]
 
@@ -34,7 +34,7 @@ def test_frozen_weights_are_bf16_and_trainable_ones_fp32(method):
 
 
 def test_a_run_on_a_bf16_base_trains_and_saves_fp32_state(tmp_path):
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     record = run_training(compose_config(*SMOKE, f"data.cache_dir={tmp_path / 'cache'}"), tmp_path / "run")
     assert record["config"]["model"]["dtype"] == "bf16"
@@ -45,7 +45,7 @@ def test_a_run_on_a_bf16_base_trains_and_saves_fp32_state(tmp_path):
 
 
 def test_full_fine_tuning_on_a_bf16_base_is_refused_in_one_line():
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     with pytest.raises(ConfigError, match="model.dtype='bf16': .*full fine-tuning freezes none"):
         check_config(compose_config(*SMOKE, "method=full"))

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from conftest import batch, compose_config, method_cfg, tiny_bert, tiny_distilbert
-from lora_lab import records
-from lora_lab.architectures import head_parameter_names
+from lora_lab.runtime import records
+from lora_lab.models.architectures import head_parameter_names
 from lora_lab.errors import ConfigError
-from lora_lab.measure import parameter_counts
+from lora_lab.runtime.measure import parameter_counts
 from lora_lab.methods import available_methods, build_method, describe_method
 
 LABELS = torch.tensor([0, 1, 0, 1])
@@ -166,7 +166,7 @@ def test_config_composes(override):
 
 
 def test_end_to_end_smoke_run(tmp_path):
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     cfg = compose_config("experiment=smoke", "logger=disabled", "method=bitfit", "trainer.threads=1",
                          f"data.cache_dir={tmp_path / 'cache'}")

@@ -12,15 +12,16 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from lora_lab import generation_eval, lm_data
-from lora_lab.data import Collator, build_splits, cache_key, load_task_data
-from lora_lab.distributed import Distributed
+from lora_lab.data import lm_data
+from lora_lab.tasks import generation_eval
+from lora_lab.data.loading import Collator, build_splits, cache_key, load_task_data
+from lora_lab.runtime.distributed import Distributed
 from lora_lab.errors import ConfigError
-from lora_lab.metrics import is_better
-from lora_lab.sampling import evaluation_loader
-from lora_lab.tasks import TASK_TYPES, main_metric, objective
-from lora_lab.train import evaluate, gold_labels, global_loss
-from lora_lab.validate import check_config
+from lora_lab.tasks.metrics import is_better
+from lora_lab.data.sampling import evaluation_loader
+from lora_lab.tasks.task_types import TASK_TYPES, main_metric, objective
+from lora_lab.trainer.train import evaluate, gold_labels, global_loss
+from lora_lab.config.validate import check_config
 
 LM = TASK_TYPES["causal_lm"]
 TINY_GPT2 = "model=tiny_gpt2"  # a random decoder with the embedded tokenizer
@@ -43,7 +44,7 @@ def absl_logs_to_the_real_stderr():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from lora_lab.modeling import embedded_model_path
+    from lora_lab.models.loading import embedded_model_path
 
     return AutoTokenizer.from_pretrained(embedded_model_path("all-MiniLM-L6-v2"))
 
@@ -261,7 +262,7 @@ def test_lower_perplexity_is_better_and_sweeps_maximise_its_negation():
 
 def test_tables_choose_and_bold_the_lowest_perplexity(tmp_path):
     from lora_lab.analysis.tables import build_table, collect_runs, to_markdown
-    from lora_lab.records import write_json
+    from lora_lab.runtime.records import write_json
 
     def record(lr, seed, val, test, method):
         config = {"method": method, "seed": seed, "trainer": {"lr": lr}, "data": {"name": "e2e_nlg"}}
@@ -294,7 +295,8 @@ def smoke_config(tmp_path, *overrides):
 
 
 def test_a_causal_lm_trains_and_records_perplexity_and_generation_metrics(tmp_path, monkeypatch, one_torch_thread):
-    from lora_lab import records, train
+    from lora_lab.runtime import records
+    from lora_lab.trainer import train
 
     run_dir = tmp_path / "run"
     record = train.run_training(smoke_config(tmp_path, "trainer.keep_checkpoint=true"), run_dir)

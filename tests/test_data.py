@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import compose_config
-from lora_lab import data as data_module
-from lora_lab.data import Collator, load_task_data
+from lora_lab.data import loading as data_module
+from lora_lab.data.loading import Collator, load_task_data
 from lora_lab.errors import ConfigError
-from lora_lab.modeling import load_tokenizer
+from lora_lab.models.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

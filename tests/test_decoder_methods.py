@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import method_cfg
-from lora_lab import linear_layers
-from lora_lab.architectures import head_parameter_names, resolve_matrices, resolve_targets
+from lora_lab.models import linear_layers
+from lora_lab.models.architectures import head_parameter_names, resolve_matrices, resolve_targets
 from lora_lab.errors import ConfigError
-from lora_lab.linear_layers import FusedParts, dense_weight
+from lora_lab.models.linear_layers import FusedParts, dense_weight
 from lora_lab.methods import available_methods, build_method
 from lora_lab.methods.lora import LoRALinear, merge_and_unload
 
@@ -384,7 +384,7 @@ def test_lora_on_a_4bit_base(monkeypatch):
 # ---------------------------------------------------------------- PEFT
 
 def test_peft_twin_on_gpt2_conv1d_layers_and_no_twin_for_parts():
-    from lora_lab.peft_twin import build_peft_twin
+    from lora_lab.bench.peft_twin import build_peft_twin
 
     base = tiny("gpt2")
     for name, targets in (("lora", ["c_attn", "o", "ffn_out"]), ("ia3", ["c_attn", "ffn_out"])):

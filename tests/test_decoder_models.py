@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, compose_config
-from lora_lab import quantization
+from lora_lab.models import quantization
 from lora_lab.errors import ConfigError
-from lora_lab.modeling import (check_model_files, is_causal_decoder, is_decoder, load_model, load_tokenizer,
+from lora_lab.models.loading import (check_model_files, is_causal_decoder, is_decoder, load_model, load_tokenizer,
                                max_positions, pooling_of)
-from lora_lab.pooling import PooledClassifier
-from lora_lab.validate import check_config
+from lora_lab.models.pooling import PooledClassifier
+from lora_lab.config.validate import check_config
 
 ARCHS = ["bert", "gpt2", "llama", "qwen2", "mistral", "opt", "gemma"]
 PREFIX = {"bert": "Bert", "gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral",
@@ -101,7 +101,7 @@ def test_the_new_model_configs(tiny):
 
 def test_existing_configs_keep_their_run_identity():
     """The keys added to the model configs count only away from their defaults."""
-    from lora_lab.run_identity import differences, digest, result_config
+    from lora_lab.config.run_identity import differences, digest, result_config
 
     config = OmegaConf.to_container(compose_config("experiment=smoke"), resolve=True)
     assert {"arch", "num_kv_heads", "load_in_4bit"} <= set(config["model"])
@@ -316,7 +316,7 @@ def test_a_random_4bit_base_is_saved_and_loaded_back_quantised(monkeypatch, tiny
 
 def test_the_benchmark_reports_the_4bit_row_as_skipped_without_a_gpu():
     from lora_lab.bench.memory import MEMORY_OPTIONS, memory_options
-    from lora_lab.configs import compose
+    from lora_lab.config.compose import compose
 
     assert list(compose("bench").memory_options.rows)[-1] == "nf4_base"  # a default row
     cfg = OmegaConf.create({"memory_options": {"rows": ["nf4_base"], "arm": "lora_r8"}})

@@ -18,7 +18,7 @@ PAIRS = [{"prompt": f"name[{n}], food[{f}]", "response": f"{n} serves {f} food."
 
 
 def run(tmp_path, *overrides):
-    from lora_lab import train
+    from lora_lab.trainer import train
 
     cfg = compose_config(*SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "trainer.threads=1",
                          "trainer.latency_repeats=1", "trainer.checkpoint_every=0", "data.max_train=48",
@@ -28,7 +28,7 @@ def run(tmp_path, *overrides):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_decoder_classifies_with_lora_and_records_the_q_and_v_updates(tmp_path, arch):
-    from lora_lab import records
+    from lora_lab.runtime import records
 
     record = run(tmp_path, f"model={arch}", "method=lora")
     assert record["status"] == "completed" and record["model_resolved"]["pooling"] == "last"
@@ -64,7 +64,7 @@ def test_a_decoder_fine_tunes_as_a_causal_lm(tmp_path, arch):
 def test_label_smoothing_zero_is_the_models_loss_and_smoothing_follows_its_formula(one_torch_thread):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_lab.losses import training_loss
+    from lora_lab.tasks.losses import training_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -86,7 +86,7 @@ def test_label_smoothing_zero_is_the_models_loss_and_smoothing_follows_its_formu
 
 def test_label_smoothing_on_regression_is_one_line():
     from lora_lab.errors import ConfigError
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     with pytest.raises(ConfigError, match="trainer.label_smoothing=0.1: applies to cross-entropy losses"):
         check_config(compose_config("data.task_type=regression", "trainer.label_smoothing=0.1"))

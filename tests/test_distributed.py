@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_lab import records
-from lora_lab.distributed import Distributed
-from lora_lab.sampling import EpochBatches, EpochSampler
+from lora_lab.runtime import records
+from lora_lab.runtime.distributed import Distributed
+from lora_lab.data.sampling import EpochBatches, EpochSampler
 
 from conftest import batch, compose_config, method_cfg, tiny_bert
 from test_resume import DRIVER
@@ -62,7 +62,7 @@ def one_rank_group(tmp_path):
 @pytest.mark.parametrize("method", ["full", "head", "adapter", "lora", "bitfit", "ia3", "dora"])
 def test_every_method_trains_under_ddp_without_searching_for_unused_parameters(one_rank_group, method):
     from lora_lab.methods import build_method
-    from lora_lab.train import wrap_distributed
+    from lora_lab.trainer.train import wrap_distributed
 
 
     model = tiny_bert()
@@ -80,7 +80,7 @@ def test_every_method_trains_under_ddp_without_searching_for_unused_parameters(o
 
 def torchrun(*args: str, cwd: Path, script: list[str] | None = None, check: bool = True):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    command = [*TORCHRUN, *(script or ["-m", "lora_lab.main"]), *args]
+    command = [*TORCHRUN, *(script or ["-m", "lora_lab.cli.main"]), *args]
     out = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -100,7 +100,7 @@ def two_process_run(tmp_path_factory):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(two_process_run, tmp_path):
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     run_dir = two_process_run / "run"
     ddp = records.load_record(run_dir)
@@ -144,7 +144,7 @@ def test_killed_torchrun_resumes_to_the_same_result(two_process_run, tmp_path):
 
 def test_world_size_is_not_an_override():
     from lora_lab.errors import ConfigError
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     with pytest.raises(ConfigError, match="trainer.world_size=2: is the number of processes torchrun started"):
         check_config(compose_config(*RUN, "trainer.world_size=2"))

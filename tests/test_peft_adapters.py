@@ -17,14 +17,14 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from conftest import batch, compose_config, method_cfg, tiny_bert
-from lora_lab import records
-from lora_lab.checkpoint import trainable_state
+from lora_lab.runtime import records
+from lora_lab.runtime.checkpoint import trainable_state
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
-from lora_lab.modeling import load_model
-from lora_lab.peft_export import export_run, main
-from lora_lab.run_identity import result_config, run_key
-from lora_lab.train import set_seed
+from lora_lab.models.loading import load_model
+from lora_lab.peft.export import export_run, main
+from lora_lab.config.run_identity import result_config, run_key
+from lora_lab.trainer.train import set_seed
 
 peft = pytest.importorskip("peft")
 
@@ -163,12 +163,12 @@ def test_export_command_writes_with_force_and_reports_the_difference(tmp_path, c
 
 
 def test_export_runs_as_a_module_and_is_a_console_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.peft_export", str(tmp_path / "nothing"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "lora_lab.peft.export", str(tmp_path / "nothing"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "is not a directory" in proc.stderr
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["lora-lab-export"] == "lora_lab.peft_export:main"
+    assert project["project"]["scripts"]["lora-lab-export"] == "lora_lab.peft.export:main"
 
 
 # ---------------------------------------------------------------- import: method.init_from=<adapter>
@@ -248,7 +248,7 @@ def test_init_from_adapter_mismatches_are_one_line_errors(tmp_path, monkeypatch)
 def test_a_dora_adapter_needs_method_dora_and_is_checked_before_loading(tmp_path):
     peft_adapter(tmp_path, dora=True)
     cfg = compose_config(*SMOKE, f"method.init_from={tmp_path}", "method.r=4")
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     with pytest.raises(ConfigError, match=r"is a DoRA adapter \(use_dora=True\); use method=dora") as error:
         check_config(cfg)  # before any model is loaded
@@ -269,9 +269,9 @@ def test_init_from_is_part_of_the_run_identity(tmp_path):
 def test_real_model_round_trip_through_peft(tmp_path, capsys):
     """LoRA on the embedded MiniLM (mean-pooled, our head), 32 training rows: exported, loaded by PEFT onto
     the base lora_lab builds, and started from again with init_from; all three give its logits."""
-    from lora_lab.modeling import embedded_model_path
-    from lora_lab.peft_export import rebuild_run
-    from lora_lab.train import run_training
+    from lora_lab.models.loading import embedded_model_path
+    from lora_lab.peft.export import rebuild_run
+    from lora_lab.trainer.train import run_training
 
     rows = "".join(f"review {i} {'good' if i % 2 else 'bad'} film,{'pos' if i % 2 else 'neg'}\n" for i in range(40))
     (tmp_path / "train.csv").write_text("text,label\n" + rows)

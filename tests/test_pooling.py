@@ -9,12 +9,12 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from conftest import CONF, batch, compose_config, method_cfg, tiny_bert, tiny_distilbert, tiny_roberta
-from lora_lab.architectures import head_parameter_names, layer_stack, resolve_targets
+from lora_lab.models.architectures import head_parameter_names, layer_stack, resolve_targets
 from lora_lab.errors import ConfigError
-from lora_lab.measure import parameter_counts
+from lora_lab.runtime.measure import parameter_counts
 from lora_lab.methods import build_method
-from lora_lab.modeling import embedded_model_path, load_model, pooling_of
-from lora_lab.pooling import PooledClassifier, declared_pooling, resolve_pooling
+from lora_lab.models.loading import embedded_model_path, load_model, pooling_of
+from lora_lab.models.pooling import PooledClassifier, declared_pooling, resolve_pooling
 
 MINILM = "all-MiniLM-L6-v2"
 CLASSIFIER = {"classifier.weight", "classifier.bias"}
@@ -260,7 +260,7 @@ def test_bad_pooling_value():
 
 
 def test_bad_pooling_value_is_caught_before_loading():
-    from lora_lab.validate import check_config
+    from lora_lab.config.validate import check_config
 
     with pytest.raises(ConfigError, match=r"model\.pooling='first'"):
         check_config(compose_config("model=tiny", "model.pooling=first"))

@@ -2,8 +2,8 @@
 import pytest
 
 from conftest import compose_config
-from lora_lab import records
-from lora_lab.train import run_training
+from lora_lab.runtime import records
+from lora_lab.trainer.train import run_training
 
 REAL = ["logger=disabled", "data.max_train=2000", "data.max_eval=400", "data.max_length=64", "trainer.epochs=1",
         "trainer.progress_bar=false"]
@@ -31,10 +31,10 @@ def test_peft_twin_gives_our_logits_on_the_real_model(arm):
     import torch
 
     from conftest import batch
-    from lora_lab.configs import arm_method
+    from lora_lab.config.compose import arm_method
     from lora_lab.methods import build_method
-    from lora_lab.modeling import load_model
-    from lora_lab.peft_twin import build_peft_twin
+    from lora_lab.models.loading import load_model
+    from lora_lab.bench.peft_twin import build_peft_twin
 
     cfg = compose_config()
     torch.manual_seed(0)

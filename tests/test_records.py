@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab import records
+from lora_lab.runtime import records
 from lora_lab.analysis import compare, tables
 from lora_lab.analysis.subspace_report import main as report_main
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
-from lora_lab.records import (DELTA_FILE, LAST_STATE_FILE, RECORD_FILE, STATE_FILE, load_delta_weights, load_record,
+from lora_lab.runtime.records import (DELTA_FILE, LAST_STATE_FILE, RECORD_FILE, STATE_FILE, load_delta_weights, load_record,
                               save_delta_weights, save_tensors, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def test_every_tool_refuses_a_bad_record_in_a_sweep(case, tmp_path, capsys):
 def test_the_multirun_callback_names_a_refused_record(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from lora_lab.callbacks import ComparisonTable
+    from lora_lab.cli.callbacks import ComparisonTable
 
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
     ComparisonTable().on_multirun_end(config)  # no records (a dry run): nothing said
@@ -406,7 +406,7 @@ def test_the_trainers_records_pass_every_check(tmp_path, capsys):
     """A two-epoch smoke run: its version 2 record, files and ΔW are accepted by every tool."""
     from test_train import smoke_cfg
 
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     run_dir = tmp_path / "sweep" / "0_run"
     run_training(smoke_cfg(tmp_path, "method=lora", "method.r=2", "trainer.epochs=2"), run_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lora_lab import records
+from lora_lab.runtime import records
 
 DRIVER = str(Path(__file__).with_name("crash_driver.py"))
 # 2 epochs of 8 steps, a checkpoint every 3 steps; the tiny BERT has dropout, so RNG state matters
@@ -20,7 +20,7 @@ RUN = ["experiment=smoke", "logger=disabled", "trainer.epochs=2", "trainer.check
 
 def lora_lab(*args, cwd, driver=None, check=True):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    command = [sys.executable, DRIVER, *driver] if driver else [sys.executable, "-m", "lora_lab.main"]
+    command = [sys.executable, DRIVER, *driver] if driver else [sys.executable, "-m", "lora_lab.cli.main"]
     out = subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]

@@ -4,8 +4,8 @@ import re
 import subprocess
 import sys
 
-from lora_lab.configs import compose
-from lora_lab.run_identity import differences, result_config
+from lora_lab.config.compose import compose
+from lora_lab.config.run_identity import differences, result_config
 
 
 def run_dir(*overrides: str) -> str:
@@ -32,7 +32,7 @@ def test_differences_name_each_changed_result_key_and_ignore_the_neutral_ones():
 
 def dry_sweep(tmp_path, *overrides):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "lora_lab.main", "-m", "experiment=smoke", "dry_run=true",
+    out = subprocess.run([sys.executable, "-m", "lora_lab.cli.main", "-m", "experiment=smoke", "dry_run=true",
                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return re.findall(r"-> (\S+)", out.stdout)

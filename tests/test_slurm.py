@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from lora_lab import records
+from lora_lab.runtime import records
 
 
 def compose_with_hydra(*overrides: str):
@@ -50,7 +50,7 @@ def submitit_tasks(folder: Path) -> list[int]:
 def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"
     run_dir = sweep / "0_lora"
-    command = [sys.executable, "-m", "lora_lab.main", "-m", "hydra/launcher=submitit_local",
+    command = [sys.executable, "-m", "lora_lab.cli.main", "-m", "hydra/launcher=submitit_local",
                "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", "experiment=smoke", "logger=disabled",
                "data.max_train=400", "trainer.checkpoint_every=3",
                # a wider tiny model: 50 steps of ~0.1 s, so the signal lands mid-run
@@ -77,7 +77,7 @@ def test_one_job_of_two_tasks_is_one_ddp_run(tmp_path):
     """launcher=slurm_ddp's shape (tasks_per_node > 1) on submitit's local executor: the job's tasks
     take torch's rank and world size from submitit's environment and train one run together."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "lora_lab.main", "-m", "hydra/launcher=submitit_local",
+    command = [sys.executable, "-m", "lora_lab.cli.main", "-m", "hydra/launcher=submitit_local",
                "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}",
                "experiment=smoke", "trainer.batch_size=4", f"data.cache_dir={tmp_path / 'cache'}"]
     out = subprocess.run(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,

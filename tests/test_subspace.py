@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab.analysis import bench_subspace
+from lora_lab.bench import subspace as bench_subspace
 from lora_lab.analysis.subspace import (AnalysisOptions, RunDeltas, amplification_table, analyse_runs, dense_svd,
                                factor_basis,
                                effective_rank, expected_random_phi, factored_svd, match_modules,
@@ -20,7 +20,7 @@ from lora_lab.analysis.subspace import (AnalysisOptions, RunDeltas, amplificatio
 from lora_lab.analysis.subspace_report import DeltaFile, main as report_main
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
-from lora_lab.records import (DELTA_FILE, LAST_STATE_FILE, STATE_FILE, delta_shapes, load_delta_weights,
+from lora_lab.runtime.records import (DELTA_FILE, LAST_STATE_FILE, STATE_FILE, delta_shapes, load_delta_weights,
                               save_delta_weights, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,7 +422,7 @@ def test_factor_basis_is_the_singular_vectors_of_the_factor():
 @pytest.mark.slow
 def test_report_on_two_tiny_trained_lora_runs(tmp_path, capsys):
     from conftest import compose_config
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     run_dirs = []
     for r in (4, 8):

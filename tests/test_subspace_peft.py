@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_bert
-from lora_lab.analysis import bench_peft_adapters
+from lora_lab.bench import peft_adapters as bench_peft_adapters
 from lora_lab.analysis.base_weights import BaseWeights
 from lora_lab.analysis.peft_adapter import PeftAdapter
-from lora_lab.analysis.peft_config import LoraAdapterConfig
-from lora_lab.analysis.peft_names import align_names, parse_peft_key
+from lora_lab.peft.adapter_config import LoraAdapterConfig
+from lora_lab.peft.names import align_names, parse_peft_key
 from lora_lab.analysis.sources import load_sources
 from lora_lab.analysis.subspace import (AnalysisOptions, analyse_runs, match_modules, short_type_names,
                                         split_module_name)

@@ -118,7 +118,7 @@ def test_an_lr_step_outside_the_grid_is_one_line():
     cfg = compose_job(["sweep=fair"], ["arm=head", "lr_step=4", "seed=0"])
     with pytest.raises(InterpolationResolutionError, match=r"lr_step=4: must be an index into the grid") as error:
         cfg.trainer.lr
-    from lora_lab.main import hydra_error_line
+    from lora_lab.cli.main import hydra_error_line
 
     assert hydra_error_line(error.value).startswith("lr_step=4: must be an index into the grid [0.001, 0.003,")
 
@@ -166,7 +166,7 @@ def test_launcher_configs_select_the_plugins():
 
 def test_wandb_sweep_file_drives_the_hydra_app():
     sweep = yaml.safe_load((ROOT / "experiments" / "wandb_sweep" / "sweep.yaml").read_text())
-    assert "${args_no_hyphens}" in sweep["command"] and "lora_lab.main" in sweep["command"]
+    assert "${args_no_hyphens}" in sweep["command"] and "lora_lab.cli.main" in sweep["command"]
     assert sweep["metric"]["name"] == "objective" and sweep["metric"]["goal"] == "maximize"
     overrides = []
     for key, spec in sweep["parameters"].items():

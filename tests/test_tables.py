@@ -10,7 +10,7 @@ import pytest
 
 from lora_lab.analysis import tables
 from lora_lab.analysis.tables import build_table, collect_runs, record_from_wandb, to_csv, to_latex, to_markdown
-from lora_lab.records import write_json
+from lora_lab.runtime.records import write_json
 
 LORA = {"name": "lora", "r": 8, "alpha": 8, "targets": ["q", "v"], "rslora": False, "init": "kaiming"}
 FULL = {"name": "full"}
@@ -157,7 +157,7 @@ def test_records_written_by_the_trainer_are_read(tmp_path):
     """The builder reads the keys the trainer actually writes (same-named fields, not assumed ones)."""
     from test_train import smoke_cfg
 
-    from lora_lab.train import run_training
+    from lora_lab.trainer.train import run_training
 
     run_training(smoke_cfg(tmp_path, "method=lora", "method.r=2"), tmp_path / "sweep" / "0_run")
     t = build_table(collect_runs([tmp_path / "sweep"], "accuracy", "best"))

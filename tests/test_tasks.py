@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from lora_lab.errors import ConfigError
-from lora_lab.tasks import TASK_TYPES, describe, main_metric, task_type
+from lora_lab.tasks.task_types import TASK_TYPES, describe, main_metric, task_type
 
 
 def data(**keys):

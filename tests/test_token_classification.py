@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from conftest import compose_config
-from lora_lab import records
-from lora_lab.data import Collator, load_task_data
+from lora_lab.runtime import records
+from lora_lab.data.loading import Collator, load_task_data
 from lora_lab.errors import ConfigError
-from lora_lab.metrics import entity_metrics
-from lora_lab.modeling import load_tokenizer
-from lora_lab.tasks import TASK_TYPES
-from lora_lab.token_data import IGNORED, align_labels, tag_names
-from lora_lab.train import run_training
+from lora_lab.tasks.metrics import entity_metrics
+from lora_lab.models.loading import load_tokenizer
+from lora_lab.tasks.task_types import TASK_TYPES
+from lora_lab.data.token_data import IGNORED, align_labels, tag_names
+from lora_lab.trainer.train import run_training
 
 NER = TASK_TYPES["token_classification"]
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -185,7 +185,7 @@ def test_same_seed_same_entity_metrics(tmp_path):
 
 def test_token_head_gradients_only_where_trained(tmp_path):
     from lora_lab.methods import build_method
-    from lora_lab.modeling import load_model
+    from lora_lab.models.loading import load_model
 
     cfg = compose_config("model=tiny", "method=lora")
     model = load_model(cfg.model, 5, TAGS, task="token")
@@ -217,7 +217,7 @@ def test_hub_style_class_label_tags(tmp_path, tokenizer, monkeypatch):
     """conll2003-style data: a column of word lists and a sequence of ClassLabel tag ids."""
     import datasets
 
-    from lora_lab import data as data_module
+    from lora_lab.data import loading as data_module
 
     names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),

@@ -11,8 +11,8 @@ import types
 import pytest
 import wandb
 
-from lora_lab import tracking
-from lora_lab.tracking import Tracker
+from lora_lab.runtime import tracking
+from lora_lab.runtime.tracking import Tracker
 
 FAKE_KEY = "0123456789abcdef" * 2 + "01234567"  # 40 characters, accepted locally, never valid
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard: nothing listens there

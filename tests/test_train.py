@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import compose_config
-from lora_lab import records
+from lora_lab.runtime import records
 from lora_lab.errors import ConfigError
-from lora_lab.train import run_training
+from lora_lab.trainer.train import run_training
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
 
@@ -62,7 +62,7 @@ def test_bad_main_metric(tmp_path):
 
 def cli(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "lora_lab.main", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "lora_lab.cli.main", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)
 
 
@@ -116,7 +116,7 @@ def test_interrupted_write_leaves_no_record(tmp_path, monkeypatch):
 
 
 def test_tracker_offline_writes_a_wandb_run(tmp_path, monkeypatch):
-    from lora_lab.tracking import Tracker, resolve_mode
+    from lora_lab.runtime.tracking import Tracker, resolve_mode
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -155,7 +155,7 @@ def test_regression_task_trains_with_float_targets_and_reports_correlations(tmp_
 def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
     """Replace evaluation with one that returns the given validation accuracies epoch by epoch (test
     metrics follow), remembers the trainable state it saw, and optionally allocates memory."""
-    from lora_lab import train
+    from lora_lab.trainer import train
 
     seen, calls = [], {"n": 0}
 

@@ -23,7 +23,7 @@ and flagged in the output, since on a small machine one concurrent job ruins the
 
 Prints Markdown tables, each target with PASS/FAIL, and writes all samples to a JSON file. One module
 per section (training_step, memory, inference), plus variants, report and run; the timing helpers
-are lora_lab.timing, shared with the trainer.
+are lora_lab.runtime.timing, shared with the trainer.
 """
 from lora_lab.bench.run import main, run_benchmark
 from lora_lab.bench.variants import CONTROL, REFERENCE

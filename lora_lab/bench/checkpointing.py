@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-from lora_lab import checkpoint
+from lora_lab.runtime import checkpoint
 from lora_lab.bench.variants import Variant
-from lora_lab.timing import round_robin
+from lora_lab.runtime.timing import round_robin
 
 
 def trainer_interval() -> int:
-    from lora_lab.configs import compose
+    from lora_lab.config.compose import compose
 
     return int(compose("train").trainer.checkpoint_every)
 
 
 def bench_checkpoint(cfg, arms: dict[str, Variant], batch: dict, device: torch.device) -> dict:
-    from lora_lab.train import fresh_progress, linear_schedule
+    from lora_lab.trainer.train import fresh_progress, linear_schedule
 
     every = int(cfg.checkpoint.every or trainer_interval())
     rows = {}

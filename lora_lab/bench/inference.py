@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lora_lab.methods.lora import merge_and_unload
-from lora_lab.precision import autocast
-from lora_lab.timing import compare, load_summary, round_robin, summarise
+from lora_lab.models.precision import autocast
+from lora_lab.runtime.timing import compare, load_summary, round_robin, summarise
 from lora_lab.bench.variants import Variant, precision_of, synthetic_batch
 
 

@@ -96,7 +96,7 @@ MEMORY_OPTIONS = {
 def nf4_unavailable(device: torch.device) -> str | None:
     """Why the 4-bit row cannot run here (no CUDA device, no bitsandbytes), or None when it can."""
     from lora_lab.errors import ConfigError
-    from lora_lab.quantization import check_4bit_environment
+    from lora_lab.models.quantization import check_4bit_environment
 
     if device.type != "cuda":
         return f"needs a CUDA GPU; the benchmark runs on {device}"
@@ -112,7 +112,7 @@ def _nf4_base(cfg):
     model gets the same weights as the base), onto the current CUDA device."""
     from omegaconf import open_dict
 
-    from lora_lab.modeling import load_model
+    from lora_lab.models.loading import load_model
 
     model_cfg = cfg.model.copy()
     with open_dict(model_cfg):
@@ -131,7 +131,7 @@ def memory_options(cfg, base, batch: dict, device: torch.device) -> tuple[dict, 
     import copy
 
     from lora_lab.bench.variants import build_ours
-    from lora_lab.modeling import cast_trainable_to_fp32, enable_gradient_checkpointing
+    from lora_lab.models.loading import cast_trainable_to_fp32, enable_gradient_checkpointing
 
     rows, skipped = {}, {}
     for name in cfg.memory_options.rows:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from lora_lab.markdown import markdown_table
-from lora_lab.timing import DISTURBED, OtherLoad
+from lora_lab.runtime.timing import DISTURBED, OtherLoad
 
 
 # (section, key, label, comparison, threshold): the figures the benchmark is judged by.

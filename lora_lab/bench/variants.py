@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_lab.configs import arm_method
+from lora_lab.config.compose import arm_method
 from lora_lab.errors import ConfigError
 from lora_lab.methods import Method, build_method
-from lora_lab.precision import autocast, check_precision
+from lora_lab.models.precision import autocast, check_precision
 
 REFERENCE = "frozen"
 CONTROL = "frozen_copy"
@@ -58,7 +58,7 @@ class Variant:
 
 
 def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    from lora_lab.train import make_optimizer
+    from lora_lab.trainer.train import make_optimizer
 
     return make_optimizer(model, float(cfg.lr), 0.01)
 
@@ -85,8 +85,8 @@ def build_frozen(name: str, base: nn.Module, cfg, device: torch.device) -> Varia
 
 
 def build_peft(ours: Variant, base: nn.Module, cfg, device: torch.device) -> Variant:
-    """PEFT's version of an arm, holding the same weights as ours (see lora_lab.peft_twin)."""
-    from lora_lab.peft_twin import build_peft_twin
+    """PEFT's version of an arm, holding the same weights as ours (see lora_lab.bench.peft_twin)."""
+    from lora_lab.bench.peft_twin import build_peft_twin
 
     twin = build_peft_twin(ours.method, ours.model, base).to(device).train()
     return Variant(TWIN_PREFIX + ours.name, twin, _optimizer(twin, cfg), precision=precision_of(cfg),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.architectures import (
+from lora_lab.models.architectures import (
     all_matrices,
     get_submodule_parent,
     head_parameter_names,
@@ -21,7 +21,7 @@ from lora_lab.architectures import (
     resolve_matrices,
 )
 from lora_lab.errors import ConfigError
-from lora_lab.linear_layers import dense_weight, features, float_dtype
+from lora_lab.models.linear_layers import dense_weight, features, float_dtype
 from lora_lab.methods.base import DeltaW, Method, freeze_all, register
 
 INSERT_AFTER = {"houlsby": ["o", "ffn_out"], "pfeiffer": ["ffn_out"]}

@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lora_lab.architectures import Matrix, get_submodule_parent
+from lora_lab.models.architectures import Matrix, get_submodule_parent
 from lora_lab.errors import ConfigError
-from lora_lab.linear_layers import FusedParts, dense_weight, features
+from lora_lab.models.linear_layers import FusedParts, dense_weight, features
 
 
 @dataclass

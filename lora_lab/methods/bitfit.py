@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.architectures import head_parameter_names
+from lora_lab.models.architectures import head_parameter_names
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW, Method, freeze_all, register
 

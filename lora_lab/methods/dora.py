@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.errors import ConfigError
-from lora_lab.linear_layers import Rows, bias_rows, copy_to_weight, dense_weight, features
+from lora_lab.models.linear_layers import Rows, bias_rows, copy_to_weight, dense_weight, features
 from lora_lab.methods.base import PEFT_PREFIX, DeltaW, register
 from lora_lab.methods.lora import LoRA, LoRALinear
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.architectures import all_matrices, resolve_matrices
+from lora_lab.models.architectures import all_matrices, resolve_matrices
 from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, register
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.architectures import (
+from lora_lab.models.architectures import (
     all_matrices,
     head_parameter_names,
     layer_stack,

@@ -8,7 +8,7 @@ Both forms fold into the weights: output scaling gives W' = diag(l) W and b' = l
 gives W' = W diag(l) with the bias unchanged. Merging keeps a copy of the weights it overwrites, so
 unmerging restores them exactly (dividing by l would fail for entries near zero).
 
-W is always the out x in matrix (``lora_lab.linear_layers``): on GPT-2's Conv1D, which stores W^T, the
+W is always the out x in matrix (``lora_lab.models.linear_layers``): on GPT-2's Conv1D, which stores W^T, the
 FFN input scaling multiplies stored rows, not columns. On parts of a fused layer (GPT-2's k and v in
 c_attn, the default targets) the vector scales those parts' output rows only (2 d per layer, as with
 separate k and v); input scaling applies to whole layers. On a quantised (4-bit) base nothing merges.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.architectures import all_matrices, canonical_alias, head_parameter_names, peft_task_type, resolve_matrices
+from lora_lab.models.architectures import all_matrices, canonical_alias, head_parameter_names, peft_task_type, resolve_matrices
 from lora_lab.errors import ConfigError
-from lora_lab.linear_layers import (
+from lora_lab.models.linear_layers import (
     Rows,
     attach,
     bias_rows,

@@ -4,13 +4,13 @@ The chosen linear layers are wrapped, not subclassed. A starts Kaiming-uniform (
 do) or Gaussian, B at zero, so the model is unchanged at step 0. ``init=svd`` instead starts B A from
 the top-r singular directions of W0 and freezes the residual W0 - s B A (the principal-subspace init).
 
-Any linear-like layer (``lora_lab.linear_layers``): nn.Linear; GPT-2's Conv1D (ΔW = s B A is out x in
+Any linear-like layer (``lora_lab.models.linear_layers``): nn.Linear; GPT-2's Conv1D (ΔW = s B A is out x in
 as always; merging adds its transpose into the stored in x out weight); a bitsandbytes 4-bit
 Linear4bit (QLoRA): the factors train in fp32 beside the frozen quantised weight, nothing merges into
 it (``supports_merge`` is False, ``prepare_inference`` leaves the model as it is), ``init=svd`` is
 refused and ΔW's base is the dequantised W0.
 
-Parts of a fused layer (GPT-2's c_attn with targets [q, v], see ``lora_lab.architectures``): each part
+Parts of a fused layer (GPT-2's c_attn with targets [q, v], see ``lora_lab.models.architectures``): each part
 gets its own A (r x in) and B (rows x r), as loralib's MergedLinear in the LoRA paper's GPT-2 code, so
 q and v cost exactly what separate q and v matrices would; ΔW is reported per part
 (``...attn.c_attn.q``). PEFT has no such layer: ``peft_config`` is None for such a run (no twin), and
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_lab.architectures import (
+from lora_lab.models.architectures import (
     all_matrices,
     get_submodule_parent,
     head_parameter_names,
@@ -35,7 +35,7 @@ from lora_lab.architectures import (
     resolve_matrices,
 )
 from lora_lab.errors import ConfigError, first_line
-from lora_lab.linear_layers import (
+from lora_lab.models.linear_layers import (
     FusedParts,
     Rows,
     add_to_weight,
@@ -55,7 +55,7 @@ from lora_lab.methods.base import (
     register,
     wrap_matrices,
 )
-from lora_lab.peft_import import check_settings, is_adapter_folder, load_adapter, lora_scaling, read_adapter
+from lora_lab.peft.importer import check_settings, is_adapter_folder, load_adapter, lora_scaling, read_adapter
 
 INITS = ("kaiming", "gaussian", "svd")
 

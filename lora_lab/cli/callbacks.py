@@ -1,0 +1,23 @@
+"""Hydra callbacks: print and save the comparison table when a multirun ends."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+
+class ComparisonTable(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from lora_lab.analysis.compare import write_comparison
+        from lora_lab.errors import ConfigError
+        from lora_lab.runtime.records import find_run_dirs
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not find_run_dirs(sweep_dir):  # no run records, e.g. after a dry run
+            return
+        try:
+            print(write_comparison(sweep_dir))
+            print(f"[lora_lab] runs and comparison.md in {sweep_dir} (the same command finds them again)")
+        except ConfigError as error:  # a record the comparison refuses: say which, the sweep itself is done
+            print(f"lora-lab: comparison not written: {error}", file=sys.stderr)
