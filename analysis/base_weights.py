@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lora_lab.peft.names import suffix_matches
 from lora_lab.errors import ConfigError, first_line
+from lora_lab.peft.names import suffix_matches
+from lora_lab.tensor_files import UnreadableTensors, read_header, read_tensors
 
 SHARD_INDEX = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -40,19 +41,15 @@ class BaseWeights:
     """The weight matrices of a base model, by safetensors key, read lazily."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self.index: dict[str, tuple[Path, tuple[int, ...], str]] = {}
         for file in self._files():
             try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
-                        view = f.get_slice(key)
-                        self.index.setdefault(key, (file, tuple(view.get_shape()), view.get_dtype()))
-            except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
-                raise self._refuse(f"holds {file.name}, which cannot be read as safetensors "
-                                   f"({first_line(error)})") from None
+                header, _ = read_header(file)
+            except UnreadableTensors as error:
+                raise self._refuse(f"holds {file.name}, which cannot be read as safetensors ({error})") from None
+            for key, (shape, dtype) in header.items():
+                self.index.setdefault(key, (file, shape, dtype))
         self._stems = {key[:-len(".weight")]: key for key in self.index if key.endswith(".weight")}
         self._cached: tuple[BaseMatrix, torch.Tensor] | None = None
 
@@ -109,16 +106,13 @@ class BaseWeights:
 
     def load(self, where: BaseMatrix) -> torch.Tensor:
         """W0 as out x in (a transposed view where the file stores in x out)."""
-        from safetensors import safe_open
-
         if self._cached is not None and self._cached[0] == where:
             return self._cached[1]
         file = self.index[where.key][0]
         try:
-            with safe_open(str(file), framework="pt") as f:
-                W = f.get_tensor(where.key)
-        except Exception as error:  # noqa: BLE001 - e.g. the file changed since it was opened
-            raise self._refuse(f"cannot be read ({first_line(error)}); the file is truncated or corrupt") from None
+            W = read_tensors(file, [where.key])[where.key]
+        except UnreadableTensors as error:  # e.g. the file changed since it was opened
+            raise self._refuse(f"cannot be read ({error}); the file is truncated or corrupt") from None
         W = W.T if where.transpose else W
         self._cached = (where, W)
         return W

@@ -19,13 +19,20 @@ from pathlib import Path
 import torch
 
 from lora_lab.analysis.base_weights import BaseMatrix, BaseWeights
-from lora_lab.peft.adapter_config import ADAPTER_CONFIG, LoraAdapterConfig
-from lora_lab.peft.names import EMBEDDING_FACTORS, FACTORS, MAGNITUDE, parse_peft_key
 from lora_lab.analysis.subspace import RunDeltas
-from lora_lab.errors import ConfigError, first_line
+from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
-from lora_lab.peft.importer import PICKLED_WEIGHTS_FILE as PICKLED_WEIGHTS
-from lora_lab.peft.importer import WEIGHTS_FILE as ADAPTER_WEIGHTS
+from lora_lab.peft.adapter_config import LoraAdapterConfig
+from lora_lab.peft.names import (
+    CONFIG_FILE,
+    EMBEDDING_FACTORS,
+    FACTORS,
+    MAGNITUDE,
+    PICKLED_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    parse_peft_key,
+)
+from lora_lab.tensor_files import UnreadableTensors, read_header, read_tensors
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -40,23 +47,20 @@ class PeftAdapter:
     """The LoRA modules of one adapter: shapes and ranks checked against its config when opened."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
-        self.config = LoraAdapterConfig.read(self.folder / ADAPTER_CONFIG)
-        self.weights = self.folder / ADAPTER_WEIGHTS
+        self.config = LoraAdapterConfig.read(self.folder / CONFIG_FILE)
+        self.weights = self.folder / WEIGHTS_FILE
         if not self.weights.is_file():
-            if (self.folder / PICKLED_WEIGHTS).exists():
-                raise self._refuse(f"holds {PICKLED_WEIGHTS} only; it is a pickle, which can run code when "
-                                   f"loaded, so it is not read: save the adapter as {ADAPTER_WEIGHTS}")
-            raise self._refuse(f"has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (pickled weights, "
-                               f"{PICKLED_WEIGHTS}, are never read)")
+            if (self.folder / PICKLED_WEIGHTS_FILE).exists():
+                raise self._refuse(f"holds {PICKLED_WEIGHTS_FILE} only; it is a pickle, which can run code when "
+                                   f"loaded, so it is not read: save the adapter as {WEIGHTS_FILE}")
+            raise self._refuse(f"has {CONFIG_FILE} but no {WEIGHTS_FILE} (pickled weights, "
+                               f"{PICKLED_WEIGHTS_FILE}, are never read)")
         try:
-            with safe_open(str(self.weights), framework="pt") as f:
-                header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-        except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
-            raise self._refuse(f"holds an {ADAPTER_WEIGHTS} that cannot be read as safetensors "
-                               f"({first_line(error)}); the file is truncated or corrupt") from None
+            header, _ = read_header(self.weights)
+        except UnreadableTensors as error:
+            raise self._refuse(f"holds an {WEIGHTS_FILE} that cannot be read as safetensors "
+                               f"({error}); the file is truncated or corrupt") from None
         self.ignored: list[str] = []  # tensors that are not LoRA factors of a linear layer
         self.skipped: set[str] = set()  # LoRA modules left out (embeddings, convolutions)
         self.magnitudes: set[str] = set()  # DoRA
@@ -86,7 +90,7 @@ class PeftAdapter:
         self._modules = {name: m for name, m in modules.items() if name not in self.skipped}
         self.shapes = {name: self._check(name, m) for name, m in self._modules.items()}
         if not self.shapes:
-            raise self._refuse(f"holds no LoRA factors of a linear layer (lora_A / lora_B) in {ADAPTER_WEIGHTS}")
+            raise self._refuse(f"holds no LoRA factors of a linear layer (lora_A / lora_B) in {WEIGHTS_FILE}")
         self._base: BaseWeights | None = None
         self._base_of: dict[str, BaseMatrix] = {}
 
@@ -103,7 +107,7 @@ class PeftAdapter:
                                f"lora_A {m.shapes['A']}")
         r = self.config.rank(name)
         if k_a != r:
-            raise self._refuse(f"holds factors of rank {k_a} for {name}, but its {ADAPTER_CONFIG} gives r={r} "
+            raise self._refuse(f"holds factors of rank {k_a} for {name}, but its {CONFIG_FILE} gives r={r} "
                                "(r, rank_pattern); the scaling α/r would be wrong")
         return out_dim, in_dim
 
@@ -122,14 +126,12 @@ class PeftAdapter:
 
     def load(self, name: str) -> DeltaW:
         """ΔW of one module as factors, B scaled: B is s·lora_B (float32), A is lora_A (float32)."""
-        from safetensors import safe_open
-
         m = self._modules[name]
         try:
-            with safe_open(str(self.weights), framework="pt") as f:
-                B, A = f.get_tensor(m.keys["B"]), f.get_tensor(m.keys["A"])
-        except Exception as error:  # noqa: BLE001 - e.g. the file changed since it was opened
-            raise self._refuse(f"cannot be read ({first_line(error)}); the file is truncated or corrupt") from None
+            factors = read_tensors(self.weights, [m.keys["B"], m.keys["A"]])
+        except UnreadableTensors as error:  # e.g. the file changed since it was opened
+            raise self._refuse(f"cannot be read ({error}); the file is truncated or corrupt") from None
+        B, A = factors[m.keys["B"]], factors[m.keys["A"]]
         for part, t in (("lora_B", B), ("lora_A", A)):
             if not torch.isfinite(t).all():
                 raise self._refuse(f"holds non-finite values in {part} of {name}; the file is corrupt")

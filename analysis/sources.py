@@ -13,15 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from huggingface_hub import snapshot_download
+
 from lora_lab.analysis.base_weights import BaseWeights
-from lora_lab.analysis.peft_adapter import ADAPTER_WEIGHTS, PeftAdapter
-from lora_lab.peft.adapter_config import ADAPTER_CONFIG
-from lora_lab.peft.names import align_names
+from lora_lab.analysis.peft_adapter import PeftAdapter
 from lora_lab.analysis.subspace import RunDeltas
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods import describe_method
 from lora_lab.peft.importer import is_adapter_folder
-from lora_lab.runtime.records import RECORD_FILE, delta_epoch, load_record, open_delta_weights
+from lora_lab.peft.names import CONFIG_FILE, WEIGHTS_FILE, align_names
+from lora_lab.runtime.records import (
+    RECORD_FILE,
+    delta_epoch,
+    load_record,
+    open_delta_weights,
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -85,9 +91,7 @@ def is_hub_id(text: str) -> bool:
 def download_adapter(repo_id: str) -> Path:
     """The adapter's two files from the Hugging Face Hub (cached), never pickled weights."""
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
     except Exception as error:  # noqa: BLE001 - offline, unknown repository, gated, ...: all one line
         raise ConfigError("adapter", repo_id, "is not a local folder and could not be downloaded from the "
                           f"Hugging Face Hub ({type(error).__name__}: {first_line(error)})") from None
@@ -109,7 +113,7 @@ def locate(source: str | Path) -> Location:
     if is_hub_id(text):
         folder = download_adapter(text)
         if not is_adapter_folder(folder):
-            raise ConfigError("adapter", text, f"on the Hub has no {ADAPTER_CONFIG}; not a PEFT adapter")
+            raise ConfigError("adapter", text, f"on the Hub has no {CONFIG_FILE}; not a PEFT adapter")
         return Location(folder, text, text)
     raise ConfigError("run", text, "is not a directory (nor a Hub id user/repo)")
 
@@ -149,7 +153,7 @@ def read_source(source: str | Path, base: BaseWeights | None = None) -> tuple[So
         return _read_run(where), where.name
     if is_adapter_folder(where.folder):
         return _read_adapter(where, base), where.name
-    raise ConfigError("run", str(where.folder), f"has no {RECORD_FILE} or {ADAPTER_CONFIG}; not a lora_lab run "
+    raise ConfigError("run", str(where.folder), f"has no {RECORD_FILE} or {CONFIG_FILE}; not a lora_lab run "
                       "directory nor a PEFT adapter folder")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
@@ -529,8 +530,6 @@ def analyse_runs(runs: Sequence[RunDeltas], pairs: Sequence[tuple[int, int]] | N
     if progress is None:
         progress = len(modules) > 8
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(modules, desc="subspace analysis", unit="matrix", leave=False)
     missing_base = []
     for name in iterator:

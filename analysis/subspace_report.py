@@ -27,12 +27,23 @@ from typing import Sequence
 
 import torch
 
+from lora_lab.analysis import subspace_plots as plots
 from lora_lab.analysis.sources import Sources, check_same_base, load_sources, run_label  # noqa: F401 - run_label: API
-from lora_lab.analysis.subspace import (ANALYSES, BASES, SIDES, AnalysisOptions, AnalysisResult, RunDeltas,
-                                        analyse_runs, make_pairs, short_type_names)
+from lora_lab.analysis.subspace import (
+    ANALYSES,
+    BASES,
+    SIDES,
+    AnalysisOptions,
+    AnalysisResult,
+    RunDeltas,
+    analyse_runs,
+    make_pairs,
+    short_type_names,
+)
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table as format_markdown
 from lora_lab.runtime.records import DeltaWeightsFile, save_tensors
+from lora_lab.runtime.tracking import Tracker
 
 MAX_HEATMAP_PANELS = 32
 
@@ -115,8 +126,6 @@ def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
     folder or Hub id); ``epochs``: where each ΔW comes from (a run's epoch, how an adapter's ΔW is
     formed); ``table7_missing``: why Table 7 was not computed, when it was asked for; ``source_header``:
     the name of the column of ``run_dirs``."""
-    from lora_lab.analysis import subspace_plots as plots
-
     out.mkdir(parents=True, exist_ok=True)
     opts = res.options
     short = short_type_names(res.types())
@@ -420,8 +429,6 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def _log_wandb(args, res: AnalysisResult, sources: Sources, written: dict) -> None:
-    from lora_lab.runtime.tracking import Tracker
-
     config = {"runs": [str(r) for r in args.runs], "labels": res.labels,
               "delta_w_from": [s.origin for s in sources.analysed], "analyses": list(res.options.analyses),
               "basis": res.basis, "side": res.options.side, "energy": res.options.energy, "seed": res.options.seed}

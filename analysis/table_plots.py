@@ -7,11 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from lora_lab.tasks.metrics import metric_name
 
-from lora_lab.analysis.tables import metric_name  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window
 
 
 def _completed(table, row: str) -> list:

@@ -30,6 +30,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -37,26 +38,19 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from lora_lab.analysis.table_plots import plot_accuracy_vs_parameters, plot_accuracy_vs_rank
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
-from lora_lab.tasks.metrics import display_scale, higher_is_better, is_better
 from lora_lab.methods import Method, describe_method
 from lora_lab.runtime.records import RECORD_FILE, find_run_dirs, load_record, write_text
-from lora_lab.tasks.task_types import task_name
+from lora_lab.runtime.tracking import Tracker
+from lora_lab.tasks.metrics import display_scale, higher_is_better, is_better, metric_name
+from lora_lab.tasks.task_types import TASK_TYPES, task_name
 
 # Settings that do not change what a run learns; they may differ between the seeds of one row.
 IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.threads", "trainer.device",
                 "trainer.log_every", "trainer.latency_repeats", "trainer.throughput_warmup_steps",
                 "data.cache_dir", "trainer.eval_batch_size", "dry_run")
-
-
-# How headers and captions name a metric; any other reads as its name with spaces.
-METRIC_NAMES = {"macro_f1": "macro F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman",
-                "entity_f1": "entity F1"}
-
-
-def metric_name(metric: str) -> str:
-    return METRIC_NAMES.get(metric, metric.replace("_", " "))
 
 
 class TableError(ValueError):
@@ -189,8 +183,6 @@ def record_from_wandb(config: dict, summary: dict, state: str) -> dict:
     """A W&B run (config + summary, as the trainer logs them) in the shape of a local run record:
     ``task/*`` becomes its "task", the numbers of ``baseline/*`` its baseline's test metrics (the
     baseline named after the task's type: majority class, constant, all O)."""
-    from lora_lab.tasks.task_types import TASK_TYPES
-
     def section(prefix):
         return {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
 
@@ -589,10 +581,6 @@ def write_outputs(table: Table, out: Path, name: str) -> list[Path]:
 
 def log_to_wandb(table: Table, images: list[Path], project: str, name: str, directory: Path | None) -> None:
     """One W&B run of job type "analysis" holding the table (and plots); offline without an API key."""
-    import os
-
-    from lora_lab.runtime.tracking import Tracker
-
     header, rows, _ = table_cells(table)
     tracker = Tracker.start({"metric": table.metric or "main metric", "metrics": table.metrics, "epoch": table.epoch,
                              "agg": table.agg, "tune": table.tune},
@@ -635,8 +623,6 @@ def main(argv=None) -> int:
     if out is not None:
         written = write_outputs(table, out, args.name)
         if args.plot:
-            from lora_lab.analysis.table_plots import plot_accuracy_vs_parameters, plot_accuracy_vs_rank
-
             images = [p for p in (plot_accuracy_vs_parameters(table, out / f"{args.name}_vs_params.png"),
                                   plot_accuracy_vs_rank(table, out / f"{args.name}_vs_rank.png")) if p]
         print("wrote " + ", ".join(str(p) for p in written + images))

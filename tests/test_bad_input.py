@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_lab.cli import main as main_module
-from lora_lab.models.loading import embedded_model_path
+from lora_lab.models.files import embedded_model_path
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
 STATE_FILE = "trainable.safetensors"

@@ -44,7 +44,7 @@ def absl_logs_to_the_real_stderr():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from lora_lab.models.loading import embedded_model_path
+    from lora_lab.models.files import embedded_model_path
 
     return AutoTokenizer.from_pretrained(embedded_model_path("all-MiniLM-L6-v2"))
 

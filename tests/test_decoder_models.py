@@ -15,8 +15,8 @@ from omegaconf import OmegaConf, open_dict
 from conftest import CONF, compose_config
 from lora_lab.models import quantization
 from lora_lab.errors import ConfigError
-from lora_lab.models.loading import (check_model_files, is_causal_decoder, is_decoder, load_model, load_tokenizer,
-                               max_positions, pooling_of)
+from lora_lab.models.files import check_model_files, max_positions
+from lora_lab.models.loading import is_causal_decoder, is_decoder, load_model, load_tokenizer, pooling_of
 from lora_lab.models.pooling import PooledClassifier
 from lora_lab.config.validate import check_config
 

@@ -269,7 +269,7 @@ def test_init_from_is_part_of_the_run_identity(tmp_path):
 def test_real_model_round_trip_through_peft(tmp_path, capsys):
     """LoRA on the embedded MiniLM (mean-pooled, our head), 32 training rows: exported, loaded by PEFT onto
     the base lora_lab builds, and started from again with init_from; all three give its logits."""
-    from lora_lab.models.loading import embedded_model_path
+    from lora_lab.models.files import embedded_model_path
     from lora_lab.peft.export import rebuild_run
     from lora_lab.trainer.train import run_training
 

@@ -13,7 +13,8 @@ from lora_lab.models.architectures import head_parameter_names, layer_stack, res
 from lora_lab.errors import ConfigError
 from lora_lab.runtime.measure import parameter_counts
 from lora_lab.methods import build_method
-from lora_lab.models.loading import embedded_model_path, load_model, pooling_of
+from lora_lab.models.files import embedded_model_path
+from lora_lab.models.loading import load_model, pooling_of
 from lora_lab.models.pooling import PooledClassifier, declared_pooling, resolve_pooling
 
 MINILM = "all-MiniLM-L6-v2"

@@ -28,9 +28,8 @@ from typing import Sequence
 
 import torch
 
-from lora_lab.analysis.peft_adapter import ADAPTER_WEIGHTS
-from lora_lab.peft.adapter_config import ADAPTER_CONFIG
 from lora_lab.analysis.subspace_report import main as report_main
+from lora_lab.peft.names import CONFIG_FILE, WEIGHTS_FILE
 
 TARGETS = ("q_proj", "v_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,8 +62,8 @@ def write_adapters(root: Path, d: int, layers: int, ranks: Sequence[int], dtype=
             A[:2] += common[m] / math.sqrt(d)
             tensors[f"base_model.model.{m}.lora_A.weight"] = A.to(dtype)
             tensors[f"base_model.model.{m}.lora_B.weight"] = (1e-3 * torch.randn(d, r, generator=g)).to(dtype)
-        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(r, 2.0 * r), indent=2))
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(r, 2.0 * r), indent=2))
         folders.append(folder)
     return folders
 
@@ -130,7 +129,7 @@ def measure(argv: Sequence[str] | None = None) -> dict:
         t0 = time.perf_counter()
         folders = write_adapters(root, d, layers, (args.r_small, args.r), DTYPES[args.dtype])
         t_write = time.perf_counter() - t0
-        size = sum((f / ADAPTER_WEIGHTS).stat().st_size for f in folders) / 2 ** 20
+        size = sum((f / WEIGHTS_FILE).stat().st_size for f in folders) / 2 ** 20
         print(f"Two PEFT adapters, {layers} layers x (q_proj, v_proj) of {d}x{d}, r={args.r_small} and r={args.r}, "
               f"{args.dtype}: {size:.0f} MiB written in {t_write:.1f} s")
         times = time_report(folders, root, args.repeats, args.threads)

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lora_lab.cli.main import apply_environment_defaults, train_and_record
+from lora_lab.config.compose import compose
+
 
 def override_value(value) -> str:
     """A W&B config value as Hydra override syntax."""
@@ -38,9 +41,6 @@ def trial_overrides(params: dict) -> list[str]:
 def run_trial(params: dict, fixed: list[str], wandb_run=None, sweep_id: str | None = None) -> float:
     """Compose ``fixed`` + the trial's overrides, train, record. Returns the monitored validation
     metric of the best epoch (NaN when the trial failed; its record says why)."""
-    from lora_lab.config.compose import compose
-    from lora_lab.cli.main import train_and_record
-
     overrides = [*fixed, *trial_overrides(params)]
     try:
         full = compose("train", overrides, return_hydra_config=True)
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.count is not None and args.count <= 0:
         parser.error(f"--count={args.count}: must be a positive number of trials")
 
-    from lora_lab.cli.main import apply_environment_defaults
 
     apply_environment_defaults()
     import wandb

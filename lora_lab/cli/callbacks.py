@@ -6,13 +6,13 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from lora_lab.analysis.compare import write_comparison
+from lora_lab.errors import ConfigError
+from lora_lab.runtime.records import find_run_dirs
+
 
 class ComparisonTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
-        from lora_lab.analysis.compare import write_comparison
-        from lora_lab.errors import ConfigError
-        from lora_lab.runtime.records import find_run_dirs
-
         sweep_dir = Path(config.hydra.sweep.dir)
         if not find_run_dirs(sweep_dir):  # no run records, e.g. after a dry run
             return

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.config.run_identity import register_resolvers
+from lora_lab.errors import ConfigError
 
 register_resolvers()  # ${run_key:} and ${sweep_key:} name the output directories
 
@@ -19,8 +23,6 @@ def pick(grid, step):
     """``${pick:${method.lr_grid},${lr_step}}``: one value of a method's own grid, so a sweep over
     steps gives every method its own range (a linear head wants far higher learning rates than
     full fine-tuning)."""
-    from lora_lab.errors import ConfigError
-
     values = list(grid)
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(values):
         raise ConfigError("lr_step", step, f"must be an index into the grid {values} (0..{len(values) - 1})")
@@ -38,9 +40,6 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 def compose(config_name: str = "train", overrides=(), return_hydra_config: bool = False) -> DictConfig:
     """Compose a config as the command line would. Inside a running Hydra app this uses the app's
     search path (so users' config folders count); elsewhere the packaged configs."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     context = (nullcontext() if GlobalHydra.instance().is_initialized()
                else initialize_config_module(CONFIG_MODULE, version_base="1.3"))
     with context:

@@ -19,6 +19,8 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab.methods import describe_method
+
 NEUTRAL_KEYS = ("logger", "launcher", "dry_run", "data.cache_dir", "trainer.progress_bar", "trainer.log_every",
                 "trainer.checkpoint_every", "trainer.keep_checkpoint", "trainer.skip_done", "trainer.resume",
                 "trainer.threads", "trainer.latency_repeats")
@@ -98,8 +100,6 @@ def _override_key(override: str) -> str:
 
 def run_key(*, _root_: DictConfig) -> str:
     """``<method tag>-s<seed>-<hash of the result config>`` for a single run's directory."""
-    from lora_lab.methods import describe_method
-
     config = _task_config(_root_)
     return f"{describe_method(config.get('method')).run_tag()}-s{config.get('seed')}-{digest(result_config(config))}"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
+
 from lora_lab.errors import ConfigError
 
 
@@ -19,8 +21,6 @@ def read_conll(path, key: str = "data.files.train"):
     sentence, ``-DOCSTART-`` lines are skipped, and a last sentence without a blank line after it
     counts. Anything unreadable is a ``ConfigError(key, path, problem)``.
     """
-    import datasets
-
     name = str(path)
     file = Path(path).expanduser()
     if file.is_dir():

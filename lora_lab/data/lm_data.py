@@ -28,8 +28,11 @@ from __future__ import annotations
 import math
 import string
 
+import datasets
+
+from lora_lab.data.columns import column_values
 from lora_lab.errors import ConfigError
-from lora_lab.data.token_data import IGNORED
+from lora_lab.tasks.losses import IGNORED
 
 DEFAULT_TEMPLATE = "{prompt}\n"  # the response starts on the line after the prompt
 
@@ -76,7 +79,6 @@ def end_of_text_id(tokenizer) -> int:
 
 def check_rows(chosen: dict, cfg, source_key) -> None:
     """Every row has its text (plain) or its prompt and response, as strings."""
-    from lora_lab.data.loading import column_values
 
     for split, ds in chosen.items():
         for column, (name, key) in columns(cfg).items():
@@ -118,8 +120,6 @@ def pack(ds, max_length: int):
 
 def tokenise(dsets, tokenizer, cfg):
     """The tokenised splits (see the module's docstring)."""
-    import datasets
-
     end_of_text = end_of_text_id(tokenizer)
     max_length = int(cfg.max_length)
     has_prompt = prompted(cfg)

@@ -33,9 +33,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
+from datasets.utils import logging as ds_logging
 
 from lora_lab.data import lm_data, token_data
+from lora_lab.data.columns import column_values, source_key
+from lora_lab.data.conll import read_conll
 from lora_lab.data.embedded import EMBEDDED_DATASETS
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.tasks.task_types import TaskType, task_type
@@ -110,11 +114,6 @@ def _not_utf8(file: str) -> str:
 
 def _read_file(split: str, file: str, data_cfg):
     """One local file as a Dataset; every way reading can fail is one ConfigError naming the file."""
-    import datasets
-    from datasets.utils import logging as ds_logging
-
-    from lora_lab.data.conll import read_conll
-
     suffix = Path(file).suffix.lower()
     fmt = file_format(suffix, data_cfg)
     key = f"data.files.{split}"
@@ -150,9 +149,6 @@ def _read_file(split: str, file: str, data_cfg):
 
 def _load_raw(cfg):
     """Returns (DatasetDict with whatever splits the source has, label names or None)."""
-    import datasets
-    from datasets.utils import logging as ds_logging
-
     if cfg.source == "embedded":
         if cfg.name not in EMBEDDED_DATASETS:
             raise ConfigError("data.name", cfg.name, f"is not embedded; embedded: {sorted(EMBEDDED_DATASETS)}")
@@ -179,18 +175,8 @@ def _load_raw(cfg):
     raise ConfigError("data.source", cfg.source, "must be one of ['embedded', 'hub', 'files']")
 
 
-def source_key(cfg, split: str, column: str = "label_column") -> tuple[str, object]:
-    """The key and value an error about the rows of ``split`` names: the file they came from, or the
-    column that holds them."""
-    if cfg.source == "files":
-        split = split if cfg.files.get(split) else "train"  # carved splits come from the train file
-        return f"data.files.{split}", str(cfg.files.get(split))
-    return f"data.{column}", cfg.get(column)
-
 
 def _normalise_columns(raw, cfg):
-    import datasets
-
     tagging = task_type(cfg).head == "token"
     out = {}
     if task_type(cfg).head == "lm":
@@ -241,10 +227,6 @@ def _choose_splits(dsets, cfg) -> dict:
     return chosen
 
 
-def column_values(ds, name: str) -> list:
-    """One column as a Python list (one batch read; iterating a column row by row is slow)."""
-    return ds.select_columns([name])[:][name]
-
 
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -291,8 +273,6 @@ def _encode_labels(chosen: dict, source_names, cfg, regression: bool = False):
     sets, a ClassLabel feature), else the sorted distinct values. A label that is not a class (not
     among the names, negative, fractional, an id beyond the names) is an error, never dropped.
     Regression targets stay floats."""
-    import datasets
-
     if task_type(cfg).head == "token":
         return token_data.encode_tags(chosen, source_names, cfg, source_key)
     chosen = datasets.DatasetDict(chosen)
@@ -398,8 +378,6 @@ def dedupe_line(counts: dict) -> str:
 
 def _carve(chosen: dict, cfg):
     """Carve the splits the source does not give from train (fixed seed), then apply the limits."""
-    import datasets
-
     chosen = dict(chosen)
     train = chosen["train"]
     carve = [s for s in ("validation", "test") if s not in chosen]
@@ -435,8 +413,6 @@ def build_splits(cfg):
     """The untokenised train / validation / test splits (columns text [text_pair] label; causal LM:
     text, or prompt and response), the label names (none for a causal LM), and what deduplication
     dropped (None when ``data.dedupe`` is off)."""
-    import datasets
-
     datasets.disable_progress_bars()
     regression = is_regression(cfg)
     raw, source_names = _load_raw(cfg)
@@ -493,8 +469,6 @@ def _tokenise(dsets, tokenizer, max_length, cfg):
 
 
 def load_task_data(cfg, tokenizer) -> TaskData:
-    import datasets
-
     datasets.disable_progress_bars()
     if cfg.source == "files":
         check_files(cfg)

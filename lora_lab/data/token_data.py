@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 
-from lora_lab.errors import ConfigError
+import datasets
 
-IGNORED = -100  # the label of positions the loss skips (PyTorch's cross-entropy ignore_index)
+from lora_lab.data.columns import column_values
+from lora_lab.errors import ConfigError
+from lora_lab.tasks.losses import IGNORED
+
 TAG = re.compile(r"^(O|[BIES]-\S.*)$")
 
 
 def check_rows(chosen: dict, cfg, source_key) -> None:
     """Every row has a non-empty list of words and as many tags."""
-    from lora_lab.data.loading import column_values
 
     for split, ds in chosen.items():
         words, tags = column_values(ds, "text"), column_values(ds, "label")
@@ -54,9 +56,6 @@ def tag_names(values: set[str]) -> list[str]:
 def encode_tags(chosen: dict, source_names, cfg, source_key):
     """Tags to ids. Names: ``data.label_names`` if set, else the source's (an embedded set's, a
     ClassLabel sequence's), else the distinct tags (O first). A tag outside the names is an error."""
-    import datasets
-
-    from lora_lab.data.loading import column_values
 
     chosen = datasets.DatasetDict(chosen)
     declared = [str(n) for n in cfg.get("label_names") or []] or None

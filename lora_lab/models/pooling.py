@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lora_lab.errors import ConfigError, first_line
-from lora_lab.models.loading import local_model_folder
+from lora_lab.models.files import local_model_folder
 
 POOLINGS = ("auto", "cls", "mean", "pooler")
 # sentence-transformers' Pooling config: flag -> the name we report
@@ -134,8 +135,6 @@ class PooledClassifier(nn.Module):
         return mean.to(hidden.dtype)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
         if token_type_ids is not None:  # DistilBERT's forward takes none
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+from transformers import BitsAndBytesConfig
+
 from lora_lab.errors import ConfigError
 
 KEY = "model.load_in_4bit"
@@ -45,8 +48,6 @@ def check_4bit_settings(cfg) -> None:
 def check_4bit_environment() -> None:
     """A CUDA GPU and bitsandbytes are here; checked before anything is loaded (not in dry runs, which
     plan GPU experiments on any machine)."""
-    import torch
-
     if not torch.cuda.is_available():
         raise ConfigError(KEY, True, "needs a CUDA GPU (bitsandbytes NF4); none is available")
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -55,17 +56,12 @@ def check_4bit_environment() -> None:
 
 def nf4_config():
     """The QLoRA quantisation: NF4, double quantisation, bf16 compute. Built without bitsandbytes."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def load_kwargs() -> dict:
     """What ``from_pretrained`` needs to load a 4-bit base onto the current CUDA device."""
-    import torch
-
     check_4bit_environment()
     return {"quantization_config": nf4_config(), "device_map": {"": torch.cuda.current_device()}}
 

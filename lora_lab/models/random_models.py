@@ -10,6 +10,8 @@ attention dropout.
 """
 from __future__ import annotations
 
+import transformers
+
 from lora_lab.errors import ConfigError
 
 # model.arch -> the prefix of its transformers classes (``{prefix}Config``, ``{prefix}Model``, ...)
@@ -69,8 +71,6 @@ def random_config(cfg, pad_token_id: int | None = None, **label_kwargs):
     """The transformers config of ``cfg``'s architecture and sizes. A decoder gets the tokenizer's
     ``pad_token_id`` (its classifier reads the last token that is not padding); its bos/eos ids stay
     unset (a random model has learnt none; generation takes them from the tokenizer)."""
-    import transformers
-
     arch = arch_of(cfg)
     dropout = float(cfg.get("dropout", 0.1))
     if arch == "bert":
@@ -103,7 +103,5 @@ def random_config(cfg, pad_token_id: int | None = None, **label_kwargs):
 
 def build_random_model(cfg, head: str, pad_token_id: int | None = None, **label_kwargs):
     """A freshly initialised model of ``cfg`` with ``head`` (see ``head_class_name``), in fp32."""
-    import transformers
-
     model_class = getattr(transformers, head_class_name(arch_of(cfg), head))
     return model_class(random_config(cfg, pad_token_id, **label_kwargs))

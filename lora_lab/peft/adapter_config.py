@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_lab.errors import ConfigError, first_line
-from lora_lab.peft.importer import CONFIG_FILE as ADAPTER_CONFIG  # noqa: F401 - the name analysis modules use
 from lora_lab.peft.importer import lora_scaling
-# init_lora_weights values after which B A is an update of a residual base PEFT saved with the adapter.
-_RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+from lora_lab.peft.names import base_changing_init
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -100,8 +98,7 @@ class LoraAdapterConfig:
 
     def residual_init(self) -> str | None:
         """The init_lora_weights after which B A updates a residual base (PiSSA, OLoRA, ...), if any."""
-        init = str(self.init).lower()
-        return next((name for name in _RESIDUAL_INITS if init.startswith(name)), None)
+        return base_changing_init(self.init)
 
     def label(self) -> str:
         """A row name in the report, like a lora_lab run's: "PEFT LoRA r=8 α=16" ("r=8*": rank_pattern

@@ -22,15 +22,10 @@ import torch
 from torch import nn
 
 from lora_lab.errors import ConfigError, first_line
+from lora_lab.peft.names import CONFIG_FILE, PEFT_PREFIX, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, base_changing_init
+from lora_lab.tensor_files import UnreadableTensors, read_header, read_tensors
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLED_WEIGHTS_FILE = "adapter_model.bin"
-PREFIX = "base_model.model."  # where PEFT's saved keys start for a LoRA adapter
 KEY = "method.init_from"
-# PEFT initialisations that subtract the adapter's start from the base weights: the saved factors only
-# reproduce the model on that changed base (PEFT converts them to a plain LoRA when asked to).
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # PEFT settings our LoRA has no counterpart for: key -> (is it set?, what it means)
 UNSUPPORTED = {
     "bias": (lambda v: v not in (None, "none"), "trains biases"),
@@ -75,12 +70,10 @@ class PeftAdapter:
         return ConfigError(KEY, self.source, problem)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(self.folder / WEIGHTS_FILE))
-        except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
-            raise self.refuse(f"{WEIGHTS_FILE} could not be read: {first_line(error)}") from None
+            return read_tensors(self.folder / WEIGHTS_FILE)
+        except UnreadableTensors as error:
+            raise self.refuse(f"{WEIGHTS_FILE} could not be read: {error}") from None
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
@@ -108,7 +101,7 @@ def read_adapter(source) -> PeftAdapter:
         if is_set(config.get(name)):
             raise refuse(f"{meaning} ({name}={config[name]!r}), which lora_lab's LoRA does not")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+    if base_changing_init(init):
         raise refuse(f"was saved with init_lora_weights={init!r}, which changes the base weights; save it "
                      "converted to a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     r, alpha = config.get("r"), config.get("lora_alpha")
@@ -127,16 +120,14 @@ def read_adapter(source) -> PeftAdapter:
 
 def _read_header(adapter: PeftAdapter) -> None:
     """Sort the weight file's tensors into factors per module and head parameters, by name only."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(adapter.folder / WEIGHTS_FILE), "pt") as handle:
-            adapter.shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
-        raise adapter.refuse(f"{WEIGHTS_FILE} is not a readable safetensors file: {first_line(error)}") from None
+        header, _ = read_header(adapter.folder / WEIGHTS_FILE)
+    except UnreadableTensors as error:
+        raise adapter.refuse(f"{WEIGHTS_FILE} is not a readable safetensors file: {error}") from None
+    adapter.shapes = {key: shape for key, (shape, _) in header.items()}
     saved_modules = [str(m) for m in adapter.config.get("modules_to_save") or []]
     for key in adapter.shapes:
-        name = key.removeprefix(PREFIX)
+        name = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in FACTOR_SUFFIXES if name.endswith("." + s)), None)
         if suffix is not None:
             module = name[: -len(suffix) - 1]

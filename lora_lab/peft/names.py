@@ -16,7 +16,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # a pickle: never loaded
+PEFT_PREFIX = "base_model.model."  # where peft.get_peft_model puts the wrapped model (and its saved keys start)
+# init_lora_weights values that subtract the adapter's start from the base weights (PiSSA, OLoRA, CorDA,
+# LoRA-GA, LoftQ): the saved factors then update a residual base PEFT saved with the adapter, and only
+# reproduce the model on that changed base (PEFT converts them to a plain LoRA when asked to)
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+def base_changing_init(init) -> str | None:
+    """The base-changing initialisation an ``init_lora_weights`` value names ("pissa_niter_4" -> "pissa")."""
+    value = str(init).lower() if isinstance(init, str) else ""
+    return next((name for name in BASE_CHANGING_INITS if value.startswith(name)), None)
 FACTORS = {"lora_A": "A", "lora_B": "B"}
 MAGNITUDE = "lora_magnitude_vector"  # DoRA
 EMBEDDING_FACTORS = ("lora_embedding_A", "lora_embedding_B")

@@ -1,6 +1,8 @@
 """Measurements every run reports: parameter counts, peak memory, throughput and latency."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import resource
 import statistics
@@ -10,8 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lora_lab.runtime.timing import synchronize
 from lora_lab.models.architectures import head_parameter_names
+from lora_lab.runtime.timing import synchronize
 
 
 def parameter_counts(model: nn.Module, method) -> dict[str, int | float]:
@@ -45,9 +47,6 @@ def _read_status_kb(field: str) -> int | None:
 def _release_freed_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc), so that a run that follows
     another one in the same process (a multirun) starts from an RSS close to a fresh process's."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

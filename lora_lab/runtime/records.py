@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file  # noqa: F401 - load_file is read through records
 
+from lora_lab.config.validate import is_integer, is_number
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import DeltaW
-from lora_lab.config.validate import is_integer, is_number
+from lora_lab.tensor_files import UnreadableTensors, read_header, read_tensors
 
 RECORD_FILE = "record.json"
 STATE_FILE = "trainable.safetensors"
@@ -257,20 +258,13 @@ class DeltaWeightsFile:
     """
 
     def __init__(self, path: Path, expected: dict | None = None):
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.exists():
             raise ConfigError("run", str(self.path.parent), f"has no {DELTA_FILE} (no ΔW was saved for this run)")
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                header = {}
-                for key in f.keys():
-                    view = f.get_slice(key)
-                    header[key] = (tuple(view.get_shape()), view.get_dtype())
-        except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
-            raise self._refuse(f"cannot be read as safetensors ({first_line(error)}); "
+            header, metadata = read_header(self.path)
+        except UnreadableTensors as error:
+            raise self._refuse(f"cannot be read as safetensors ({error}); "
                                "the file is truncated or corrupt") from None
         try:
             self.kinds = json.loads(metadata.get("kinds", "{}"))
@@ -327,15 +321,13 @@ class DeltaWeightsFile:
                                    f"its {RECORD_FILE} says {want[name]}")
 
     def load(self, name: str) -> DeltaW:
-        from safetensors import safe_open
-
         d = DeltaW(kind=self.kinds.get(name, "weight_difference"))
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                for part in self._parts[name]:
-                    setattr(d, part, f.get_tensor(f"{name}::{part}"))
-        except Exception as error:  # noqa: BLE001 - e.g. the file changed since it was opened
-            raise self._refuse(f"cannot be read ({first_line(error)}); the file is truncated or corrupt") from None
+            tensors = read_tensors(self.path, [f"{name}::{part}" for part in self._parts[name]])
+        except UnreadableTensors as error:  # e.g. the file changed since it was opened
+            raise self._refuse(f"cannot be read ({error}); the file is truncated or corrupt") from None
+        for part in self._parts[name]:
+            setattr(d, part, tensors[f"{name}::{part}"])
         for part in self._parts[name]:
             if not torch.isfinite(getattr(d, part)).all():
                 raise self._refuse(f"holds non-finite values in {name}::{part}; the file is corrupt")

@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from lora_lab.errors import ConfigError
 
@@ -100,8 +101,6 @@ def generate(model, prompts: list[list[int]], *, end_of_text: int, pad_token_id:
     """The continuation of each prompt, up to (not including) the end-of-text token: greedy, or beam
     search with ``decoding`` (num_beams, length_penalty, no_repeat_ngram_size). Prompts of similar
     length are batched together, left-padded, and the answers come back in input order."""
-    from transformers import GenerationConfig
-
     model.eval()
     limit = position_limit(model)
     # an empty prompt (no token before the response) has nothing to continue from: it gets no text

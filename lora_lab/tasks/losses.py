@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_lab.data.token_data import IGNORED
+IGNORED = -100  # the label of positions the loss skips (PyTorch's cross-entropy ignore_index)
 
 
 def next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

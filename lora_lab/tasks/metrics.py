@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import math
 
+import seqeval.metrics as seqeval
+import sklearn.metrics as sklearn_metrics
+from scipy.stats import pearsonr, spearmanr
+
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman")
 TOKEN_METRICS = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
@@ -15,6 +19,15 @@ MINIMISED_METRICS = frozenset({"perplexity", "loss"})
 # shown as they are in tables (BLEU is already 0-100; perplexity and loss are unbounded); the others,
 # fractions in [0, 1] or correlations, are shown x100 as papers do
 UNSCALED_METRICS = frozenset({"bleu", "perplexity", "loss"})
+
+
+# How headers and captions name a metric; any other reads as its name with spaces.
+METRIC_NAMES = {"macro_f1": "macro F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman",
+                "entity_f1": "entity F1"}
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric.replace("_", " "))
 
 
 def display_scale(metric: str) -> float:
@@ -51,19 +64,14 @@ def lm_metrics(token_counts: list[int], nll_sums: list[float]) -> dict[str, floa
 
 
 def classification_metrics(labels, predictions) -> dict[str, float]:
-    # imported here: scikit-learn adds about a second to every run's start-up
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
     return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
-        "mcc": float(matthews_corrcoef(labels, predictions)),
+        "accuracy": float(sklearn_metrics.accuracy_score(labels, predictions)),
+        "macro_f1": float(sklearn_metrics.f1_score(labels, predictions, average="macro", zero_division=0)),
+        "mcc": float(sklearn_metrics.matthews_corrcoef(labels, predictions)),
     }
 
 
 def regression_metrics(targets, predictions) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-
     if len(set(predictions)) < 2 or len(set(targets)) < 2:  # correlation undefined: report no skill
         return {"pearson": 0.0, "spearman": 0.0}
     return {"pearson": float(pearsonr(targets, predictions)[0]),
@@ -74,19 +82,17 @@ def entity_metrics(gold_tags: list[list[str]], predicted_tags: list[list[str]]) 
     """Entity-level micro precision / recall / F1 (an entity counts only when its type and both
     boundaries are right), token accuracy over all words, and the per-type report:
     ``{type: {"precision", "recall", "f1", "support"}}`` plus ``micro avg`` and ``macro avg``."""
-    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
-
     words = sum(len(s) for s in gold_tags)
     correct = sum(g == p for gs, ps in zip(gold_tags, predicted_tags) for g, p in zip(gs, ps))
     metrics = {
-        "entity_f1": float(f1_score(gold_tags, predicted_tags, zero_division=0)),
-        "entity_precision": float(precision_score(gold_tags, predicted_tags, zero_division=0)),
-        "entity_recall": float(recall_score(gold_tags, predicted_tags, zero_division=0)),
+        "entity_f1": float(seqeval.f1_score(gold_tags, predicted_tags, zero_division=0)),
+        "entity_precision": float(seqeval.precision_score(gold_tags, predicted_tags, zero_division=0)),
+        "entity_recall": float(seqeval.recall_score(gold_tags, predicted_tags, zero_division=0)),
         "token_accuracy": correct / words if words else 0.0,
     }
     if not any(t != "O" for tags in (*gold_tags, *predicted_tags) for t in tags):
         return metrics, {}  # no entity anywhere: seqeval's averages would be NaN
-    raw = classification_report(gold_tags, predicted_tags, output_dict=True, zero_division=0)
+    raw = seqeval.classification_report(gold_tags, predicted_tags, output_dict=True, zero_division=0)
     report = {name: {"precision": float(row["precision"]), "recall": float(row["recall"]),
                      "f1": float(row["f1-score"]), "support": int(row["support"])}
               for name, row in raw.items() if name != "weighted avg"}

@@ -20,8 +20,18 @@ import statistics
 from dataclasses import dataclass
 
 from lora_lab.errors import ConfigError
-from lora_lab.tasks.metrics import (CLASSIFICATION_METRICS, GENERATION_METRICS, LM_METRICS, REGRESSION_METRICS, TOKEN_METRICS,
-                              classification_metrics, entity_metrics, higher_is_better, lm_metrics, regression_metrics)
+from lora_lab.tasks.metrics import (
+    CLASSIFICATION_METRICS,
+    GENERATION_METRICS,
+    LM_METRICS,
+    REGRESSION_METRICS,
+    TOKEN_METRICS,
+    classification_metrics,
+    entity_metrics,
+    higher_is_better,
+    lm_metrics,
+    regression_metrics,
+)
 
 OUTSIDE = "O"  # the tag of a word outside every entity
 
