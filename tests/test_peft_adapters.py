@@ -8,22 +8,23 @@ import functools
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from conftest import batch, compose_config, method_cfg, tiny_bert
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from conftest import batch, compose_config, method_cfg, tiny_bert
-from lora_lab.runtime import records
-from lora_lab.runtime.checkpoint import trainable_state
+from lora_lab.config.run_identity import result_config, run_key
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.models.loading import load_model
+from lora_lab.peft.adapter_config import LoraAdapterConfig
 from lora_lab.peft.export import export_run, main
-from lora_lab.config.run_identity import result_config, run_key
+from lora_lab.runtime import records
+from lora_lab.runtime.checkpoint import trainable_state
 from lora_lab.trainer.train import set_seed
 
 peft = pytest.importorskip("peft")
@@ -236,8 +237,10 @@ def test_init_from_adapter_mismatches_are_one_line_errors(tmp_path, monkeypatch)
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     assert "is a PEFT 'IA3' adapter; only LoRA adapters" in refused()
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
-    assert "changes the base weights" in refused()
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "lora_ga", "loftq"):  # every one the analysis knows
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+        assert "changes the base weights" in refused()
+        assert LoraAdapterConfig.read(folder / "adapter_config.json").residual_init() == init.split("_niter")[0]
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
     assert "holds adapter_model.bin, a pickle, which lora_lab never loads" in refused()
