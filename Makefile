@@ -28,3 +28,8 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# The documentation site (docs/, mkdocs.yml) into site/; any warning fails the build.
+.PHONY: docs
+docs:
+	$(PYTHON) -m mkdocs build --strict
