@@ -105,7 +105,7 @@ def plot_accuracy_vs_rank(table, path: Path) -> Path | None:
         rs, mids, lows, highs = zip(*points)
         ax.errorbar(rs, mids, yerr=[[m - lo for m, lo in zip(mids, lows)], [h - m for m, h in zip(mids, highs)]],
                     marker="o", capsize=3, label=label)
-    full = [row for row in table.rows if getattr(_method(table, row), "name", None) == "full"]
+    full = [row for row in table.rows if getattr(_method(table, row), "trains_every_weight", False)]
     if full and _task_values(table, full[0]):
         ax.axhline(_task_values(table, full[0])[0], color="black", linestyle="--", linewidth=1, label="Full FT")
     ax.set_xscale("log", base=2)

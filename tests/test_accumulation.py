@@ -5,7 +5,7 @@ import torch
 
 from conftest import compose_config, method_cfg
 from lora_lab.errors import ConfigError
-from lora_lab.methods import build_method
+from lora_lab.methods import available_methods, build_method
 from lora_lab.models.loading import enable_gradient_checkpointing, load_model
 from lora_lab.trainer.train import run_training
 
@@ -42,7 +42,7 @@ def test_a_short_last_group_still_steps(tmp_path):
     assert [e["step"] for e in record["epochs"]] == [3, 6]
 
 
-@pytest.mark.parametrize("name", ["full", "lora", "adapter", "ia3", "dora", "bitfit", "head"])
+@pytest.mark.parametrize("name", available_methods())
 def test_gradient_checkpointing_gives_the_same_gradients(name):
     cfg = compose_config("model=tiny", "model.dropout=0")
 

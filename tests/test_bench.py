@@ -14,10 +14,12 @@ from lora_lab import bench
 from lora_lab.runtime import timing
 from lora_lab.bench import variants
 from lora_lab.config.compose import compose
+from lora_lab.methods import registered_methods
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ["full", "head", "houlsby", "pfeiffer", "bitfit", "ia3", "lora_r1", "lora_r8", "lora_r64", "dora"]
-PEFT_ARMS = ["lora_r8", "dora", "ia3"]
+# every method's arms, and the first arm of each method with a PEFT counterpart
+ARMS = [arm for cls in registered_methods().values() for arm in cls.bench_arms]
+PEFT_ARMS = [cls.bench_arms[0] for cls in registered_methods().values() if cls.has_peft_counterpart and cls.bench_arms]
 
 
 def bench_config(*overrides: str):
@@ -32,7 +34,8 @@ def quick_run(tmp_path_factory):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, "-m", "lora_lab.bench", "model=tiny", "quick=true", "batch_size=4", "seq_len=16",
-         "threads=1", f"hydra.run.dir={tmp / 'run'}"],
+         "threads=1", f"arms=[{','.join(ARMS)}]", f"peft.arms=[{','.join(PEFT_ARMS)}]",
+         f"hydra.run.dir={tmp / 'run'}"],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads((tmp / "run" / "bench.json").read_text())

@@ -12,15 +12,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import method_cfg
 from torch import nn
 
-from conftest import method_cfg
+from lora_lab.errors import ConfigError
+from lora_lab.methods import available_methods, build_method, registered_methods
+from lora_lab.methods.lora import LoRALinear, merge_and_unload
 from lora_lab.models import linear_layers
 from lora_lab.models.architectures import head_parameter_names, resolve_matrices, resolve_targets
-from lora_lab.errors import ConfigError
 from lora_lab.models.linear_layers import FusedParts, dense_weight
-from lora_lab.methods import available_methods, build_method
-from lora_lab.methods.lora import LoRALinear, merge_and_unload
 
 D, L, D_FF, VOCAB = 32, 2, 64, 100
 D_KV = 2 * (D // 4)  # 2 key/value heads of head_dim 8 (GQA)
@@ -136,29 +136,13 @@ def test_whole_layer_settings_refuse_parts_of_a_fused_layer_in_one_line():
 
 # ---------------------------------------------------------------- every method, counts and gradients
 
-def expected_trainable(kind: str, name: str, model) -> int:
-    """The trainable count each method's formula gives on the tiny models (r=8, m=64)."""
-    r, m = 8, 64
-    head = sum(p.numel() for n, p in model.named_parameters() if n in head_parameter_names(model))
-    gpt2 = kind == "gpt2"
-    norms = (2 * L + 1) * D * (2 if gpt2 else 1)  # GPT-2's LayerNorms have a beta, RMSNorms do not
-    if name == "lora":  # q and v: GPT-2's parts cost what separate matrices would; GQA's v is d x d_kv
-        return L * (2 * D * r * 2 if gpt2 else r * (D + D) + r * (D + D_KV)) + head
-    if name == "dora":
-        return expected_trainable(kind, "lora", model) + L * (2 * D if gpt2 else D + D_KV)
-    if name == "ia3":  # k, v outputs and the FFN down projection's input
-        return L * ((2 * D if gpt2 else 2 * D_KV) + D_FF) + head
-    if name == "adapter":  # houlsby: after o and ffn_out, 2 d m + m + d each, plus the norms
-        return L * 2 * (2 * D * m + m + D) + norms + head
-    if name == "bitfit":
-        if gpt2:  # c_attn, attn.c_proj, c_fc, mlp.c_proj, ln_1, ln_2 per layer; ln_f
-            return L * (3 * D + D + D_FF + D + 2 * D) + D + head
-        return L * (D + 2 * D_KV) + head  # Qwen2: q, k, v biases only
-    if name == "head":
-        return head if head else (0 if gpt2 else VOCAB * D)  # a causal LM: its untied output layer
-    if name == "full":
-        return sum(p.numel() for p in model.parameters())
-    raise AssertionError(name)
+# what a method refuses on a tiny decoder, with the words of its one-line error
+REFUSED = {
+    ("bitfit", "llama"): "no bias terms",  # RMSNorm and bias-free projections: nothing to train
+    ("head", "gpt2"): "method.top_layers=0: .*tied to its input embeddings",  # the output layer is wte
+}
+MERGING = [name for name, cls in registered_methods().items() if cls.supports_merge]
+EXPORTING = [name for name, cls in registered_methods().items() if cls.exports_peft]
 
 
 CASES = [(kind, head) for kind, head in [("gpt2", "lm"), ("llama", "cls"), ("qwen2", "lm")]]
@@ -168,15 +152,11 @@ CASES = [(kind, head) for kind, head in [("gpt2", "lm"), ("llama", "cls"), ("qwe
 def test_every_method_applies_unchanged_with_the_formula_counts_and_gradients(kind, head):
     reference = tiny(kind, head)
     expected_logits = logits(reference)
-    assert sorted(available_methods()) == ["adapter", "bitfit", "dora", "full", "head", "ia3", "lora"]
+    assert set(available_methods()) >= {"adapter", "bitfit", "dora", "full", "head", "ia3", "lora"}
     for name in available_methods():
         model = copy.deepcopy(reference)
-        if (name, kind) == ("bitfit", "llama"):  # RMSNorm and bias-free projections: nothing to train
-            with pytest.raises(ConfigError, match="no bias terms"):
-                apply(name, model)
-            continue
-        if (name, kind) == ("head", "gpt2"):  # the output layer is the (tied) input embedding matrix
-            with pytest.raises(ConfigError, match="method.top_layers=0: .*tied to its input embeddings"):
+        if (name, kind) in REFUSED:
+            with pytest.raises(ConfigError, match=REFUSED[name, kind]):
                 apply(name, model)
             continue
         method = apply(name, model)
@@ -184,10 +164,10 @@ def test_every_method_applies_unchanged_with_the_formula_counts_and_gradients(ki
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert method.method_parameter_names(model) <= trainable, name
         assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == \
-            expected_trainable(kind, name, reference), name
-        if head == "lm" and name != "full":  # no output layer or embeddings trained as a "head"
+            method.expected_trainable(reference), name
+        if head == "lm" and not method.trains_every_weight:  # no output layer or embeddings trained as a "head"
             assert not any("lm_head" in n or "wte" in n or "embed_tokens" in n for n in trainable) or \
-                (name == "head" and trainable == {"lm_head.weight"}), name
+                trainable == method.method_parameter_names(model) == {"lm_head.weight"}, name
         model.train()
         model(input_ids=IDS).logits.float().pow(2).mean().backward()
         with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -218,7 +198,7 @@ def test_decoder_classifier_trains_its_score_head():
 def test_merged_equals_unmerged_and_unmerge_restores(kind):
     reference = tiny(kind)
     weights = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    for name in ("lora", "dora", "ia3"):
+    for name in MERGING:
         model = copy.deepcopy(reference)
         method = apply(name, model)
         randomise(model, method)
@@ -402,7 +382,7 @@ def test_peft_twin_on_gpt2_conv1d_layers_and_no_twin_for_parts():
         build_peft_twin(method, model, copy.deepcopy(base))
 
 
-@pytest.mark.parametrize("name", ["lora", "dora"])
+@pytest.mark.parametrize("name", EXPORTING)
 def test_gpt2_parts_export_exactly_as_a_block_structured_peft_lora(name):
     import peft
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from lora_lab.runtime import records
 from lora_lab.runtime.distributed import Distributed
 from lora_lab.data.sampling import EpochBatches, EpochSampler
+from lora_lab.methods import available_methods
 
 from conftest import batch, compose_config, method_cfg, tiny_bert
 from test_resume import DRIVER
@@ -59,7 +60,7 @@ def one_rank_group(tmp_path):
     torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["full", "head", "adapter", "lora", "bitfit", "ia3", "dora"])
+@pytest.mark.parametrize("method", available_methods())
 def test_every_method_trains_under_ddp_without_searching_for_unused_parameters(one_rank_group, method):
     from lora_lab.methods import build_method
     from lora_lab.trainer.train import wrap_distributed

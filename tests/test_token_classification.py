@@ -7,6 +7,7 @@ from conftest import compose_config
 from lora_lab.runtime import records
 from lora_lab.data.loading import Collator, load_task_data
 from lora_lab.errors import ConfigError
+from lora_lab.methods import available_methods, describe_method
 from lora_lab.tasks.metrics import entity_metrics
 from lora_lab.models.loading import load_tokenizer
 from lora_lab.tasks.task_types import TASK_TYPES
@@ -148,8 +149,8 @@ def test_pooling_does_not_apply_to_tagging(tmp_path):
         run_training(ner_cfg(tmp_path, "model.pooling=mean"), tmp_path / "run")
 
 
-@pytest.mark.parametrize("method", ["full", "head", "head method.top_layers=1", "adapter",
-                                    "adapter method.variant=pfeiffer", "lora", "bitfit", "ia3", "dora"])
+@pytest.mark.parametrize("method", [*available_methods(), "head method.top_layers=1",
+                                    "adapter method.variant=pfeiffer"])
 def test_every_method_trains_a_token_classifier(tmp_path, method):
     name, *extra = method.split()
     run_dir = tmp_path / "run"
@@ -165,8 +166,8 @@ def test_every_method_trains_a_token_classifier(tmp_path, method):
     assert p["trainable_head"] == hidden * tags + tags  # the token head: one linear layer, no pooler
     state = records.load_file(str(run_dir / records.STATE_FILE))
     assert sum(t.numel() for t in state.values()) == p["trainable"]
-    if name in ("lora", "full", "dora"):
-        assert records.load_delta_weights(run_dir / records.DELTA_FILE)
+    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    assert bool(deltas) is describe_method(record["config"]["method"]).adapts_matrices()
 
 
 def test_lora_learns_the_toy_entities(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from conftest import compose_config
 from lora_lab.runtime import records
 from lora_lab.errors import ConfigError
+from lora_lab.methods import available_methods, describe_method
 from lora_lab.trainer.train import run_training
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
@@ -18,8 +19,8 @@ def smoke_cfg(tmp_path, *overrides):
     return compose_config(*SMOKE, f"data.cache_dir={tmp_path / 'cache'}", *overrides)
 
 
-@pytest.mark.parametrize("method", ["full", "head", "head method.top_layers=1", "adapter",
-                                    "adapter method.variant=pfeiffer", "lora", "lora method.init=svd"])
+@pytest.mark.parametrize("method", [*available_methods(), "head method.top_layers=1",
+                                    "adapter method.variant=pfeiffer", "lora method.init=svd"])
 def test_smoke_every_method_writes_a_complete_record(tmp_path, method):
     name, *extra = method.split()
     cfg = smoke_cfg(tmp_path, f"method={name}", *extra)
@@ -38,6 +39,9 @@ def test_smoke_every_method_writes_a_complete_record(tmp_path, method):
     state = records.load_file(str(run_dir / records.STATE_FILE))
     assert sum(t.numel() for t in state.values()) == p["trainable"]
     deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    method = describe_method(on_disk["config"]["method"])
+    assert bool(deltas) is method.adapts_matrices()
+    assert ("merged_over_unmerged" in m) is method.supports_merge
     if name == "lora":
         assert len(deltas) == 4 and all(d.B is not None and d.base is not None for d in deltas.values())
         assert "merged_over_unmerged" in m

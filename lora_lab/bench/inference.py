@@ -6,14 +6,14 @@ import copy
 import torch
 from torch import nn
 
-from lora_lab.methods.lora import merge_and_unload
 from lora_lab.models.precision import autocast
 from lora_lab.runtime.timing import compare, load_summary, round_robin, summarise
 from lora_lab.bench.variants import Variant, precision_of, synthetic_batch
 
 
 def bench_inference(cfg, base: nn.Module, ours: Variant, batch: dict, device: torch.device) -> dict:
-    """Base model vs a mergeable arm unmerged, merged, and (LoRA) merged and unloaded to plain layers."""
+    """Base model vs a mergeable arm unmerged, merged, and merged and unloaded to plain layers (where
+    the method has that form: LoRA)."""
     icfg = cfg.inference
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     base_model = copy.deepcopy(base).to(device).eval()
@@ -21,8 +21,9 @@ def bench_inference(cfg, base: nn.Module, ours: Variant, batch: dict, device: to
     merged = copy.deepcopy(ours.model).eval()
     ours.method.prepare_inference(merged)
     models = {"base": base_model, "unmerged": unmerged, "merged": merged}
-    if ours.method.name == "lora":
-        models["merged_unloaded"] = merge_and_unload(copy.deepcopy(ours.model)).eval()
+    unloaded = ours.method.merge_and_unload(copy.deepcopy(ours.model))  # None: no plain-layer form
+    if unloaded is not None:
+        models["merged_unloaded"] = unloaded.eval()
     with torch.inference_mode(), autocast(device, precision_of(cfg), on_cpu=True, key="precision"):
         diff = float((merged(**inputs).logits - unmerged(**inputs).logits).abs().max())
         other: dict[str, list] = {}

@@ -11,136 +11,35 @@ A check only runs for a key the config has, so configs of older versions still v
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lora_lab.config.launch import launched_world_size
+from lora_lab.data.columns import column_values, source_key
+from lora_lab.data.embedded import EMBEDDED_DATASETS
+from lora_lab.data.lm_data import check_template, predicted_tokens
+from lora_lab.data.loading import check_files
 from lora_lab.errors import ConfigError, first_line
+from lora_lab.methods import build_method, describe_method, method_class
+from lora_lab.models import quantization
+from lora_lab.models.files import EMBEDDED_PACKAGES, check_model_files, embedded_model_path, max_positions
+from lora_lab.models.loading import pooling_of
+from lora_lab.models.precision import check_precision
+from lora_lab.models.random_models import check_sizes
+from lora_lab.rules import Rule, boolean, choice, integer, is_integer, names, number, text
+from lora_lab.tasks.generation_eval import require_libraries
+from lora_lab.tasks.task_types import main_metric, task_type
 
 _ABSENT = object()
-Rule = Callable[[object], "str | None"]  # a value -> None when fine, else the problem
 
 
-def is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def integer(low: int | None = None, high: int | None = None, null: bool = False, say_null: bool = True) -> Rule:
-    if low == 1 and high is None:
-        wanted = "a positive integer"
-    elif high is not None:
-        wanted = f"an integer in [{low}, {high}]"
-    else:
-        wanted = "an integer" if low is None else f"an integer >= {low}"
-    wanted = f"null or {wanted}" if null and say_null else wanted
-
-    def rule(value):
-        if value is None and null:
-            return None
-        if not is_integer(value) or (low is not None and value < low) or (high is not None and value > high):
-            return f"must be {wanted}"
-        return None
-
-    return rule
-
-
-def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False,
-           null: bool = False) -> Rule:
-    if high is None:
-        wanted = f"a number {'>' if low_open else '>='} {low:g}"
-    else:
-        wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    wanted = f"null or {wanted}" if null else wanted
-
-    def rule(value):
-        if value is None and null:
-            return None
-        if (not is_number(value) or value < low or (low_open and value == low)
-                or (high is not None and (value > high or (high_open and value == high)))):
-            return f"must be {wanted}"
-        return None
-
-    return rule
-
-
-def boolean(null: bool = False) -> Rule:
-    def rule(value):
-        if (value is None and null) or isinstance(value, bool):
-            return None
-        return "must be true or false" + (" (or null)" if null else "")
-
-    return rule
-
-
-def choice(*options, null: bool = False) -> Rule:
-    shown = [str(o).lower() if isinstance(o, bool) else o for o in options]
-    wanted = f"one of {shown}" if all(isinstance(o, str) for o in options) else ", ".join(map(str, shown))
-
-    def rule(value):
-        if value is None and null:
-            return None
-        if any(value is o if isinstance(o, bool) else value == o for o in options):
-            return None
-        return f"must be {wanted}"
-
-    return rule
-
-
-def text(null: bool = False) -> Rule:
-    def rule(value):
-        if (value is None and null) or (isinstance(value, str) and value.strip()):
-            return None
-        return "must be a non-empty string" + (" or null" if null else "")
-
-    return rule
-
-
-def names(null: bool = False, empty: bool = False) -> Rule:
-    """A list of non-empty strings (e.g. target aliases)."""
-    def rule(value):
-        if value is None and null:
-            return None
-        if not isinstance(value, (list, tuple, ListConfig)) or not all(isinstance(v, str) and v for v in value):
-            return "must be a list of names" + (" or null" if null else "")
-        if not value and not empty:
-            return "must not be empty"
-        return None
-
-    return rule
-
-
-# key -> rule; keys of the method are checked for whichever method has them
+# key -> rule; the method's own keys are its class's (``Method.config_rules``)
 CONFIG_RULES: dict[str, Rule] = {
     "seed": integer(0, 2**32 - 1),
     "dry_run": boolean(),
     "record.save_delta_w": boolean(),
-    # the method (before trainer.lr, which defaults to ${method.lr})
-    "method.lr": number(0, 1, low_open=True),
-    "method.r": integer(1, null=True, say_null=False),  # null: chosen from method.budget
-    "method.alpha": number(0, low_open=True),
-    "method.dropout": number(0, 1, high_open=True),
-    "method.targets": names(),
-    "method.rslora": boolean(),
-    "method.init": text(),
-    "method.train_head": boolean(),
-    "method.budget": integer(1, null=True),
-    "method.init_from": text(null=True),
-    "method.variant": text(),
-    "method.bottleneck": integer(1, null=True),
-    "method.reduction_factor": integer(1, null=True),
-    "method.activation": text(),
-    "method.train_layer_norm": boolean(null=True),
-    "method.insert_after": names(null=True),
-    "method.top_layers": integer(0),
-    "method.delta_targets": names(empty=True),
-    "method.feedforward": names(empty=True),
     # the trainer
     "trainer.epochs": integer(1),
     "trainer.max_steps": integer(1, null=True),
@@ -248,10 +147,9 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def _apply_rules(cfg, method: bool) -> None:
-    for key, rule in CONFIG_RULES.items():
-        if key.startswith("method.") != method:
-            continue
+def _apply_rules(cfg, rules: dict[str, Rule], prefix: str = "") -> None:
+    for name, rule in rules.items():
+        key = prefix + name
         value = _value(cfg, key)
         if value is _ABSENT:
             continue
@@ -264,7 +162,7 @@ def check_config(cfg) -> None:
     """Types and ranges of the keys a run reads, and the local files it needs; raises ConfigError."""
     if "method" in cfg:  # first: trainer.lr defaults to ${method.lr}
         _check_method(cfg)
-    _apply_rules(cfg, method=False)
+    _apply_rules(cfg, CONFIG_RULES)
     if "trainer" in cfg:
         _check_trainer(cfg)
     if "data" in cfg:
@@ -276,16 +174,12 @@ def check_config(cfg) -> None:
 
 
 def _check_trainer(cfg) -> None:
-    from lora_lab.models.precision import check_precision
-
     t = cfg.trainer
     if "device" in t and not DEVICE.match(t.device):
         raise ConfigError("trainer.device", t.device, "must be auto, cpu, mps, cuda or cuda:<index>")
     if "precision" in t:
         check_precision(t.precision)
     if "world_size" in t:
-        from lora_lab.runtime.distributed import launched_world_size
-
         if t.world_size != launched_world_size():
             raise ConfigError("trainer.world_size", t.world_size, f"is the number of processes torchrun started "
                               f"({launched_world_size()} here), read from WORLD_SIZE; do not set it")
@@ -295,9 +189,6 @@ def _check_trainer(cfg) -> None:
 
 
 def _check_data_config(data) -> None:
-    from lora_lab.data.loading import EMBEDDED_DATASETS, check_files
-    from lora_lab.tasks.task_types import main_metric, task_type
-
     main_metric(data)  # the task type is known and the main metric is one of its metrics
     _check_causal_lm(data)
 
@@ -334,9 +225,6 @@ def _check_data_config(data) -> None:
 def _check_causal_lm(data) -> None:
     """The causal-LM keys: a prompt column comes with a response column, the template holds {prompt};
     they and packing apply to data.task_type=causal_lm only."""
-    from lora_lab.data.lm_data import check_template
-    from lora_lab.tasks.task_types import task_type
-
     kind = task_type(data)
     prompt, response = data.get("prompt_column"), data.get("response_column")
     if kind.head != "lm":
@@ -360,8 +248,6 @@ def _check_causal_lm(data) -> None:
 def _check_generation(cfg) -> None:
     """``trainer.generation`` needs prompt/response causal-LM data and its libraries; the generation
     metrics can be the main metric only when it is on."""
-    from lora_lab.tasks.task_types import main_metric, task_type
-
     generation = cfg.trainer.get("generation") or {}
     enabled = bool(generation.get("enabled"))
     kind, metric = task_type(cfg.data), main_metric(cfg.data)
@@ -379,34 +265,22 @@ def _check_generation(cfg) -> None:
         if split not in ("validation", "test"):
             raise ConfigError("trainer.generation.splits", _plain(generation.splits), f"names {split!r}: "
                               "generation runs on validation and test")
-    from lora_lab.tasks.generation_eval import require_libraries
-
     require_libraries()
 
 
 def _check_model(cfg) -> None:
-    from lora_lab.models.loading import EMBEDDED_PACKAGES, check_model_files, embedded_model_path, max_positions
-
     model = cfg.model
     if model.get("source") == "random":
-        from lora_lab.models.random_models import check_sizes
-
         check_sizes(model)  # heads divide the hidden size, key/value heads the heads
         if model.tokenizer in EMBEDDED_PACKAGES:
             embedded_model_path(model.tokenizer)
     check_model_files(model)
-    if model.get("dtype") == "bf16" and "method" in cfg and cfg.method.get("name") == "full":
-        raise ConfigError("model.dtype", "bf16", "stores the frozen weights in bf16, and full fine-tuning "
-                          "freezes none (its trainable weights stay fp32)")
-    from lora_lab.models import quantization
-
+    if "method" in cfg:
+        describe_method(cfg.method).check_model(model)  # e.g. full fine-tuning on a bf16 or 4-bit base
     quantization.check_4bit_settings(cfg)
     if quantization.wants_4bit(model) and not cfg.get("dry_run"):  # a dry run plans a GPU run on any machine
         quantization.check_4bit_environment()
     if "data" in cfg:
-        from lora_lab.models.loading import pooling_of
-        from lora_lab.tasks.task_types import task_type
-
         pooling_of(model, task_type(cfg.data).head)  # a token task with model.pooling set, an encoder's causal LM
     limit = max_positions(model)
     length = cfg.data.get("max_length") if "data" in cfg else None
@@ -417,31 +291,24 @@ def _check_model(cfg) -> None:
 def _check_method(cfg) -> None:
     """The method's own rules speak first (their messages name what the method needs); the generic
     rules name the key when a value is not even of the right type, and cover what a method leaves
-    unchecked."""
-    from lora_lab.methods import build_method
-    from lora_lab.methods.lora import factors_file
-
+    unchecked; then the local files the settings name."""
+    rules = method_class(cfg.method).config_rules  # an unknown method.name is refused here
     try:
-        build_method(cfg.method)
+        method = build_method(cfg.method)
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:  # e.g. float("abc") inside a method's check
-        _apply_rules(cfg, method=True)
+        _apply_rules(cfg, rules, "method.")
         raise ConfigError("method", cfg.method.get("name"), f"has a setting of the wrong type: "
                           f"{first_line(error)}") from None
-    _apply_rules(cfg, method=True)
-    if cfg.method.get("init_from"):
-        factors_file(cfg.method.init_from)
+    _apply_rules(cfg, rules, "method.")
+    method.check_files()
 
 
 def check_data(cfg, data) -> None:
     """What can only be checked once the data is loaded (sizes, classes); raises ConfigError."""
-    from lora_lab.data.loading import column_values, source_key
-
     trainer = cfg.get("trainer") or {}
     if data.task.head == "lm":
-        from lora_lab.data.lm_data import predicted_tokens
-
         for split, ds in data.splits.items():
             if not any(predicted_tokens(labels) for labels in column_values(ds, "labels")):
                 raise ConfigError("data.max_length", cfg.data.get("max_length"), f"leaves the {split} split no token "

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lora_lab import rules
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import DeltaW, Method, ModelDims, freeze_all, head_count, register
 from lora_lab.models.architectures import (
     all_matrices,
     get_submodule_parent,
@@ -20,9 +23,7 @@ from lora_lab.models.architectures import (
     layer_norm_parameter_names,
     resolve_matrices,
 )
-from lora_lab.errors import ConfigError
 from lora_lab.models.linear_layers import dense_weight, features, float_dtype
-from lora_lab.methods.base import DeltaW, Method, freeze_all, register
 
 INSERT_AFTER = {"houlsby": ["o", "ffn_out"], "pfeiffer": ["ffn_out"]}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
@@ -71,6 +72,10 @@ def bottleneck_size(cfg, dim: int) -> int:
 
 @register("adapter")
 class Adapter(Method):
+    config_rules = {**Method.config_rules, "variant": rules.text(), "bottleneck": rules.integer(1, null=True),
+                    "reduction_factor": rules.integer(1, null=True), "activation": rules.text(),
+                    "train_layer_norm": rules.boolean(null=True), "insert_after": rules.names(null=True)}
+    bench_arms = ("houlsby", "pfeiffer")
     order, family, plot_style = 2, "Adapters", ("tab:orange", "D")
 
     def label(self) -> str:
@@ -96,9 +101,29 @@ class Adapter(Method):
             if cfg.get(key) is not None and int(cfg.get(key)) <= 0:
                 raise ConfigError(f"method.{key}", cfg.get(key), "must be a positive integer")
 
+    def train_layer_norm(self) -> bool:
+        cfg = self.cfg
+        return cfg.train_layer_norm if cfg.get("train_layer_norm") is not None else cfg.variant == "houlsby"
+
+    def places(self) -> list:
+        return list(self.cfg.insert_after) if self.cfg.get("insert_after") else INSERT_AFTER[self.cfg.variant]
+
+    def expected_trainable(self, model: nn.Module) -> int | None:
+        """Per adapter after a d_out-wide layer: 2 d_out m + m + d_out; the normalisation layers when
+        they train; the head."""
+        dims = ModelDims.of(model.config)
+        shapes = dims.matrices(self.places())
+        if shapes is None:
+            return None
+        count = 0
+        for d_out, _ in shapes:
+            m = bottleneck_size(self.cfg, d_out)
+            count += dims.layers * (2 * d_out * m + m + d_out)
+        return count + (dims.norm_parameters if self.train_layer_norm() else 0) + head_count(model)
+
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
-        where = list(cfg.insert_after) if cfg.get("insert_after") else INSERT_AFTER[cfg.variant]
+        where = self.places()
         matrices = all_matrices(resolve_matrices(model, where, key="method.insert_after"))
         part = next((m for m in matrices if m.part is not None), None)
         if part is not None:
@@ -113,9 +138,8 @@ class Adapter(Method):
             adapter = Bottleneck(dim, bottleneck_size(cfg, dim), cfg.activation)
             adapter.to(device=base.weight.device, dtype=float_dtype(base))
             setattr(parent, child, WithAdapter(base, adapter))
-        train_ln = cfg.train_layer_norm if cfg.get("train_layer_norm") is not None else cfg.variant == "houlsby"
         trained = self.method_parameter_names(model) | head_parameter_names(model)
-        if train_ln:
+        if self.train_layer_norm():
             trained |= layer_norm_parameter_names(model)
         for name, p in model.named_parameters():
             if name in trained:

@@ -3,18 +3,28 @@
 A method is applied to a Hugging Face model in place. Afterwards it can say which parameters
 it trains (grouped as "method", "head" or "other") and report ΔW for every weight matrix it adapts,
 dense or as low-rank factors, so that analysis treats all methods alike.
+
+Everything the rest of the project asks of a method comes from its class: the rules of its settings
+(``config_rules``), what it refuses (``check``, ``check_model``, ``check_files``), whether it trains
+every weight, merges, exports to PEFT or has a PEFT twin, its benchmark arms, its place and style in
+tables and plots, and the trainable-parameter count its formula gives (``expected_trainable``).
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from lora_lab.models.architectures import Matrix, get_submodule_parent
-from lora_lab.errors import ConfigError
+from lora_lab.errors import ConfigError, first_line
+from lora_lab.models.architectures import Matrix, canonical_alias, get_submodule_parent, head_parameter_names
 from lora_lab.models.linear_layers import FusedParts, dense_weight, features
+from lora_lab.models.quantization import KEY as LOAD_IN_4BIT
+from lora_lab.models.quantization import wants_4bit
+from lora_lab.rules import Rule, number
 
 
 @dataclass
@@ -45,12 +55,22 @@ class Method:
     from the config alone, so analysis can ask them about a run record without building a model."""
 
     name: str = ""
+    # the method's settings: key under ``method.`` -> rule (lora_lab.rules); check_config applies them
+    # after ``check``, to name a value of the wrong type with its key. A subclass extends its parent's.
+    config_rules: dict[str, Rule] = {"lr": number(0, 1, low_open=True)}
+    # True when every weight of the model trains, none frozen (full fine-tuning): a bf16 or 4-bit
+    # frozen base is refused, ΔW is the dense W - W0, and plots draw it as the reference line
+    trains_every_weight: bool = False
+    long_name: str = ""  # the method in error messages ("full fine-tuning"); default: family or name
     # True when prepare_inference folds the method into the base weights; ``apply`` may turn it off for
     # the instance (nothing merges into a quantised 4-bit base)
     supports_merge: bool = False
     # True when some trainable parameter may get no gradient in a step; DDP then searches the graph
     # for them every step (find_unused_parameters), which costs time, so only such methods ask for it
     needs_unused_parameter_search: bool = False
+    has_peft_counterpart: bool = False  # ``peft_config`` gives PEFT's version (benchmark twins, parity tests)
+    exports_peft: bool = False  # a trained run exports as a PEFT LoRA adapter (lora-lab-export)
+    bench_arms: tuple[str, ...] = ()  # the arms of conf/arm that bench it; the first is its PEFT twin's
     order: int = 9  # position of the method's family in tables and plots (full 0, head 1, adapters 2, ...)
     family: str = ""  # legend entry in plots; default: the registered name
     plot_style: tuple[str, str] = ("tab:purple", "x")  # matplotlib colour and marker of the family
@@ -83,9 +103,36 @@ class Method:
     def sort_key(self) -> tuple:
         return (self.order, self.name, self.size() or 0)
 
+    def adapts_matrices(self) -> bool:
+        """Whether the method changes weight matrices with these settings, so that ``delta_weights``
+        reports some ΔW after ``apply`` (BitFit and head-only tuning change none)."""
+        return True
+
+    def expected_trainable(self, model: nn.Module) -> int | None:
+        """The number of parameters ``apply`` trains on ``model`` (not yet applied) with these settings,
+        by the method's formula over the model's sizes (``ModelDims``); None where it has no formula
+        (targets named by regular expressions, an architecture the formula does not describe)."""
+        return None
+
     # ------------------------------------------------------------ applying and reporting
     def check(self) -> None:
         """Validate the method's own settings before any model is loaded (raise ConfigError)."""
+
+    def check_files(self) -> None:
+        """Check the local files the settings name (they exist and read), before any model is loaded."""
+
+    def check_model(self, model_cfg) -> None:
+        """Refuse a model config the method cannot train (raise ConfigError): a method that trains every
+        weight has nothing to keep frozen in bf16 or 4 bits."""
+        if not self.trains_every_weight:
+            return
+        name = self.long_name or self.family or self.name
+        if model_cfg.get("dtype") == "bf16":
+            raise ConfigError("model.dtype", "bf16", f"stores the frozen weights in bf16, and {name} freezes none "
+                              "(its trainable weights stay fp32)")
+        if wants_4bit(model_cfg):
+            raise ConfigError(LOAD_IN_4BIT, True, f"quantises the frozen base to 4 bits, and {name} freezes "
+                              "nothing (a quantised weight cannot be trained); use a parameter-efficient method")
 
     def apply(self, model: nn.Module) -> None:
         """Modify ``model`` in place and set ``requires_grad`` on exactly the trained parameters."""
@@ -101,11 +148,27 @@ class Method:
         empty dict means the method changes no weight matrix (ΔW = 0 everywhere)."""
         raise NotImplementedError
 
+    def merge_layers(self, model: nn.Module) -> Iterable[nn.Module]:
+        """The layers that fold the method into their base weight (``merge()``, ``unmerge()``)."""
+        return ()
+
     def prepare_inference(self, model: nn.Module) -> None:
-        """Make inference as cheap as the method allows (e.g. merge LoRA). Default: nothing."""
+        """Make inference as cheap as the method allows: merge every layer of ``merge_layers``, unless
+        merging is off for this instance (a quantised base: the unmerged model is the inference model)."""
+        if not self.supports_merge:
+            return
+        for layer in self.merge_layers(model):
+            layer.merge()
 
     def undo_inference(self, model: nn.Module) -> None:
         """Reverse ``prepare_inference`` so training can continue."""
+        for layer in self.merge_layers(model):
+            layer.unmerge()
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module | None:
+        """``model`` with the method merged in and its layers replaced by plain base layers (for
+        deployment); None when the method has no such form."""
+        return None
 
     # ------------------------------------------------------------ the PEFT counterpart, if any
     def peft_config(self, model: nn.Module):
@@ -139,11 +202,36 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_method(cfg) -> Method:
-    name = cfg.name
+def registered_methods() -> dict[str, type[Method]]:
+    """Every registered method's class by name, in the order they were registered."""
+    return dict(_REGISTRY)
+
+
+def method_class(method_cfg) -> type[Method]:
+    """The class of ``method.name``. A name not registered yet is registered by importing the module
+    ``method.module`` names, when the config has one (a method kept outside lora_lab)."""
+    name = method_cfg.get("name")
+    module = method_cfg.get("module")
+    if name not in _REGISTRY and module is not None:
+        _import_method_module(module, name)
     if name not in _REGISTRY:
         raise ConfigError("method.name", name, f"unknown method; choose one of {available_methods()}")
-    method = _REGISTRY[name](cfg)
+    return _REGISTRY[name]
+
+
+def _import_method_module(module, name) -> None:
+    if not isinstance(module, str) or not module.strip():
+        raise ConfigError("method.module", module, "must be the name of a Python module (e.g. my_pkg.my_method)")
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigError("method.module", module, f"could not be imported: {first_line(error)}") from None
+    if name not in _REGISTRY:
+        raise ConfigError("method.module", module, f"registers no method {name!r} (@register({name!r}))")
+
+
+def build_method(cfg) -> Method:
+    method = method_class(cfg)(cfg)
     method.check()
     return method
 
@@ -151,15 +239,82 @@ def build_method(cfg) -> Method:
 def describe_method(method_cfg, resolved: dict | None = None) -> Method:
     """A method object for describing a run (label, size, order) from its recorded config, without
     validating it. A method that is not installed is described by its name alone."""
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.create(dict(method_cfg or {}))
-    cls = _REGISTRY.get(str(cfg.get("name", "")))
-    if cls is None:
+    try:
+        cls = method_class(cfg)
+    except ConfigError:
         method = Method(cfg, resolved)
         method.name = str(cfg.get("name", "?"))
         return method
     return cls(cfg, resolved)
+
+
+# ---------------------------------------------------------------- sizes for the parameter formulas
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a method's parameter formula reads from a transformers config: per layer, the
+    matrices the target aliases name, the biases and the normalisation layers."""
+
+    layers: int
+    hidden: int  # d
+    intermediate: int  # d_ff
+    q: int  # output features of q (heads x head_dim)
+    kv: int  # output features of k and of v (fewer than d with grouped-query attention)
+    vocab: int
+    layer_norm: bool  # LayerNorms with a beta and linear layers with biases (BERT, GPT-2, OPT); else RMSNorm
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    gated: bool  # a gated MLP: gate, up and down projections
+    tied: bool  # a language model's output layer is its input embedding matrix
+
+    @classmethod
+    def of(cls, config) -> ModelDims:
+        hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        intermediate = next((v for v in (getattr(config, k, None) for k in (
+            "intermediate_size", "ffn_dim", "n_inner", "hidden_dim")) if v), 4 * hidden)
+        layer_norm = not hasattr(config, "rms_norm_eps")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(layers=int(config.num_hidden_layers), hidden=hidden, intermediate=int(intermediate),
+                   q=heads * head_dim, kv=kv_heads * head_dim, vocab=int(config.vocab_size), layer_norm=layer_norm,
+                   qkv_bias=layer_norm or attention_bias or config.model_type == "qwen2",
+                   o_bias=layer_norm or attention_bias, mlp_bias=layer_norm or bool(getattr(config, "mlp_bias", False)),
+                   gated=not layer_norm, tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+    def matrix(self, target: str) -> tuple[int, int] | None:
+        """(out, in) of the matrix a target alias names in each layer; None for another name."""
+        d, ff = self.hidden, self.intermediate
+        shapes = {"q": (self.q, d), "k": (self.kv, d), "v": (self.kv, d), "o": (d, self.q), "ffn_in": (ff, d),
+                  "ffn_out": (d, ff), "gate": (ff, d)}
+        return shapes.get(canonical_alias(str(target)))
+
+    def matrices(self, targets) -> list[tuple[int, int]] | None:
+        """(out, in) of each matrix of ``targets`` in one layer; None if one is not an alias."""
+        shapes = [self.matrix(t) for t in targets]
+        return None if any(s is None for s in shapes) else shapes
+
+    @property
+    def norm_parameters(self) -> int:
+        """The normalisation layers' parameters: two per layer and one more (the embeddings' or the final)."""
+        return (2 * self.layers + 1) * self.hidden * (2 if self.layer_norm else 1)
+
+    @property
+    def bias_parameters(self) -> int:
+        """The backbone's biases: those of the linear layers and the LayerNorms' betas."""
+        d, ff = self.hidden, self.intermediate
+        per_layer = (self.q + 2 * self.kv) * self.qkv_bias + d * self.o_bias
+        per_layer += ((2 if self.gated else 1) * ff + d) * self.mlp_bias
+        norms = (2 * self.layers + 1) * d if self.layer_norm else 0
+        return self.layers * per_layer + norms
+
+
+def head_count(model: nn.Module) -> int:
+    """Parameters of the task head (``train_head``); 0 on a language model, which has none."""
+    names = head_parameter_names(model)
+    return sum(p.numel() for n, p in model.named_parameters() if n in names)
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -13,14 +13,25 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.models.architectures import head_parameter_names
+from lora_lab import rules
 from lora_lab.errors import ConfigError
-from lora_lab.methods.base import DeltaW, Method, freeze_all, register
+from lora_lab.methods.base import DeltaW, Method, ModelDims, freeze_all, head_count, register
+from lora_lab.models.architectures import head_parameter_names
 
 
 @register("bitfit")
 class BitFit(Method):
+    config_rules = {**Method.config_rules, "train_head": rules.boolean()}
+    bench_arms = ("bitfit",)
     order, family, plot_style = 4, "BitFit", ("tab:green", "^")
+
+    def adapts_matrices(self) -> bool:
+        return False
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """Every bias of the backbone (``ModelDims.bias_parameters``), and the head."""
+        head = head_count(model) if self.cfg.get("train_head", True) else 0
+        return ModelDims.of(model.config).bias_parameters + head
 
     def check(self) -> None:
         train_head = self.cfg.get("train_head", True)

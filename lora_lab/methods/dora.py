@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.errors import ConfigError
-from lora_lab.models.linear_layers import Rows, bias_rows, copy_to_weight, dense_weight, features
 from lora_lab.methods.base import PEFT_PREFIX, DeltaW, register
 from lora_lab.methods.lora import LoRA, LoRALinear
+from lora_lab.models.linear_layers import Rows, bias_rows, copy_to_weight, dense_weight, features
 
 INITS = ("kaiming", "gaussian")
 MAGNITUDE = "lora_magnitude"
@@ -108,6 +108,12 @@ class DoRALinear(LoRALinear):
 class DoRA(LoRA):
     order, family, plot_style = 3, "DoRA", ("tab:cyan", "h")
     dora = True
+    bench_arms = ("dora",)
+
+    @staticmethod
+    def matrix_parameters(r: int, d_out: int, d_in: int) -> int:
+        """LoRA's A and B plus one magnitude per output feature."""
+        return r * (d_in + d_out) + d_out
 
     def wrap(self, base: nn.Module, r: int, rows: Rows | None = None) -> DoRALinear:
         cfg = self.cfg

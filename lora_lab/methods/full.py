@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_lab.models.architectures import all_matrices, resolve_matrices
+from lora_lab import rules
 from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, register
+from lora_lab.models.architectures import all_matrices, resolve_matrices
 
 
 @register("full")
 class FullFineTuning(Method):
+    config_rules = {**Method.config_rules, "delta_targets": rules.names(empty=True)}
+    trains_every_weight, long_name = True, "full fine-tuning"
+    bench_arms = ("full",)
     order, family, plot_style = 0, "Full FT", ("black", "s")
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
 
     def apply(self, model: nn.Module) -> None:
         for p in model.parameters():

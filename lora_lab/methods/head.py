@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lora_lab import rules
+from lora_lab.errors import ConfigError
+from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, freeze_all, head_count, register
 from lora_lab.models.architectures import (
     all_matrices,
     head_parameter_names,
@@ -18,12 +21,12 @@ from lora_lab.models.architectures import (
     output_layer_is_tied,
     resolve_matrices,
 )
-from lora_lab.errors import ConfigError
-from lora_lab.methods.base import DeltaW, Method, WeightSnapshot, freeze_all, register
 
 
 @register("head")
 class HeadOnly(Method):
+    config_rules = {**Method.config_rules, "top_layers": rules.integer(0), "delta_targets": rules.names(empty=True)}
+    bench_arms = ("head",)
     order, family, plot_style = 1, "Head / FT-top-K", ("tab:gray", "v")
 
     def label(self) -> str:
@@ -36,6 +39,20 @@ class HeadOnly(Method):
     def run_tag(self) -> str:
         k = int(self.cfg.get("top_layers") or 0)
         return f"head-top{k}" if k else "head"
+
+    def adapts_matrices(self) -> bool:
+        return bool(self.cfg.get("top_layers"))  # the matrices of the top layers
+
+    def expected_trainable(self, model: nn.Module) -> int:
+        """The head, or a language model's untied output layer (vocabulary x d), plus every parameter
+        of the top K layers."""
+        k = int(self.cfg.get("top_layers") or 0)
+        head = head_count(model)
+        if not head and output_layer(model) is not None and not output_layer_is_tied(model):
+            head = sum(p.numel() for p in output_layer(model).parameters())
+        layers = layer_stack(model)[1]
+        top = list(layers)[len(layers) - k:] if k else []
+        return head + sum(p.numel() for layer in top for p in layer.parameters())
 
     def apply(self, model: nn.Module) -> None:
         k = int(self.cfg.top_layers)

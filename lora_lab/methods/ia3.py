@@ -18,8 +18,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.models.architectures import all_matrices, canonical_alias, head_parameter_names, peft_task_type, resolve_matrices
+from lora_lab import rules
 from lora_lab.errors import ConfigError
+from lora_lab.methods.base import (
+    PEFT_PREFIX,
+    DeltaW,
+    Method,
+    ModelDims,
+    freeze_all,
+    head_count,
+    register,
+    wrap_matrices,
+)
+from lora_lab.models.architectures import (
+    all_matrices,
+    canonical_alias,
+    head_parameter_names,
+    peft_task_type,
+    resolve_matrices,
+)
 from lora_lab.models.linear_layers import (
     Rows,
     attach,
@@ -31,7 +48,6 @@ from lora_lab.models.linear_layers import (
     is_quantized,
     transposed,
 )
-from lora_lab.methods.base import PEFT_PREFIX, DeltaW, Method, freeze_all, register, wrap_matrices
 
 PARAMETER = "ia3_l"
 
@@ -77,10 +93,10 @@ class IA3Linear(nn.Module):
             return
         weight, bias = dense_weight(self.base, self.rows), bias_rows(self.base, self.rows)
         unmerged = (weight.detach().clone(), None if bias is None else bias.detach().clone())
-        l = self.ia3_l.detach()
-        copy_to_weight(self.base, self.scaled(weight.float(), l.float()), self.rows)
+        vector = self.ia3_l.detach().float()
+        copy_to_weight(self.base, self.scaled(weight.float(), vector), self.rows)
         if bias is not None and not self.feedforward:
-            bias.copy_((bias.float() * l.float()).to(bias.dtype))
+            bias.copy_((bias.float() * vector).to(bias.dtype))
         self._unmerged = unmerged
         self.merged = True
 
@@ -117,7 +133,11 @@ def _as_list(value) -> list:
 
 @register("ia3")
 class IA3(Method):
+    config_rules = {**Method.config_rules, "targets": rules.names(), "train_head": rules.boolean(),
+                    "feedforward": rules.names(empty=True)}
     supports_merge = True
+    has_peft_counterpart = True
+    bench_arms = ("ia3",)
     order, family, plot_style = 5, "(IA)³", ("tab:red", "P")
 
     def label(self) -> str:
@@ -142,11 +162,23 @@ class IA3(Method):
         if not isinstance(cfg.get("train_head"), bool):
             raise ConfigError("method.train_head", cfg.get("train_head"), "must be true or false")
 
+    def expected_trainable(self, model: nn.Module) -> int | None:
+        """One vector per adapted matrix and layer: out features, in features for input scaling."""
+        targets = _as_list(self.cfg.get("targets"))
+        dims = ModelDims.of(model.config)
+        shapes = dims.matrices(targets)
+        if shapes is None:
+            return None
+        feedforward = {canonical_alias(t) for t in _as_list(self.cfg.get("feedforward"))}
+        vectors = sum(d_in if canonical_alias(t) in feedforward else d_out for t, (d_out, d_in) in zip(targets, shapes))
+        return dims.layers * vectors + (head_count(model) if self.cfg.get("train_head") else 0)
+
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
         matrices = all_matrices(resolve_matrices(model, _as_list(cfg.targets), key="method.targets"))
         feedforward = _as_list(cfg.get("feedforward"))
-        ff_matrices = all_matrices(resolve_matrices(model, feedforward, key="method.feedforward") if feedforward else {})
+        ff_matrices = all_matrices(resolve_matrices(model, feedforward, key="method.feedforward")
+                                   if feedforward else {})
         self.adapted: list[str] = [m.name for m in matrices]
         self.feedforward_modules: list[str] = [m.name for m in ff_matrices]
         part = next((m for m in ff_matrices if m.part is not None), None)
@@ -181,15 +213,8 @@ class IA3(Method):
             out[name] = DeltaW(dense=m.delta().cpu(), base=base, kind="ia3")
         return out
 
-    def prepare_inference(self, model: nn.Module) -> None:
-        if not self.supports_merge:  # a quantised base: the unmerged model is the inference model
-            return
-        for m in self.ia3_modules(model).values():
-            m.merge()
-
-    def undo_inference(self, model: nn.Module) -> None:
-        for m in self.ia3_modules(model).values():
-            m.unmerge()
+    def merge_layers(self, model: nn.Module) -> list[IA3Linear]:
+        return list(self.ia3_modules(model).values())
 
     def peft_config(self, model: nn.Module):
         """PEFT's IA3Config for the same vectors; None when parts of a fused layer are scaled (PEFT's
@@ -207,6 +232,7 @@ class IA3(Method):
         """PEFT keeps (out_features, 1) vectors for output scaling and (1, in_features) for input scaling."""
         out = {}
         for name, m in self.ia3_modules(model).items():
-            l = m.ia3_l.detach()
-            out[f"{PEFT_PREFIX}{name}.{PARAMETER}.default"] = l.reshape(1, -1) if m.feedforward else l.reshape(-1, 1)
+            vector = m.ia3_l.detach()
+            shape = (1, -1) if m.feedforward else (-1, 1)
+            out[f"{PEFT_PREFIX}{name}.{PARAMETER}.default"] = vector.reshape(shape)
         return out

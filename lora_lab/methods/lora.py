@@ -25,8 +25,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from lora_lab import rules
+from lora_lab.errors import ConfigError, first_line
+from lora_lab.methods.base import (
+    PEFT_PREFIX,
+    DeltaW,
+    Method,
+    ModelDims,
+    freeze_all,
+    head_count,
+    matrix_shape,
+    register,
+    wrap_matrices,
+)
 from lora_lab.models.architectures import (
     all_matrices,
     get_submodule_parent,
@@ -34,7 +49,6 @@ from lora_lab.models.architectures import (
     peft_task_type,
     resolve_matrices,
 )
-from lora_lab.errors import ConfigError, first_line
 from lora_lab.models.linear_layers import (
     FusedParts,
     Rows,
@@ -45,15 +59,6 @@ from lora_lab.models.linear_layers import (
     float_dtype,
     is_quantized,
     transposed,
-)
-from lora_lab.methods.base import (
-    PEFT_PREFIX,
-    DeltaW,
-    Method,
-    freeze_all,
-    matrix_shape,
-    register,
-    wrap_matrices,
 )
 from lora_lab.peft.importer import check_settings, is_adapter_folder, load_adapter, lora_scaling, read_adapter
 
@@ -156,8 +161,22 @@ class LoRALinear(nn.Module):
 
 @register("lora")
 class LoRA(Method):
+    config_rules = {
+        **Method.config_rules,
+        "r": rules.integer(1, null=True, say_null=False),  # null: chosen from method.budget
+        "alpha": rules.number(0, low_open=True),
+        "dropout": rules.number(0, 1, high_open=True),
+        "targets": rules.names(),
+        "rslora": rules.boolean(),
+        "init": rules.text(),
+        "train_head": rules.boolean(),
+        "budget": rules.integer(1, null=True),
+        "init_from": rules.text(null=True),
+    }
     supports_merge = True
+    has_peft_counterpart = exports_peft = True
     dora = False  # whether the layers carry DoRA's magnitudes (what a PEFT adapter must match)
+    bench_arms = ("lora_r8", "lora_r1", "lora_r64")
     order, family, plot_style = 3, "LoRA", ("tab:blue", "o")
 
     def rank(self) -> int | None:
@@ -211,6 +230,27 @@ class LoRA(Method):
         if cfg.get("init_from") and is_adapter_folder(cfg.init_from):
             check_settings(read_adapter(cfg.init_from), cfg, dora=self.dora)
 
+    def check_files(self) -> None:
+        if self.cfg.get("init_from"):
+            factors_file(self.cfg.init_from)
+
+    def expected_trainable(self, model: nn.Module) -> int | None:
+        """r (d_in + d_out) per adapted matrix (r from the budget when one is set), and the head."""
+        dims = ModelDims.of(model.config)
+        shapes = dims.matrices(self.cfg.get("targets") or [])
+        if shapes is None:
+            return None
+        r = self.cfg.get("r")
+        if self.cfg.get("budget") is not None:
+            r = rank_for_budget(int(self.cfg.budget), shapes * dims.layers)
+        count = dims.layers * sum(self.matrix_parameters(int(r), d_out, d_in) for d_out, d_in in shapes)
+        return count + (head_count(model) if self.cfg.get("train_head") else 0)
+
+    @staticmethod
+    def matrix_parameters(r: int, d_out: int, d_in: int) -> int:
+        """The trained parameters of one adapted d_out x d_in matrix: A and B."""
+        return r * (d_in + d_out)
+
     def apply(self, model: nn.Module) -> None:
         cfg = self.cfg
         matrices = all_matrices(resolve_matrices(model, cfg.targets))
@@ -253,9 +293,6 @@ class LoRA(Method):
         """Start A and B from an earlier run's trainable state (the LoRA paper starts MRPC, RTE and
         STS-B from the MNLI LoRA weights). The head is not loaded: label sets differ between tasks.
         A PEFT adapter folder gives its factors and, when it saved a head that fits, the head."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         if is_adapter_folder(source):
             load_adapter(read_adapter(source), model, self.lora_modules(model), head_parameter_names(model), self.cfg)
             return
@@ -291,15 +328,11 @@ class LoRA(Method):
             out[name] = DeltaW(B=B, A=A, base=residual, kind="lora")
         return out
 
-    def prepare_inference(self, model: nn.Module) -> None:
-        if not self.supports_merge:  # a quantised base: the unmerged model is the inference model
-            return
-        for m in self.lora_modules(model).values():
-            m.merge()
+    def merge_layers(self, model: nn.Module) -> list[LoRALinear]:
+        return list(self.lora_modules(model).values())
 
-    def undo_inference(self, model: nn.Module) -> None:
-        for m in self.lora_modules(model).values():
-            m.unmerge()
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        return merge_and_unload(model)
 
     def peft_config(self, model: nn.Module):
         """PEFT's LoraConfig for the same adapter; None when fused parts are adapted (PEFT adapts whole
@@ -385,8 +418,6 @@ def factors_file(source) -> Path:
     """The file ``method.init_from`` names (a run directory, a .safetensors file or a PEFT LoRA adapter
     folder), checked before any model is loaded: it exists, its header reads (a truncated or foreign
     file does not) and it holds LoRA factors. For an adapter folder: the folder."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(str(source)).expanduser()
     if is_adapter_folder(path):
         read_adapter(source)

@@ -27,15 +27,12 @@ def wants_4bit(model_cfg) -> bool:
 
 
 def check_4bit_settings(cfg) -> None:
-    """What a 4-bit base refuses in the config itself, on any machine: full fine-tuning (a quantised
-    weight cannot be trained), a device other than the GPU it is loaded on, a dtype it cannot compute in."""
+    """What a 4-bit base refuses in the config itself, on any machine: a device other than the GPU it is
+    loaded on, a dtype it cannot compute in. A method that trains every weight refuses it itself
+    (``Method.check_model``)."""
     model = cfg.model
     if not wants_4bit(model):
         return
-    method = cfg.get("method") or {}
-    if method.get("name") == "full":
-        raise ConfigError(KEY, True, "quantises the frozen base to 4 bits, and full fine-tuning freezes nothing "
-                          "(a quantised weight cannot be trained); use a parameter-efficient method")
     dtype = model.get("dtype") or "fp32"
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError("model.dtype", dtype, f"must be one of {list(COMPUTE_DTYPES)} with {KEY}=true")

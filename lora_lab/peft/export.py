@@ -31,10 +31,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lora_lab.runtime import records
 from lora_lab.errors import ConfigError, first_line
+from lora_lab.methods import registered_methods
+from lora_lab.runtime import records
 
-EXPORTABLE = ("lora", "dora")  # the methods with a PEFT LoRA counterpart
+EXPORTABLE = tuple(name for name, cls in registered_methods().items() if cls.exports_peft)  # lora, dora
 ADAPTER_DIR = "peft_adapter"  # where a run directory keeps its own export (logger.log_model=true)
 WRITTEN = ("adapter_config.json", "adapter_model.safetensors")
 UMASK = os.umask(0o022)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from lora_lab.config.launch import launched_world_size
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -67,11 +69,6 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             torch_dist.barrier()
-
-
-def launched_world_size() -> int:
-    """The number of processes ``torchrun`` started for this run (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def adopt_submitit_environment() -> None:

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file  # noqa: F401 - load_file is read through records
 
-from lora_lab.config.validate import is_integer, is_number
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods.base import DeltaW
+from lora_lab.rules import is_integer, is_number
 from lora_lab.tensor_files import UnreadableTensors, read_header, read_tensors
 
 RECORD_FILE = "record.json"
