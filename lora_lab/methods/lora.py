@@ -204,7 +204,8 @@ class LoRA(Method):
         return lines
 
     def run_tag(self) -> str:
-        return f"{self.name}-r{self.rank()}"
+        # the setting as given: a folder name is resolved before the config is checked (method.r=abc)
+        return f"{self.name}-r{self.resolved.get('r') or self.cfg.get('r')}"
 
     def sort_key(self) -> tuple:
         return (self.order, self.name, len(self.cfg.get("targets") or []), self.rank() or 0)
