@@ -9,9 +9,9 @@ adapter_model.safetensors are downloaded (nothing else), and a failed download i
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from huggingface_hub import snapshot_download
 

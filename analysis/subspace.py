@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -381,7 +381,7 @@ class RunDeltas:
     rank: int | None = None
 
     @classmethod
-    def from_deltas(cls, label: str, deltas: dict[str, DeltaW], rank: int | None = None) -> "RunDeltas":
+    def from_deltas(cls, label: str, deltas: dict[str, DeltaW], rank: int | None = None) -> RunDeltas:
         return cls(label, {n: tuple(d.shape) for n, d in deltas.items()}, deltas.__getitem__,
                    {n: d.B is not None and d.A is not None for n, d in deltas.items()}, rank)
 

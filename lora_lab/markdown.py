@@ -1,7 +1,7 @@
 """The one Markdown table writer of the project (comparison, paper tables, subspace report, benchmark)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 _RULES = {None: "---", "l": ":---", "r": "---:"}
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from warm_cli import WarmCli
 
 import lora_lab.config.compose  # noqa: F401 - registers the resolvers the configs use (${pick:}, ${run_key:}, ...)
 
@@ -77,3 +79,18 @@ def batch(seed: int = 1, size: int = 4, length: int = 10):
 @pytest.fixture
 def inputs():
     return batch()
+
+
+def pytest_collection_finish(session):
+    """Every test module is imported by now: move what exists (mostly modules) out of the garbage
+    collector's reach, so that the trainer's own gc.collect() calls scan only what the tests create."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="session")
+def warm_cli(tmp_path_factory):
+    """``lora-lab`` commands as forked processes of one warm interpreter (tests/warm_cli.py)."""
+    cli = WarmCli(tmp_path_factory.mktemp("warm_cli"))
+    yield cli
+    cli.close()

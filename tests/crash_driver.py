@@ -26,8 +26,7 @@ def arm(point: str, n: int) -> None:
     import torch
 
     from lora_lab.runtime import checkpoint, records
-
-    from lora_lab.trainer import train
+    from lora_lab.trainer import evaluation
 
     calls = {"count": 0}
 
@@ -87,14 +86,14 @@ def arm(point: str, n: int) -> None:
 
         records.save_file = save_file
     elif point == "eval":
-        original_eval = train.evaluate
+        original_eval = evaluation.evaluate
 
         def evaluate(*args, **kwargs):
             if nth():
                 die()
             return original_eval(*args, **kwargs)
 
-        train.evaluate = evaluate
+        evaluation.evaluate = evaluate
     elif point == "best":
         original_best = checkpoint.save_best
 

@@ -2,8 +2,8 @@
 trades compute for activation memory. Neither changes what is learned."""
 import pytest
 import torch
-
 from conftest import compose_config, method_cfg
+
 from lora_lab.errors import ConfigError
 from lora_lab.methods import available_methods, build_method
 from lora_lab.models.loading import enable_gradient_checkpointing, load_model

@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import method_cfg, tiny_bert, tiny_distilbert
-from lora_lab.models.architectures import head_parameter_names, layer_norm_parameter_names
+
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.methods.adapter import WithAdapter
+from lora_lab.models.architectures import head_parameter_names, layer_norm_parameter_names
 
 
 def adapter(model, **overrides):

@@ -9,7 +9,6 @@ import wandb
 from omegaconf import OmegaConf
 
 from lora_lab.cli import agent
-
 from lora_lab.runtime import records
 
 FIXED = ["experiment=smoke", "method=lora", "trainer.threads=1"]

@@ -1,9 +1,9 @@
 import pytest
-
 from conftest import method_cfg, tiny_bert, tiny_distilbert, tiny_roberta
-from lora_lab.models.architectures import head_parameter_names, layer_stack, resolve_targets
+
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
+from lora_lab.models.architectures import head_parameter_names, layer_stack, resolve_targets
 
 
 @pytest.mark.parametrize("make,query,ffn_out", [

@@ -228,6 +228,7 @@ def shipped_options():
 def test_every_shipped_config_passes_the_checks(option, inputs):
     """The checks refuse bad input, never a config the project ships."""
     from conftest import compose_config
+
     from lora_lab.config.validate import check_config
 
     extra = expand(files("good.csv"), inputs) if option == "data=files" else []

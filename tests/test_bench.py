@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from lora_lab import bench
-
-from lora_lab.runtime import timing
 from lora_lab.bench import variants
 from lora_lab.config.compose import compose
 from lora_lab.methods import registered_methods
+from lora_lab.runtime import timing
 
 ROOT = Path(__file__).resolve().parent.parent
 # every method's arms, and the first arm of each method with a PEFT counterpart
@@ -200,6 +199,7 @@ def test_bench_config_reuses_the_model_and_data_groups():
 
 def test_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_optimiser_state():
     from conftest import tiny_bert
+
     from lora_lab.bench.memory import memory_breakdown
     from lora_lab.errors import ConfigError
 

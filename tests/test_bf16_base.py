@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config, method_cfg
 from safetensors.torch import load_file
 
-from conftest import compose_config, method_cfg
-from lora_lab.runtime import records
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.models.loading import cast_trainable_to_fp32, load_model
+from lora_lab.runtime import records
 
 SMOKE = ["experiment=smoke", "model.dtype=bf16"]
 

@@ -1,13 +1,13 @@
 """BitFit: only the backbone's biases and the task head train; every weight matrix stays as it was."""
 import pytest
 import torch
-
 from conftest import batch, compose_config, method_cfg, tiny_bert, tiny_distilbert
-from lora_lab.runtime import records
-from lora_lab.models.architectures import head_parameter_names
+
 from lora_lab.errors import ConfigError
-from lora_lab.runtime.measure import parameter_counts
 from lora_lab.methods import available_methods, build_method, describe_method
+from lora_lab.models.architectures import head_parameter_names
+from lora_lab.runtime import records
+from lora_lab.runtime.measure import parameter_counts
 
 LABELS = torch.tensor([0, 1, 0, 1])
 HEAD = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}

@@ -9,19 +9,20 @@ import sys
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from lora_lab.data import lm_data
-from lora_lab.tasks import generation_eval
-from lora_lab.data.loading import Collator, build_splits, cache_key, load_task_data
-from lora_lab.runtime.distributed import Distributed
-from lora_lab.errors import ConfigError
-from lora_lab.tasks.metrics import is_better
-from lora_lab.data.sampling import evaluation_loader
-from lora_lab.tasks.task_types import TASK_TYPES, main_metric, objective
-from lora_lab.trainer.train import evaluate, gold_labels, global_loss
 from lora_lab.config.validate import check_config
+from lora_lab.data import lm_data
+from lora_lab.data.loading import Collator, build_splits, cache_key, load_task_data
+from lora_lab.data.sampling import evaluation_loader
+from lora_lab.errors import ConfigError
+from lora_lab.runtime.distributed import Distributed
+from lora_lab.tasks import generation_eval
+from lora_lab.tasks.metrics import is_better
+from lora_lab.tasks.task_types import TASK_TYPES, main_metric, objective
+from lora_lab.trainer.evaluation import evaluate, gold_labels
+from lora_lab.trainer.loop import global_loss
 
 LM = TASK_TYPES["causal_lm"]
 TINY_GPT2 = "model=tiny_gpt2"  # a random decoder with the embedded tokenizer
@@ -296,7 +297,7 @@ def smoke_config(tmp_path, *overrides):
 
 def test_a_causal_lm_trains_and_records_perplexity_and_generation_metrics(tmp_path, monkeypatch, one_torch_thread):
     from lora_lab.runtime import records
-    from lora_lab.trainer import train
+    from lora_lab.trainer import evaluation, train
 
     run_dir = tmp_path / "run"
     record = train.run_training(smoke_config(tmp_path, "trainer.keep_checkpoint=true"), run_dir)
@@ -314,6 +315,6 @@ def test_a_causal_lm_trains_and_records_perplexity_and_generation_metrics(tmp_pa
     assert set(record["generations"]["best"]["test"][0]) == {"prompt", "references", "generation"}
 
     # resumed from its checkpoint, the run reads the pre-trained model's metrics instead of evaluating it again
-    monkeypatch.setattr(train, "pretrained_baseline", lambda *a, **k: pytest.fail("baseline evaluated again"))
+    monkeypatch.setattr(evaluation, "pretrained_baseline", lambda *a, **k: pytest.fail("baseline evaluated again"))
     again = train.run_training(smoke_config(tmp_path, "trainer.keep_checkpoint=true"), run_dir)
     assert again["baseline"] == baseline

@@ -1,7 +1,6 @@
 import pytest
-from hydra.errors import ConfigCompositionException
-
 from conftest import CONF, compose_config
+from hydra.errors import ConfigCompositionException
 
 
 def options(group):

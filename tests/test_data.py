@@ -2,8 +2,8 @@ import csv
 
 import pytest
 import torch
-
 from conftest import compose_config
+
 from lora_lab.data import loading as data_module
 from lora_lab.data.loading import Collator, load_task_data
 from lora_lab.errors import ConfigError

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, compose_config
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, compose_config
-from lora_lab.models import quantization
+from lora_lab.config.validate import check_config
 from lora_lab.errors import ConfigError
+from lora_lab.models import quantization
 from lora_lab.models.files import check_model_files, max_positions
 from lora_lab.models.loading import is_causal_decoder, is_decoder, load_model, load_tokenizer, pooling_of
 from lora_lab.models.pooling import PooledClassifier
-from lora_lab.config.validate import check_config
 
 ARCHS = ["bert", "gpt2", "llama", "qwen2", "mistral", "opt", "gemma"]
 PREFIX = {"bert": "Bert", "gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral",

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose_config
 from test_train import SMOKE, cli
 
@@ -85,8 +84,8 @@ def test_label_smoothing_zero_is_the_models_loss_and_smoothing_follows_its_formu
 
 
 def test_label_smoothing_on_regression_is_one_line():
-    from lora_lab.errors import ConfigError
     from lora_lab.config.validate import check_config
+    from lora_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.label_smoothing=0.1: applies to cross-entropy losses"):
         check_config(compose_config("data.task_type=regression", "trainer.label_smoothing=0.1"))

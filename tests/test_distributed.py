@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import batch, compose_config, method_cfg, tiny_bert
 from safetensors.torch import load_file
+from test_resume import DRIVER
 
-from lora_lab.runtime import records
-from lora_lab.runtime.distributed import Distributed
 from lora_lab.data.sampling import EpochBatches, EpochSampler
 from lora_lab.methods import available_methods
-
-from conftest import batch, compose_config, method_cfg, tiny_bert
-from test_resume import DRIVER
+from lora_lab.runtime import records
+from lora_lab.runtime.distributed import Distributed
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # 57 examples: 7 full global batches of 8 and one of a single example, so rank 1 gets a stand-in
@@ -63,7 +62,7 @@ def one_rank_group(tmp_path):
 @pytest.mark.parametrize("method", available_methods())
 def test_every_method_trains_under_ddp_without_searching_for_unused_parameters(one_rank_group, method):
     from lora_lab.methods import build_method
-    from lora_lab.trainer.train import wrap_distributed
+    from lora_lab.trainer.setup import wrap_distributed
 
 
     model = tiny_bert()
@@ -144,8 +143,8 @@ def test_killed_torchrun_resumes_to_the_same_result(two_process_run, tmp_path):
 
 
 def test_world_size_is_not_an_override():
-    from lora_lab.errors import ConfigError
     from lora_lab.config.validate import check_config
+    from lora_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.world_size=2: is the number of processes torchrun started"):
         check_config(compose_config(*RUN, "trainer.world_size=2"))

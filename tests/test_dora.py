@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import batch, compose_config, method_cfg, tiny_bert
+
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method, describe_method
 from lora_lab.methods.dora import DoRALinear

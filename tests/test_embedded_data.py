@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_config
+
 from lora_lab.data.conll import read_conll
 from lora_lab.data.embedded import EMBEDDED_DATASETS
 from lora_lab.errors import ConfigError

@@ -1,13 +1,13 @@
 import pytest
 import torch
-
 from conftest import batch, compose_config, method_cfg, tiny_bert
-from lora_lab.runtime import measure, records
-from lora_lab.models.architectures import head_parameter_names
+
+from lora_lab.bench.peft_twin import build_peft_twin
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method, describe_method
 from lora_lab.methods.ia3 import IA3, IA3Linear
-from lora_lab.bench.peft_twin import build_peft_twin
+from lora_lab.models.architectures import head_parameter_names
+from lora_lab.runtime import measure, records
 
 
 def ia3(model, **overrides):

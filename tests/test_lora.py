@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import method_cfg, tiny_bert
+
 from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.methods.lora import LoRALinear, merge_and_unload

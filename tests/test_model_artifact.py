@@ -9,10 +9,10 @@ import types
 import pytest
 import torch
 import wandb
-
 from conftest import batch, compose_config
-from lora_lab.runtime import records
+
 from lora_lab.peft.export import ADAPTER_DIR, rebuild_run
+from lora_lab.runtime import records
 from lora_lab.runtime.tracking import Tracker, model_artifact_name
 from lora_lab.trainer.train import run_training
 
@@ -93,8 +93,8 @@ def test_no_artifact_unless_asked_and_none_without_wandb(tmp_path, capsys):
 
 
 def test_log_model_is_off_by_default_and_checked():
-    from lora_lab.errors import ConfigError
     from lora_lab.config.validate import check_config
+    from lora_lab.errors import ConfigError
 
     assert compose_config().logger.log_model is False
     assert compose_config("logger=disabled").logger.log_model is False

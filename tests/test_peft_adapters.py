@@ -25,7 +25,7 @@ from lora_lab.peft.adapter_config import LoraAdapterConfig
 from lora_lab.peft.export import export_run, main
 from lora_lab.runtime import records
 from lora_lab.runtime.checkpoint import trainable_state
-from lora_lab.trainer.train import set_seed
+from lora_lab.runtime.seeding import set_seed
 
 peft = pytest.importorskip("peft")
 
@@ -33,7 +33,7 @@ LABELS = ["neg", "pos"]
 SMOKE = ["experiment=smoke", "logger=disabled"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(overrides: tuple[str, ...]):
     return compose_config(*SMOKE, *overrides)
 

@@ -5,17 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, batch, compose_config, method_cfg, tiny_bert, tiny_distilbert, tiny_roberta
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from conftest import CONF, batch, compose_config, method_cfg, tiny_bert, tiny_distilbert, tiny_roberta
-from lora_lab.models.architectures import head_parameter_names, layer_stack, resolve_targets
 from lora_lab.errors import ConfigError
-from lora_lab.runtime.measure import parameter_counts
 from lora_lab.methods import build_method
+from lora_lab.models.architectures import head_parameter_names, layer_stack, resolve_targets
 from lora_lab.models.files import embedded_model_path
 from lora_lab.models.loading import load_model, pooling_of
 from lora_lab.models.pooling import PooledClassifier, declared_pooling, resolve_pooling
+from lora_lab.runtime.measure import parameter_counts
 
 MINILM = "all-MiniLM-L6-v2"
 CLASSIFIER = {"classifier.weight", "classifier.bias"}

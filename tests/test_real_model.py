@@ -1,7 +1,7 @@
 """Slow: the real embedded MiniLM-L6 on real Rotten Tomatoes snippets (1-2 minutes each on 2 cores)."""
 import pytest
-
 from conftest import compose_config
+
 from lora_lab.runtime import records
 from lora_lab.trainer.train import run_training
 
@@ -29,12 +29,12 @@ def test_peft_twin_gives_our_logits_on_the_real_model(arm):
     import copy
 
     import torch
-
     from conftest import batch
+
+    from lora_lab.bench.peft_twin import build_peft_twin
     from lora_lab.config.compose import arm_method
     from lora_lab.methods import build_method
     from lora_lab.models.loading import load_model
-    from lora_lab.bench.peft_twin import build_peft_twin
 
     cfg = compose_config()
     torch.manual_seed(0)

@@ -11,13 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab.runtime import records
 from lora_lab.analysis import compare, tables
 from lora_lab.analysis.subspace_report import main as report_main
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
-from lora_lab.runtime.records import (DELTA_FILE, LAST_STATE_FILE, RECORD_FILE, STATE_FILE, load_delta_weights, load_record,
-                              save_delta_weights, save_tensors, write_json)
+from lora_lab.runtime import records
+from lora_lab.runtime.records import (
+    DELTA_FILE,
+    LAST_STATE_FILE,
+    RECORD_FILE,
+    STATE_FILE,
+    load_delta_weights,
+    load_record,
+    save_delta_weights,
+    save_tensors,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"name": "lora", "r": 2, "alpha": 8, "targets": ["q", "v"], "rslora": False, "init": "kaiming"}

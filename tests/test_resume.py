@@ -1,5 +1,6 @@
 """Killed runs resume to the same result, bit for bit on CPU; sweeps survive failing jobs and skip
-completed ones. Every run here is a real ``lora-lab`` process."""
+completed ones. Every run here is a ``lora-lab`` process of its own: forked from a warm interpreter
+(tests/warm_cli.py), or started as a fresh interpreter where the start itself belongs to the test."""
 import json
 import os
 import signal
@@ -18,10 +19,15 @@ DRIVER = str(Path(__file__).with_name("crash_driver.py"))
 RUN = ["experiment=smoke", "logger=disabled", "trainer.epochs=2", "trainer.checkpoint_every=3"]
 
 
-def lora_lab(*args, cwd, driver=None, check=True):
+def lora_lab(*args, cwd, driver=None, check=True, warm=None):
+    """The command (under crash_driver.py's kill point ``driver``, if given), forked by ``warm`` if
+    given, else in a fresh interpreter."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    command = [sys.executable, DRIVER, *driver] if driver else [sys.executable, "-m", "lora_lab.cli.main"]
-    out = subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    if warm is not None:
+        out = warm.run(args, cwd=cwd, env=env, driver=driver)
+    else:
+        command = [sys.executable, DRIVER, *driver] if driver else [sys.executable, "-m", "lora_lab.cli.main"]
+        out = subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -50,14 +56,14 @@ def run_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, warm_cli):
     root = tmp_path_factory.mktemp("reference")
-    lora_lab(*run_args(root, "run"), cwd=root)
+    lora_lab(*run_args(root, "run"), cwd=root, warm=warm_cli)
     return result(root / "run")
 
 
 def test_same_config_same_result_in_two_processes(reference, tmp_path):
-    lora_lab(*run_args(tmp_path, "run"), cwd=tmp_path)
+    lora_lab(*run_args(tmp_path, "run"), cwd=tmp_path)  # a fresh interpreter; the reference is a forked one
     record = records.load_record(tmp_path / "run")
     assert_same(result(tmp_path / "run"), reference)
     assert record["resumes"] == [] and record["measurements"]["checkpoints_written"] == 7  # 5 by step, 2 epoch ends
@@ -73,16 +79,16 @@ def test_same_config_same_result_in_two_processes(reference, tmp_path):
     ("best", 1),              # best-epoch state written, its checkpoint not yet
     ("finish", 1),            # training done, final files half written
 ])
-def test_killed_run_resumes_to_the_same_result(reference, tmp_path, point, n):
+def test_killed_run_resumes_to_the_same_result(reference, tmp_path, point, n, warm_cli):
     args = run_args(tmp_path, "run")
-    killed = lora_lab(*args, cwd=tmp_path, driver=[point, str(n)], check=False)
+    killed = lora_lab(*args, cwd=tmp_path, driver=[point, str(n)], check=False, warm=warm_cli)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     record_path = tmp_path / "run" / records.RECORD_FILE
     assert not record_path.exists() or json.loads(record_path.read_text())["status"] != "completed"
     for path in (tmp_path / "run").rglob("*.safetensors"):  # whatever exists is complete
         load_file(str(path))
 
-    resumed = lora_lab(*args, cwd=tmp_path)
+    resumed = lora_lab(*args, cwd=tmp_path, warm=warm_cli)
     assert_same(result(tmp_path / "run"), reference)
     record = records.load_record(tmp_path / "run")
     if (point, n) == ("step", 2):
@@ -92,22 +98,24 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, point, n):
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
-def test_killed_run_with_gradient_accumulation_resumes_to_the_same_result(tmp_path):
+def test_killed_run_with_gradient_accumulation_resumes_to_the_same_result(tmp_path, warm_cli):
     """Micro-batches of 4, two per optimiser step: checkpoints fall between optimiser steps, and a
     run killed inside a group resumes from the last one to the uninterrupted result."""
     extra = ["trainer.batch_size=4", "trainer.grad_accum=2"]
-    lora_lab(*run_args(tmp_path, "reference", *extra), cwd=tmp_path)
-    killed = lora_lab(*run_args(tmp_path, "run", *extra), cwd=tmp_path, driver=["step", "5"], check=False)
+    lora_lab(*run_args(tmp_path, "reference", *extra), cwd=tmp_path, warm=warm_cli)
+    killed = lora_lab(*run_args(tmp_path, "run", *extra), cwd=tmp_path, driver=["step", "5"], check=False,
+                      warm=warm_cli)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    lora_lab(*run_args(tmp_path, "run", *extra), cwd=tmp_path)
+    lora_lab(*run_args(tmp_path, "run", *extra), cwd=tmp_path, warm=warm_cli)
     assert_same(result(tmp_path / "run"), result(tmp_path / "reference"))
     record = records.load_record(tmp_path / "run")
     assert record["resumes"] == [{"step": 3, "epoch": 1}] and record["last"]["step"] == 16
 
 
-def test_sigterm_checkpoints_and_exits_143_then_resumes(reference, tmp_path):
+def test_sigterm_checkpoints_and_exits_143_then_resumes(reference, tmp_path, warm_cli):
     args = run_args(tmp_path, "run")
     env = {**os.environ, "WANDB_MODE": "disabled"}
+    # a fresh interpreter: the exit status on a signal is the process's
     # the driver's "slow" point sleeps in every step so that the signal lands mid-training
     process = subprocess.Popen([sys.executable, DRIVER, "slow", "1", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,14 +130,14 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(reference, tmp_path):
     record = json.loads((tmp_path / "run" / records.RECORD_FILE).read_text())
     assert record["status"] == "preempted" and record["error_kind"] == "preempted"
 
-    lora_lab(*args, cwd=tmp_path)
+    lora_lab(*args, cwd=tmp_path, warm=warm_cli)
     assert_same(result(tmp_path / "run"), reference)
 
 
-def test_checkpoint_of_another_config_is_refused_in_one_line(tmp_path):
+def test_checkpoint_of_another_config_is_refused_in_one_line(tmp_path, warm_cli):
     args = run_args(tmp_path, "run")
-    lora_lab(*args, cwd=tmp_path, driver=["step", "11"], check=False)
-    out = lora_lab(*args, "trainer.lr=0.002", "seed=1", cwd=tmp_path, check=False)
+    lora_lab(*args, cwd=tmp_path, driver=["step", "11"], check=False, warm=warm_cli)
+    out = lora_lab(*args, "trainer.lr=0.002", "seed=1", cwd=tmp_path, check=False, warm=warm_cli)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, out.stderr
@@ -137,11 +145,11 @@ def test_checkpoint_of_another_config_is_refused_in_one_line(tmp_path):
     assert "seed: 0 -> 1" in errors[0]
 
 
-def test_sweep_records_raise_and_nan_then_rerun_skips_completed_jobs(tmp_path):
+def test_sweep_records_raise_and_nan_then_rerun_skips_completed_jobs(tmp_path, warm_cli):
     sweep = tmp_path / "sweep"
     args = ["-m", *RUN, f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", "seed=0,1,2"]
     # seed=1: NaN loss at its 5th step; seed=2: raises at its 5th step (after the checkpoint at step 3)
-    first = lora_lab(*args, cwd=tmp_path, driver=["faults", "5"])
+    first = lora_lab(*args, cwd=tmp_path, driver=["faults", "5"], warm=warm_cli)
     status = {}
     for run_dir in records.find_run_dirs(sweep):
         record = json.loads((run_dir / records.RECORD_FILE).read_text())
@@ -153,7 +161,7 @@ def test_sweep_records_raise_and_nan_then_rerun_skips_completed_jobs(tmp_path):
     completed = sweep / "0_lora"
     mtime = (completed / records.RECORD_FILE).stat().st_mtime_ns
 
-    second = lora_lab(*args, cwd=tmp_path, driver=["faults", "5"])
+    second = lora_lab(*args, cwd=tmp_path, driver=["faults", "5"], warm=warm_cli)
     assert second.stdout.count("already completed, skipped") == 1
     assert (completed / records.RECORD_FILE).stat().st_mtime_ns == mtime
     assert second.stderr.count("the sweep goes on") == 2  # the other two ran again

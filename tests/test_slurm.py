@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
 from lora_lab.runtime import records
 
 

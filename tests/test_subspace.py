@@ -12,16 +12,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_lab.analysis.subspace import (
+    AnalysisOptions,
+    RunDeltas,
+    amplification_table,
+    analyse_runs,
+    dense_svd,
+    effective_rank,
+    expected_random_phi,
+    factor_basis,
+    factored_svd,
+    match_modules,
+    orthonormal_basis,
+    phi_matrix,
+    random_phi,
+    split_module_name,
+    subspace_similarity,
+)
+from lora_lab.analysis.subspace_report import DeltaFile
+from lora_lab.analysis.subspace_report import main as report_main
 from lora_lab.bench import subspace as bench_subspace
-from lora_lab.analysis.subspace import (AnalysisOptions, RunDeltas, amplification_table, analyse_runs, dense_svd,
-                               factor_basis,
-                               effective_rank, expected_random_phi, factored_svd, match_modules,
-                               orthonormal_basis, phi_matrix, random_phi, split_module_name, subspace_similarity)
-from lora_lab.analysis.subspace_report import DeltaFile, main as report_main
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
-from lora_lab.runtime.records import (DELTA_FILE, LAST_STATE_FILE, STATE_FILE, delta_shapes, load_delta_weights,
-                              save_delta_weights, write_json)
+from lora_lab.runtime.records import (
+    DELTA_FILE,
+    LAST_STATE_FILE,
+    STATE_FILE,
+    delta_shapes,
+    load_delta_weights,
+    save_delta_weights,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -422,6 +443,7 @@ def test_factor_basis_is_the_singular_vectors_of_the_factor():
 @pytest.mark.slow
 def test_report_on_two_tiny_trained_lora_runs(tmp_path, capsys):
     from conftest import compose_config
+
     from lora_lab.trainer.train import run_training
 
     run_dirs = []

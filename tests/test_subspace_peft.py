@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_bert
-from lora_lab.bench import peft_adapters as bench_peft_adapters
+
 from lora_lab.analysis.base_weights import BaseWeights
 from lora_lab.analysis.peft_adapter import PeftAdapter
-from lora_lab.peft.adapter_config import LoraAdapterConfig
-from lora_lab.peft.names import align_names, parse_peft_key
 from lora_lab.analysis.sources import load_sources
-from lora_lab.analysis.subspace import (AnalysisOptions, analyse_runs, match_modules, short_type_names,
-                                        split_module_name)
+from lora_lab.analysis.subspace import AnalysisOptions, analyse_runs, match_modules, short_type_names, split_module_name
 from lora_lab.analysis.subspace_report import main as report_main
+from lora_lab.bench import peft_adapters as bench_peft_adapters
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
+from lora_lab.peft.adapter_config import LoraAdapterConfig
+from lora_lab.peft.names import align_names, parse_peft_key
 
 peft = pytest.importorskip("peft")
 

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONF, compose_config, tiny_bert
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from test_train import SMOKE, cli
 
-from conftest import CONF, compose_config, tiny_bert
 from lora_lab.methods import build_method
 from lora_lab.methods.lora import rank_for_budget
-from test_train import SMOKE, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

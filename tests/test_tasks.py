@@ -1,8 +1,8 @@
 """Each task type declares its metrics, its main metric and its baseline in one place."""
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from lora_lab.errors import ConfigError
 from lora_lab.tasks.task_types import TASK_TYPES, describe, main_metric, task_type
 

@@ -2,16 +2,16 @@
 values, data checks, and every method training a tiny token classifier end to end."""
 import pytest
 import torch
-
 from conftest import compose_config
-from lora_lab.runtime import records
+
 from lora_lab.data.loading import Collator, load_task_data
+from lora_lab.data.token_data import IGNORED, align_labels, tag_names
 from lora_lab.errors import ConfigError
 from lora_lab.methods import available_methods, describe_method
-from lora_lab.tasks.metrics import entity_metrics
 from lora_lab.models.loading import load_tokenizer
+from lora_lab.runtime import records
+from lora_lab.tasks.metrics import entity_metrics
 from lora_lab.tasks.task_types import TASK_TYPES
-from lora_lab.data.token_data import IGNORED, align_labels, tag_names
 from lora_lab.trainer.train import run_training
 
 NER = TASK_TYPES["token_classification"]

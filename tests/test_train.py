@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import compose_config
-from lora_lab.runtime import records
+
 from lora_lab.errors import ConfigError
 from lora_lab.methods import available_methods, describe_method
+from lora_lab.runtime import records
 from lora_lab.trainer.train import run_training
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
@@ -159,7 +159,7 @@ def test_regression_task_trains_with_float_targets_and_reports_correlations(tmp_
 def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
     """Replace evaluation with one that returns the given validation accuracies epoch by epoch (test
     metrics follow), remembers the trainable state it saw, and optionally allocates memory."""
-    from lora_lab.trainer import train
+    from lora_lab.trainer import evaluation
 
     seen, calls = [], {"n": 0}
 
@@ -173,7 +173,7 @@ def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
         accuracy = accuracies[epoch - 1]
         return {"accuracy": accuracy, "macro_f1": accuracy, "mcc": 0.0}, {}, [1.0]
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     return seen
 
 

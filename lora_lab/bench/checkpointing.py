@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lora_lab.runtime import checkpoint
 from lora_lab.bench.variants import Variant
+from lora_lab.runtime import checkpoint
 from lora_lab.runtime.timing import round_robin
 
 
@@ -21,7 +21,8 @@ def trainer_interval() -> int:
 
 
 def bench_checkpoint(cfg, arms: dict[str, Variant], batch: dict, device: torch.device) -> dict:
-    from lora_lab.trainer.train import fresh_progress, linear_schedule
+    from lora_lab.trainer.optim import linear_schedule
+    from lora_lab.trainer.progress import Progress
 
     every = int(cfg.checkpoint.every or trainer_interval())
     rows = {}
@@ -29,7 +30,7 @@ def bench_checkpoint(cfg, arms: dict[str, Variant], batch: dict, device: torch.d
         for name, variant in arms.items():
             folder = Path(directory) / name
             scheduler = linear_schedule(variant.optimizer, 10, 10_000)
-            progress = fresh_progress()
+            progress = Progress().to_dict()
             series = {"epoch_losses": torch.zeros(every, dtype=torch.float64),
                       "step_seconds": torch.zeros(every, dtype=torch.float64)}
 

@@ -6,9 +6,9 @@ import copy
 import torch
 from torch import nn
 
+from lora_lab.bench.variants import Variant, precision_of, synthetic_batch
 from lora_lab.models.precision import autocast
 from lora_lab.runtime.timing import compare, load_summary, round_robin, summarise
-from lora_lab.bench.variants import Variant, precision_of, synthetic_batch
 
 
 def bench_inference(cfg, base: nn.Module, ours: Variant, batch: dict, device: torch.device) -> dict:

@@ -6,8 +6,8 @@ import copy
 
 from torch import nn
 
-from lora_lab.models.architectures import head_parameter_names
 from lora_lab.errors import ConfigError
+from lora_lab.models.architectures import head_parameter_names
 
 
 def peft_missing() -> str | None:

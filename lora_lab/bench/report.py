@@ -1,10 +1,8 @@
 """The targets the benchmark is judged by, and its Markdown report."""
 from __future__ import annotations
 
-
 from lora_lab.markdown import markdown_table
 from lora_lab.runtime.timing import DISTURBED, OtherLoad
-
 
 # (section, key, label, comparison, threshold): the figures the benchmark is judged by.
 TARGETS = (

@@ -10,18 +10,26 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lab.runtime import records
-from lora_lab.errors import ConfigError
-from lora_lab.bench.variants import (
-    CONTROL, TWIN_PREFIX, REFERENCE, build_frozen, build_ours, build_peft, method_config, precision_of,
-    synthetic_batch)
-from lora_lab.bench.training_step import bench_train_step, max_logit_difference
 from lora_lab.bench.checkpointing import bench_checkpoint
 from lora_lab.bench.inference import bench_inference, inference_batch
 from lora_lab.bench.memory import memory_breakdown, memory_options
-from lora_lab.bench.report import check_targets, disturbed_samples, render
-from lora_lab.config.compose import CONFIG_PATH
 from lora_lab.bench.peft_twin import peft_missing
+from lora_lab.bench.report import check_targets, disturbed_samples, render
+from lora_lab.bench.training_step import bench_train_step, max_logit_difference
+from lora_lab.bench.variants import (
+    CONTROL,
+    REFERENCE,
+    TWIN_PREFIX,
+    build_frozen,
+    build_ours,
+    build_peft,
+    method_config,
+    precision_of,
+    synthetic_batch,
+)
+from lora_lab.config.compose import CONFIG_PATH
+from lora_lab.errors import ConfigError
+from lora_lab.runtime import records
 
 
 def apply_quick(cfg) -> None:
@@ -36,7 +44,7 @@ def run_benchmark(cfg, out=print) -> dict:
     """Measure everything ``cfg`` asks for, print the tables, write the JSON to ``cfg.output``."""
     from lora_lab.models.loading import load_model
     from lora_lab.runtime.run_info import environment_info
-    from lora_lab.trainer.train import resolve_device
+    from lora_lab.trainer.setup import resolve_device
 
     if cfg.quick:
         apply_quick(cfg)
@@ -154,7 +162,7 @@ def _hydra_app():
 
 
 def main() -> None:
-    from lora_lab.cli.main import apply_environment_defaults
+    from lora_lab.runtime.environment import apply_environment_defaults
 
     apply_environment_defaults()
     _hydra_app()()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_lab.bench.variants import TWIN_PREFIX, REFERENCE, Variant
+from lora_lab.bench.variants import REFERENCE, TWIN_PREFIX, Variant
 from lora_lab.runtime.timing import compare, load_summary, round_robin, summarise
 
 

@@ -58,7 +58,7 @@ class Variant:
 
 
 def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    from lora_lab.trainer.train import make_optimizer
+    from lora_lab.trainer.optim import make_optimizer
 
     return make_optimizer(model, float(cfg.lr), 0.01)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_lab.cli.main import apply_environment_defaults, train_and_record
+from lora_lab.cli.main import train_and_record
 from lora_lab.config.compose import compose
+from lora_lab.runtime.environment import apply_environment_defaults
 
 
 def override_value(value) -> str:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -15,22 +16,29 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lora_lab.runtime import records
 from lora_lab.config.compose import CONFIG_PATH
+from lora_lab.config.run_identity import differences
+from lora_lab.config.validate import check_config
+from lora_lab.data.loading import check_files
 from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods import build_method, describe_method
-
-ENVIRONMENT_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
-
-
-def apply_environment_defaults() -> None:
-    for key, value in ENVIRONMENT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
+from lora_lab.runtime import records
+from lora_lab.runtime.checkpoint import CHECKPOINT_DIR, peek_progress
+from lora_lab.runtime.distributed import Distributed, adopt_submitit_environment
+from lora_lab.runtime.distributed import setup as setup_distributed
+from lora_lab.runtime.environment import apply_environment_defaults
+from lora_lab.runtime.preemption import Preempted, StopRequests
+from lora_lab.runtime.tracking import Tracker
+from lora_lab.tasks.task_types import main_metric, objective
+from lora_lab.trainer.loop import Diverged
+from lora_lab.trainer.train import run_checked_training
 
 apply_environment_defaults()
 
@@ -48,17 +56,12 @@ def resolved_or_raw(cfg: DictConfig) -> dict:
 
 
 def release_memory() -> None:
-    import gc
-
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def error_kind(error: BaseException) -> str:
-    from omegaconf.errors import OmegaConfBaseException
-
     if isinstance(error, (ConfigError, OmegaConfBaseException)):
         return "config"
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
@@ -69,8 +72,6 @@ def error_kind(error: BaseException) -> str:
 def completed_record(cfg: DictConfig, run_dir: Path) -> dict | None:
     """The completed record already in ``run_dir`` for this same config, if any. A completed run of
     another config there is refused: its results would otherwise be overwritten or mistaken."""
-    from lora_lab.config.run_identity import differences
-
     path = run_dir / records.RECORD_FILE
     if not path.exists():
         return None
@@ -92,17 +93,9 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
     ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into.
     Returns the objective a sweeper maximises: the best epoch's validation main metric, negated for a
     metric that is better lower (perplexity), as ``lora_lab.tasks.task_types.objective`` says."""
-    from lora_lab.runtime.checkpoint import CHECKPOINT_DIR, peek_progress
-    from lora_lab.runtime.distributed import Distributed, setup as setup_distributed
-    from lora_lab.runtime.preemption import Preempted, StopRequests
-    from lora_lab.runtime.tracking import Tracker
-    from lora_lab.tasks.task_types import main_metric, objective
-    from lora_lab.trainer.train import Diverged, run_training
-    from lora_lab.config.validate import check_config
-
     tracker, stop, dist = None, StopRequests(), Distributed()
     try:
-        check_config(cfg)
+        check_config(cfg)  # the run's one check: before W&B starts or anything is loaded
         dist = setup_distributed(cfg.trainer.device)  # under torchrun: join the run's process group
         monitor = f"validation/{main_metric(cfg.data)}"
         done = completed_record(cfg, run_dir) if cfg.trainer.get("skip_done", True) else None
@@ -121,7 +114,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
                 name=run_name(cfg), group=cfg.logger.get("group") or sweep_name, tags=cfg.logger.get("tags"),
                 directory=run_dir, run_id=(previous or {}).get("wandb_run_id"))
         with stop:
-            record = run_training(cfg, run_dir, tracker, stop, dist)
+            record = run_checked_training(cfg, run_dir, tracker, stop, dist)
         tracker.finish(exit_code=0)
         return objective(main_metric(cfg.data), float(record["best"][monitor]))
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
@@ -160,11 +153,6 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
 def plan_job(cfg: DictConfig, run_dir: Path) -> float:
     """``dry_run=true``: resolve and validate the job's config without loading a model or data, and
     print one line saying what would run. Returns NaN (no metric)."""
-    from lora_lab.runtime.checkpoint import CHECKPOINT_DIR, peek_progress
-    from lora_lab.data.loading import check_files
-    from lora_lab.tasks.task_types import main_metric
-    from lora_lab.config.validate import check_config
-
     resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
     check_config(cfg)
     method = build_method(cfg.method)
@@ -190,8 +178,6 @@ def _state_note(cfg: DictConfig, run_dir: Path, progress: dict | None) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def app(cfg: DictConfig) -> float:
-    from lora_lab.runtime.distributed import adopt_submitit_environment
-
     adopt_submitit_environment()  # launcher=slurm_ddp: one job, several tasks, one DDP run
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -232,9 +218,6 @@ RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hyd
 def main() -> None:
     """Hydra's own errors (unknown keys, unknown config choices, override syntax) are bad input: one
     line and exit 2, like every other bad input. HYDRA_FULL_ERROR=1 keeps Hydra's full report."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: rank 0 alone writes Hydra's files
         sys.argv.extend(RANK_OVERRIDES)
 

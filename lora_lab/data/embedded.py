@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import datasets
 import pandas as pd

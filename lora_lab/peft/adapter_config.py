@@ -43,7 +43,7 @@ class LoraAdapterConfig:
     lora_bias: bool = False
 
     @classmethod
-    def read(cls, path: Path) -> "LoraAdapterConfig":
+    def read(cls, path: Path) -> LoraAdapterConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())

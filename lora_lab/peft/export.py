@@ -63,8 +63,8 @@ def rebuild_run(run_dir) -> RebuiltRun:
     """The trained model of a completed LoRA or DoRA run, on the CPU, and its base model."""
     from lora_lab.methods import build_method
     from lora_lab.models.loading import load_model
+    from lora_lab.runtime.seeding import set_seed
     from lora_lab.tasks.task_types import task_type
-    from lora_lab.trainer.train import set_seed
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -107,7 +107,7 @@ def rebuild_run(run_dir) -> RebuiltRun:
 def base_model_name(model_cfg) -> str | None:
     """What adapter_config.json names as the base: a Hub id (or the local folder) as given, the
     embedded model's folder; None for a random model, which no name rebuilds."""
-    from lora_lab.models.loading import embedded_model_path
+    from lora_lab.models.files import embedded_model_path
 
     if model_cfg.source == "embedded":
         return embedded_model_path(model_cfg.name)

@@ -13,8 +13,8 @@ for it (``bert.encoder.layer.0.attention.self.query``), so the analysis's layer 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

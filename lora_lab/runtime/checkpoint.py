@@ -29,9 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lora_lab.runtime import records
-from lora_lab.errors import ConfigError
 from lora_lab.config.run_identity import differences
+from lora_lab.errors import ConfigError
+from lora_lab.runtime import records
 
 CHECKPOINT_DIR = "checkpoint"
 LAST = "last.safetensors"

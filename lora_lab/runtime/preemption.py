@@ -37,7 +37,7 @@ class StopRequests:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)

@@ -14,7 +14,8 @@ for at most PROBE_TIMEOUT seconds, so a machine without network falls back at on
 is reachable, `wandb.init` gets `init_timeout` seconds: the `init_timeout` argument, else the
 WANDB_INIT_TIMEOUT environment variable, else DEFAULT_INIT_TIMEOUT.
 
-With ``logger.log_model=true`` a completed run is also logged as a model artifact (``Tracker.log_model``).
+With ``logger.log_model=true`` a completed run is also logged as a model artifact (``Tracker.log_model``):
+the trainer hands over the files (and the PEFT adapter folder it exported), the tracker uploads them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import wandb
+
 from lora_lab.errors import first_line
+from lora_lab.runtime import records
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 # Seconds wandb.init may take online once the server answers. W&B's own default is 90 s; a working
@@ -163,14 +167,12 @@ class Tracker:
     def start(cls, config: dict, mode: str = "auto", project: str = "lora_lab", name: str | None = None,
               group: str | None = None, tags=None, directory: str | Path | None = None,
               entity: str | None = None, job_type: str | None = None, run_id: str | None = None,
-              init_timeout: float | None = None) -> "Tracker":
+              init_timeout: float | None = None) -> Tracker:
         """Start a W&B run. ``run_id``: continue that run (or start it under that id) instead of a new
         one. ``init_timeout``: seconds wandb.init may take online (see the module's docstring)."""
         mode = resolve_mode(mode)
         if mode == "disabled":
             return cls(None)
-        import wandb
-
         if directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
         arguments = dict(project=project, entity=entity, name=name, group=group, tags=list(tags or []),
@@ -191,7 +193,7 @@ class Tracker:
         return cls._offline_instead(wandb, reason, arguments)
 
     @classmethod
-    def _offline_instead(cls, wandb, reason: str, arguments: dict) -> "Tracker":
+    def _offline_instead(cls, wandb, reason: str, arguments: dict) -> Tracker:
         try:
             run = wandb.init(mode="offline", **arguments)
         except Exception as error:  # noqa: BLE001 - training goes on without W&B
@@ -204,7 +206,7 @@ class Tracker:
         return cls(run)
 
     @classmethod
-    def attach(cls, run, config: dict, name: str | None = None) -> "Tracker":
+    def attach(cls, run, config: dict, name: str | None = None) -> Tracker:
         """Log into a run that already exists, e.g. the one a W&B sweep agent started for a trial
         (the sweep groups its runs): the trial's parameters stay, the resolved config is added."""
         run.config.update({k: v for k, v in config.items() if k not in run.config}, allow_val_change=True)
@@ -232,14 +234,10 @@ class Tracker:
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:
-            import wandb
-
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def log_image(self, key: str, path: str | Path) -> None:
         if self.run is not None:
-            import wandb
-
             self.run.log({key: wandb.Image(str(path))})
 
     def mark_preempting(self) -> None:
@@ -252,17 +250,21 @@ class Tracker:
         except Exception:  # noqa: BLE001 - a notice to W&B must not disturb the shutdown
             pass
 
-    def log_model(self, run_dir: str | Path, record: dict) -> None:
-        """With ``logger.log_model=true`` (read from the record's config): log the run's record and
-        trainable state, and for LoRA and DoRA its PEFT adapter (exported to ``<run dir>/peft_adapter``),
-        as the model artifact ``model-<W&B run id>`` with the aliases "best" (the files hold the best
-        epoch) and "latest". A no-op without a W&B run; a failure is one line on stderr, never an error:
-        the run itself is complete."""
+    def wants_model(self, record: dict) -> bool:
+        """Whether ``log_model`` logs anything: a W&B run, and ``logger.log_model=true`` in the record's config."""
         logger = (record.get("config") or {}).get("logger") or {}
-        if self.run is None or not logger.get("log_model"):
+        return self.run is not None and bool(logger.get("log_model"))
+
+    def log_model(self, run_dir: str | Path, record: dict, adapter_dir: str | Path | None = None) -> None:
+        """With ``logger.log_model=true`` (read from the record's config): log the run's record and
+        trainable state, and the PEFT adapter folder ``adapter_dir`` when given (for LoRA and DoRA the
+        trainer exports it to ``<run dir>/peft_adapter``), as the model artifact ``model-<W&B run id>``
+        with the aliases "best" (the files hold the best epoch) and "latest". A no-op without a W&B run;
+        a failure is one line on stderr, never an error: the run itself is complete."""
+        if not self.wants_model(record):
             return
         try:
-            artifact = model_artifact(self.run.id, Path(run_dir), record)
+            artifact = model_artifact(self.run.id, Path(run_dir), record, adapter_dir)
             self.run.log_artifact(artifact, aliases=list(MODEL_ALIASES))
         except Exception as error:  # noqa: BLE001 - the record is written; logging it must not fail the run
             print(f"lora-lab: the model artifact was not logged to W&B ({type(error).__name__}: "
@@ -280,33 +282,21 @@ def model_artifact_name(run_id: str) -> str:
     return f"model-{run_id}"
 
 
-def model_artifact(run_id: str, run_dir: Path, record: dict):
-    """A W&B model artifact of a completed run: record.json, the trainable state and, for a method
-    that exports to PEFT, the adapter folder (written into the run directory first)."""
-    import wandb
-
-    from lora_lab.runtime import records
-    from lora_lab.peft.export import ADAPTER_DIR, EXPORTABLE, export_run
-
+def model_artifact(run_id: str, run_dir: Path, record: dict, adapter_dir: str | Path | None = None):
+    """A W&B model artifact of a completed run: record.json, the trainable state and, when given, the
+    PEFT adapter folder (under its own name)."""
     files = [run_dir / records.RECORD_FILE, run_dir / records.STATE_FILE]
     missing = [path.name for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} has no {missing[0]}")
     best = record.get("best") or {}
     metadata = {"method": record.get("method"), "method_resolved": record.get("method_resolved"),
-                "best_epoch": best.get("epoch"), "peft_adapter": record.get("method") in EXPORTABLE,
+                "best_epoch": best.get("epoch"), "peft_adapter": adapter_dir is not None,
                 **{k: v for k, v in best.items() if k.startswith(("validation/", "test/"))}}
-    if metadata["peft_adapter"]:
-        try:
-            export_run(run_dir, run_dir / ADAPTER_DIR, force=True, check=False)
-        except Exception as error:  # noqa: BLE001 - e.g. peft not installed: the state is still worth logging
-            metadata["peft_adapter"] = False
-            print(f"lora-lab: the model artifact goes without a PEFT adapter ({type(error).__name__}: "
-                  f"{first_line(error)})", file=sys.stderr, flush=True)
     artifact = wandb.Artifact(model_artifact_name(run_id), type="model", metadata=metadata,
                               description=f"{record.get('method')} run {run_dir.name}: trained state of its best epoch")
     for path in files:
         artifact.add_file(str(path), name=path.name)
-    if metadata["peft_adapter"]:
-        artifact.add_dir(str(run_dir / ADAPTER_DIR), name=ADAPTER_DIR)
+    if adapter_dir is not None:
+        artifact.add_dir(str(adapter_dir), name=Path(adapter_dir).name)
     return artifact

@@ -1,6 +1,7 @@
 """Generation metrics of a causal LM (``trainer.generation.enabled=true``): greedy decoding (or beam
-search, ``trainer.generation.num_beams``) of each prompt of an evaluation split, scored against the reference responses with corpus BLEU (sacrebleu)
-and ROUGE-L F1 (rouge-score), as data-to-text benchmarks such as E2E NLG report them.
+search, ``trainer.generation.num_beams``) of each prompt of an evaluation split, scored against the
+reference responses with corpus BLEU (sacrebleu) and ROUGE-L F1 (rouge-score), as data-to-text
+benchmarks such as E2E NLG report them.
 
 Examples that share a prompt (E2E gives several human references per meaning representation) are
 generated once, and that one text is scored against all their references: BLEU counts an n-gram as

@@ -1,0 +1,185 @@
+"""The end of a run (rank 0): save the best epoch's state, its ΔW and the last epoch's state, measure
+inference, write the run record, and log it to W&B (with ``logger.log_model=true`` also as a model
+artifact, with the run's PEFT adapter for a method PEFT has). Repeating it after a kill gives the same files."""
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lora_lab.errors import first_line
+from lora_lab.peft.export import ADAPTER_DIR, EXPORTABLE, export_run
+from lora_lab.runtime import checkpoint, measure, records
+from lora_lab.runtime.run_info import environment_info
+from lora_lab.runtime.timing import round_robin
+from lora_lab.runtime.tracking import Tracker
+from lora_lab.tasks.task_types import objective
+from lora_lab.trainer.evaluation import to_device
+from lora_lab.trainer.progress import Progress, TrainingState
+from lora_lab.trainer.setup import Run
+
+
+def finish(run: Run, state: TrainingState, info: dict, tracker: Tracker, throughput_ranks: list[dict]) -> dict:
+    """Save, measure, write and log the run (see the module's docstring); returns its record.
+    ``info``: what ``describe_run`` says about it; ``throughput_ranks``: every rank's throughput state."""
+    files, delta_shapes = _save_states(run, state)
+    measurements = _measurements(run, state, throughput_ranks)
+    record = _record(run, state.progress, info, files, measurements, delta_shapes)
+    records.write_json(run.run_dir / records.RECORD_FILE, record)
+    log_model(run.run_dir, record, tracker)
+    if not run.cfg.trainer.get("keep_checkpoint", False) and run.checkpoint_dir.exists():
+        shutil.rmtree(run.checkpoint_dir)
+    _log_summary(record, tracker)
+    return record
+
+
+def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict | None]:
+    """Write the best epoch's trainable state and ΔW, and the last epoch's state when it is another
+    epoch; the model keeps the best epoch's state. Returns the record's ``files`` and the ΔW shapes."""
+    progress, method, run_dir = state.progress, run.method, run.run_dir
+    best_epoch, last_epoch = progress.best_epoch, progress.epochs[-1]["epoch"]
+    files = {records.STATE_FILE: {"epoch": best_epoch, "holds": "best"}}
+    if best_epoch != last_epoch:
+        records.save_tensors(run_dir / records.LAST_STATE_FILE, checkpoint.trainable_state(run.model),
+                             metadata={"method": method.name, "epoch": str(last_epoch)})
+        files[records.LAST_STATE_FILE] = {"epoch": last_epoch, "holds": "last"}
+    else:
+        (run_dir / records.LAST_STATE_FILE).unlink(missing_ok=True)
+    checkpoint.load_trainable_state(run.model, state.best_state)
+    records.save_tensors(run_dir / records.STATE_FILE, checkpoint.trainable_state(run.model),
+                         metadata={"method": method.name, "epoch": str(best_epoch)})
+    if not run.cfg.record.save_delta_w:
+        return files, None
+    deltas = method.delta_weights(run.model)
+    records.save_delta_weights(run_dir / records.DELTA_FILE, deltas)
+    files[records.DELTA_FILE] = {"epoch": best_epoch, "holds": "best"}
+    return files, records.delta_shapes(deltas)
+
+
+def _measurements(run: Run, state: TrainingState, throughput_ranks: list[dict]) -> dict:
+    progress = state.progress
+    peaks, steps = progress.peaks, max(progress.step, 1)
+    measurements = {**peaks["train"], **{f"eval_{k}": v for k, v in peaks["eval"].items() if k != "memory_at_start_mb"},
+                    **state.throughput.summary(), **measure.throughput_over_ranks(throughput_ranks),
+                    "train_seconds": progress.train_seconds,
+                    "eval_batch_ms_median": progress.eval_batch_ms_median,
+                    "checkpoints_written": progress.checkpoints_written,
+                    "checkpoint_seconds": progress.checkpoint_seconds,
+                    "checkpoint_ms_per_step": 1000 * progress.checkpoint_seconds / steps}
+    measurements.update(_inference_latency(run))
+    measurements["trainable_state_bytes"] = (run.run_dir / records.STATE_FILE).stat().st_size
+    return measurements
+
+
+def _record(run: Run, progress: Progress, info: dict, files: dict, measurements: dict,
+            delta_shapes: dict | None) -> dict:
+    epochs, best_epoch = progress.epochs, progress.best_epoch
+    last_epoch = epochs[-1]["epoch"]
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "status": "completed",
+        "method": run.method.name,
+        "method_resolved": run.method.resolved,
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "epochs": epochs,
+        "best": progress.best,
+        "last": epochs[-1],
+        "stopped_early": progress.stopped_early,
+        "resumes": progress.resumes,
+        "files": files,
+        "measurements": measurements,
+        **({"delta_w_shapes": delta_shapes} if delta_shapes is not None else {}),
+        **_reports(progress, best_epoch, last_epoch),
+        **_generations(progress, best_epoch, last_epoch),
+        **info,
+        "environment": environment_info(),
+    }
+
+
+def _reports(progress: Progress, best_epoch: int, last_epoch: int) -> dict:
+    """The per-class reports (tagging: per entity type) of the best and the last epoch, if the task has them."""
+    reports = progress.reports
+    if str(best_epoch) not in reports:
+        return {}
+    return {"reports": {"best": reports[str(best_epoch)], "last": reports.get(str(last_epoch))}}
+
+
+def _generations(progress: Progress, best_epoch: int, last_epoch: int) -> dict:
+    """The generations kept (``trainer.generation.keep_examples`` per split) of the pre-trained model,
+    the best epoch and the last, if the run generated."""
+    kept = progress.generations
+    baseline = (progress.baseline or {}).get("generations")
+    out = {name: kept[str(epoch)] for name, epoch in (("best", best_epoch), ("last", last_epoch)) if str(epoch) in kept}
+    if baseline:
+        out["baseline"] = baseline
+    return {"generations": out} if out else {}
+
+
+def log_model(run_dir: Path, record: dict, tracker: Tracker) -> None:
+    """With ``logger.log_model=true`` and a W&B run: the run as a model artifact, with the PEFT adapter
+    exported into ``<run dir>/peft_adapter`` for LoRA and DoRA. An adapter that cannot be exported
+    (e.g. peft is not installed) is one line on stderr: the state is still worth logging."""
+    if not tracker.wants_model(record):
+        return
+    adapter_dir = None
+    if record.get("method") in EXPORTABLE:
+        try:
+            adapter_dir = export_run(run_dir, run_dir / ADAPTER_DIR, force=True, check=False).out_dir
+        except Exception as error:  # noqa: BLE001 - whatever failed, the artifact goes without the adapter
+            print(f"lora-lab: the model artifact goes without a PEFT adapter ({type(error).__name__}: "
+                  f"{first_line(error)})", file=sys.stderr, flush=True)
+    tracker.log_model(run_dir, record, adapter_dir)
+
+
+def _log_summary(record: dict, tracker: Tracker) -> None:
+    best, last, monitor = record["best"], record["last"], record["task"]["main_metric"]
+    # the main metric, whatever the task, as a number to maximise (sweeps maximise it): negated for a
+    # metric that is better lower, so the objective of a perplexity of 12 is -12
+    tracker.summary({**{f"best/{k}": v for k, v in best.items()}, **{f"last/{k}": v for k, v in last.items()},
+                     **{f"measure/{k}": v for k, v in record["measurements"].items()},
+                     "objective": objective(monitor, best[f"validation/{monitor}"])})
+    if "reports" in record:
+        columns, rows = report_rows(record["reports"]["best"])
+        tracker.log_table("best/report", columns, rows)
+    if "generations" in record:
+        columns, rows = generation_rows(record["generations"])
+        tracker.log_table("best/generations", columns, rows)
+
+
+def generation_rows(generations: dict) -> tuple[list[str], list[list]]:
+    """The kept generations as table rows (model, split, prompt, references, generation), for W&B."""
+    rows = [[model, split, g["prompt"], "\n".join(g["references"]), g["generation"]]
+            for model in ("baseline", "best") for split, examples in (generations.get(model) or {}).items()
+            for g in examples]
+    return ["model", "split", "prompt", "references", "generation"], rows
+
+
+def report_rows(report: dict) -> tuple[list[str], list[list]]:
+    """A report as table rows (split, class, precision, recall, F1, support), for W&B."""
+    rows = [[split, name, r["precision"], r["recall"], r["f1"], r["support"]]
+            for split, classes in report.items() for name, r in classes.items()]
+    return ["split", "class", "precision", "recall", "f1", "support"], rows
+
+
+def _inference_latency(run: Run) -> dict:
+    """Forward latency of one training-size batch; for methods that merge, unmerged vs merged,
+    interleaved round by round."""
+    model, method, tcfg = run.model, run.method, run.cfg.trainer
+    batch = to_device(next(iter(run.evaluation.loaders["validation"])), run.device)
+    inputs = {k: v[: tcfg.batch_size] for k, v in batch.items() if k != "labels"}
+    model.eval()
+    enter = ({"unmerged": lambda: method.undo_inference(model), "merged": lambda: method.prepare_inference(model)}
+             if method.supports_merge else {"model": lambda: None})
+    with torch.no_grad(), run.amp():
+        times = round_robin({name: (lambda k: model(**inputs)) for name in enter}, int(tcfg.latency_repeats),
+                            warmup=1, device=run.device, enter=enter)
+    method.undo_inference(model)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    if not method.supports_merge:
+        return {"inference_ms": ms["model"]}
+    return {"inference_ms": ms["merged"], "inference_unmerged_ms": ms["unmerged"], "inference_merged_ms": ms["merged"],
+            "merged_over_unmerged": ms["merged"] / ms["unmerged"]}
