@@ -74,5 +74,5 @@ def test_a_users_config_folder_joins_through_the_search_path(tmp_path):
 
 def test_the_trainer_imports_no_analysis_code():
     proc = run(["-c", "import sys, lora_lab.cli.main, lora_lab.trainer.train, lora_lab.runtime.measure; "
-                      "print(sorted(m for m in sys.modules if 'analysis' in m))"], cwd=ROOT)
+                      "print(sorted(m for m in sys.modules if m.startswith('lora_lab.analysis')))"], cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
