@@ -6,6 +6,8 @@
     <run_dir>/delta_w.safetensors         ΔW per adapted matrix: "<module>::dense" or "<module>::B" and
                                           "<module>::A" (ΔW = B @ A, scaling folded into B), and
                                           "<module>::base" (W0); metadata "kinds" maps module -> kind
+    <run_dir>/predictions.safetensors     per-example results on test at the best epoch, a few bytes per
+                                          example (lora_lab.runtime.predictions); tables resample them
 
 Schema versions of record.json ("schema_version"; a record without the key is version 1):
 
@@ -42,6 +44,7 @@ RECORD_FILE = "record.json"
 STATE_FILE = "trainable.safetensors"
 DELTA_FILE = "delta_w.safetensors"
 LAST_STATE_FILE = "trainable_last.safetensors"  # the last epoch's state, when it is not the best epoch's
+PREDICTIONS_FILE = "predictions.safetensors"  # per-example test results of the best epoch (runtime.predictions)
 SCHEMA_VERSION = 2  # 1: no "schema_version" key, state and ΔW of the last epoch; 2: of the best epoch, "files"
 _PARTS = ("dense", "B", "A", "base")
 SCHEMA_VERSIONS = (1, 2)  # what the readers accept; anything else is refused
