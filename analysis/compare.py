@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lora_lab.analysis.tables import main_metric, record_baseline, record_task
+from lora_lab.analysis.runs import main_metric, record_baseline, record_task
 from lora_lab.errors import ConfigError
 from lora_lab.markdown import markdown_table
 from lora_lab.methods import describe_method

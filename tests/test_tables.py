@@ -185,7 +185,8 @@ def test_expected_rows_are_shown_below_ours_and_never_bolded(tmp_path):
     assert tables.main([str(sweep), "--out", str(tmp_path / "out"), "--expected", str(expected)]) == 0
     md = (tmp_path / "out" / "table.md").read_text().splitlines()
     assert md[0] == "| Method | Trainable params | % of total | mrpc | sst2 | Avg. | Peak memory (MB) | Train samples/s |"
-    assert md[2] == "| LoRA r=8 α=8 (q+v) | 1.0K | 1.00 | **80.0** | **95.0** | **87.5** | 1000 | 20.0 |"
+    # one seed per cell: the dagger says so (the command adds it; no interval without per-example results)
+    assert md[2] == "| LoRA r=8 α=8 (q+v) | 1.0K | 1.00 | **80.0†** | **95.0†** | **87.5†** | 1000 | 20.0 |"
     assert md[3] == "| FT (paper) | 125.0M | - | 90.2 | 94.8 | 92.5 | - | - |"
     assert md[4] == "| LoRA r=8 (paper) | 0.3M | - | 89.7 | 95.1 | 92.4 | - | - |"  # 95.1 > ours, not bold
 
