@@ -1,6 +1,7 @@
 """Bad input, one row each: the command prints exactly one line, ``lora-lab: error: ...`` naming the
 key, exits with status 2, and trains nothing. Most rows run the command in this process (Hydra and
-all); a few run the real ``python -m lora_lab.cli.main`` to prove the installed command behaves the same."""
+all); a few run it as a process of its own to prove the installed command behaves the same: the first
+as a fresh ``python -m lora_lab.cli.main``, the others forked from a warm interpreter (tests/warm_cli.py)."""
 from __future__ import annotations
 
 import csv
@@ -195,12 +196,16 @@ SUBPROCESS_ROWS = ["epochs not a number", "unknown key", "latin-1 CSV"]
 
 
 @pytest.mark.parametrize("row", SUBPROCESS_ROWS)
-def test_bad_input_real_command(row, inputs, tmp_path):
+def test_bad_input_real_command(row, inputs, tmp_path, warm_cli):
     _, overrides, key = next(r for r in ROWS if r[0] == row)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
-    out = subprocess.run([sys.executable, "-m", "lora_lab.cli.main", *command(tmp_path, expand(overrides, inputs))],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    args = command(tmp_path, expand(overrides, inputs))
+    if row == SUBPROCESS_ROWS[0]:
+        out = subprocess.run([sys.executable, "-m", "lora_lab.cli.main", *args], capture_output=True, text=True,
+                             cwd=tmp_path, env=env, timeout=300)
+    else:
+        out = warm_cli.run(args, cwd=tmp_path, env=env)
     assert_one_line_and_nothing_trained(out.returncode, out.stderr, key, tmp_path / "run")
 
 

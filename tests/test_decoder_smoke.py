@@ -91,9 +91,9 @@ def test_label_smoothing_on_regression_is_one_line():
         check_config(compose_config("data.task_type=regression", "trainer.label_smoothing=0.1"))
 
 
-def test_paper_table3_plans_gpt2_medium_on_e2e_with_the_papers_settings(tmp_path):
+def test_paper_table3_plans_gpt2_medium_on_e2e_with_the_papers_settings(tmp_path, warm_cli):
     out = cli("experiment=paper_table3", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-              "logger=disabled", cwd=tmp_path)
+              "logger=disabled", cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 0, out.stderr
     plans = [line for line in out.stdout.splitlines() if line.startswith("[dry run]")]
     assert len(plans) == 3

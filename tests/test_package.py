@@ -60,12 +60,14 @@ def test_the_installed_package_trains_from_any_directory(wheel_site, tmp_path):
     assert '"status": "completed"' in (tmp_path / "run" / "record.json").read_text()
 
 
-def test_a_users_config_folder_joins_through_the_search_path(tmp_path):
+def test_a_users_config_folder_joins_through_the_search_path(tmp_path, warm_cli):
     conf = tmp_path / "my_conf"
     (conf / "method").mkdir(parents=True)
     (conf / "method" / "lora_qkvo.yaml").write_text("defaults:\n  - lora\n  - _self_\ntargets: [q, k, v, o]\nr: 2\n")
-    proc = run(["-m", "lora_lab.cli.main", *SMOKE, f"hydra.searchpath=[file://{conf}]", "method=lora_qkvo",
-                f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=run"], cwd=tmp_path)
+    # the search path is Hydra's, not the interpreter's: the command forked from a warm interpreter
+    proc = warm_cli.run([*SMOKE, f"hydra.searchpath=[file://{conf}]", "method=lora_qkvo",
+                         f"data.cache_dir={tmp_path / 'cache'}", "hydra.run.dir=run"], cwd=tmp_path,
+                        env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = (tmp_path / "run" / "record.json").read_text()
     assert '"targets": [\n        "q",\n        "k",\n        "v",\n        "o"\n      ]' in record

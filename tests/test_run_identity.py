@@ -30,19 +30,26 @@ def test_differences_name_each_changed_result_key_and_ignore_the_neutral_ones():
     assert "logger" not in result_config(a) and "hydra" not in result_config(a)
 
 
-def dry_sweep(tmp_path, *overrides):
+def dry_sweep(tmp_path, *overrides, warm=None):
+    """The jobs' directories a dry-run multirun prints: in a fresh interpreter, or forked by ``warm``
+    (tests/warm_cli.py), whose children share one hash seed."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "lora_lab.cli.main", "-m", "experiment=smoke", "dry_run=true",
-                          *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    args = ["-m", "experiment=smoke", "dry_run=true", *overrides]
+    if warm is not None:
+        out = warm.run(args, cwd=tmp_path, env=env)
+    else:
+        out = subprocess.run([sys.executable, "-m", "lora_lab.cli.main", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return re.findall(r"-> (\S+)", out.stdout)
 
 
-def test_every_job_of_a_sweep_shares_one_directory_and_the_same_command_finds_it_again(tmp_path):
+def test_every_job_of_a_sweep_shares_one_directory_and_the_same_command_finds_it_again(tmp_path, warm_cli):
+    # a fresh interpreter here, forked ones below: the names cannot depend on one interpreter's hash seed
     jobs = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1")
     assert len(jobs) == 4 and len({os.path.dirname(j) for j in jobs}) == 1
     assert re.fullmatch(r".*/outputs/multirun/[0-9a-f]{8}/0_lora", jobs[0])
-    again = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1", "logger=disabled")
+    again = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1", "logger=disabled", warm=warm_cli)
     assert again == jobs
-    other = dry_sweep(tmp_path, "method.r=2,8", "seed=0,1")
+    other = dry_sweep(tmp_path, "method.r=2,8", "seed=0,1", warm=warm_cli)
     assert os.path.dirname(other[0]) != os.path.dirname(jobs[0])

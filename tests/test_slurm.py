@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -47,25 +45,25 @@ def submitit_tasks(folder: Path) -> list[int]:
     return found
 
 
-def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
+def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path, warm_cli):
     sweep = tmp_path / "sweep"
     run_dir = sweep / "0_lora"
-    command = [sys.executable, "-m", "lora_lab.cli.main", "-m", "hydra/launcher=submitit_local",
+    # the launching command forked by warm_cli; submitit starts the job in an interpreter of its own
+    command = ["-m", "hydra/launcher=submitit_local",
                "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", "experiment=smoke", "logger=disabled",
                "data.max_train=400", "trainer.checkpoint_every=3",
                # a wider tiny model: 50 steps of ~0.1 s, so the signal lands mid-run
                "model.hidden_size=256", "model.intermediate_size=512", "trainer.threads=1", f"data.cache_dir={tmp_path / 'cache'}"]
-    launch = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launch = warm_cli.start(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"})
     deadline = time.monotonic() + 240
     while not (run_dir / "checkpoint" / "last.safetensors").exists():  # the job is training
-        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()
+        assert warm_cli.poll(launch) is None and time.monotonic() < deadline, warm_cli.wait(launch, timeout=10)
         time.sleep(0.05)
     tasks = submitit_tasks(sweep)
     assert len(tasks) == 1
     os.kill(tasks[0], signal.SIGUSR2)  # what SLURM sends before the time limit (sbatch --signal=USR2@90)
-    out, err = launch.communicate(timeout=300)
-    assert launch.returncode == 0, err[-3000:]
+    out = warm_cli.wait(launch, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     record = records.load_record(run_dir)
     assert record["status"] == "completed" and len(record["resumes"]) == 1
     assert record["resumes"][0]["step"] >= 3
@@ -73,15 +71,13 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
     assert "Caught signal SIGUSR2" in logs  # submitit's handler ran after the checkpoint, and requeued
 
 
-def test_one_job_of_two_tasks_is_one_ddp_run(tmp_path):
+def test_one_job_of_two_tasks_is_one_ddp_run(tmp_path, warm_cli):
     """launcher=slurm_ddp's shape (tasks_per_node > 1) on submitit's local executor: the job's tasks
     take torch's rank and world size from submitit's environment and train one run together."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "lora_lab.cli.main", "-m", "hydra/launcher=submitit_local",
-               "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}",
-               "experiment=smoke", "trainer.batch_size=4", f"data.cache_dir={tmp_path / 'cache'}"]
-    out = subprocess.run(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
-                         text=True, timeout=300)
+    command = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
+               f"hydra.sweep.dir={sweep}", "experiment=smoke", "trainer.batch_size=4", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = warm_cli.run(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [p.parent.name for p in sweep.rglob(records.RECORD_FILE)] == ["0_lora"]
     record = records.load_record(sweep / "0_lora")

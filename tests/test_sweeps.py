@@ -178,43 +178,43 @@ def test_wandb_sweep_file_drives_the_hydra_app():
         assert str(OmegaConf.select(cfg, key)).replace(" ", "").replace("'", "") == value.replace(" ", "")
 
 
-def test_dry_run_composes_and_validates_every_job_without_loading(tmp_path):
+def test_dry_run_composes_and_validates_every_job_without_loading(tmp_path, warm_cli):
     out = cli("experiment=paper_table6", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-              "logger=disabled", cwd=tmp_path)
+              "logger=disabled", cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 0, out.stderr
     plans = [line for line in out.stdout.splitlines() if line.startswith("[dry run]")]
     assert len(plans) == 45 and all("FacebookAI/roberta-base" in p and "mnli" in p for p in plans)
     assert not list((tmp_path / "sweep").rglob("record.json"))
     bad = cli("experiment=paper_table6", "dry_run=true", "method.alpha=0", "seed=0", "method.r=8",
-              f"hydra.sweep.dir={tmp_path / 'b'}", "logger=disabled", cwd=tmp_path)
+              f"hydra.sweep.dir={tmp_path / 'b'}", "logger=disabled", cwd=tmp_path, warm=warm_cli)
     assert bad.returncode == 0 and bad.stderr.count("method.alpha=0: must be > 0") == 3  # 3 target sets
 
 
-def test_joblib_launcher_runs_a_small_real_multirun(tmp_path):
+def test_joblib_launcher_runs_a_small_real_multirun(tmp_path, warm_cli):
     sweep = tmp_path / "sweep"
     out = cli("-m", *SMOKE, "launcher=joblib", f"data.cache_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
-              "arm=head,lora_r1", cwd=tmp_path)
+              "arm=head,lora_r1", cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 0, out.stderr
     done = [json.loads(p.read_text()) for p in sweep.rglob("record.json")]
     assert sorted(r["method"] for r in done) == ["head", "lora"]
     assert all(r["status"] == "completed" and r["config"]["trainer"]["threads"] == 1 for r in done)
 
 
-def test_submitit_runs_the_app_in_job_processes(tmp_path):
+def test_submitit_runs_the_app_in_job_processes(tmp_path, warm_cli):
     """SLURM jobs go through submitit; its local executor pickles and runs the app the same way."""
     sweep = tmp_path / "sweep"
     out = cli("-m", *SMOKE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
               "hydra.launcher.gpus_per_node=0", f"data.cache_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
-              "method.r=2,4", cwd=tmp_path)
+              "method.r=2,4", cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 0, out.stderr
     done = sorted(json.loads(p.read_text())["config"]["method"]["r"] for p in sweep.rglob("record.json"))
     assert done == [2, 4] and list(sweep.glob(".submitit/*"))
 
 
-def test_optuna_maximises_the_metric_the_app_returns(tmp_path):
+def test_optuna_maximises_the_metric_the_app_returns(tmp_path, warm_cli):
     sweep = tmp_path / "sweep"
     out = cli(*SMOKE, "sweep=optuna", "hydra.sweeper.n_trials=3", f"data.cache_dir={tmp_path}",
-              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 0, out.stderr
     returned = [json.loads(p.read_text())["best"]["validation/accuracy"] for p in sweep.rglob("record.json")]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

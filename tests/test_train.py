@@ -64,8 +64,12 @@ def test_bad_main_metric(tmp_path):
         run_training(smoke_cfg(tmp_path, "data.main_metric=f2"), tmp_path / "run")
 
 
-def cli(*args, cwd):
+def cli(*args, cwd, warm=None):
+    """``lora-lab`` as a process of its own: forked by ``warm`` (tests/warm_cli.py) if given, else a fresh
+    interpreter."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
+    if warm is not None:
+        return warm.run(args, cwd=cwd, env=env)
     return subprocess.run([sys.executable, "-m", "lora_lab.cli.main", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)
 
@@ -76,9 +80,9 @@ def cli(*args, cwd):
     ("method.targets=[q,gate_proj]", "lora-lab: error: method.targets='gate_proj': matches no linear layer"),
     ("data=files data.files.train=missing.csv", "lora-lab: error: data.files.train='missing.csv': does not exist"),
 ])
-def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message, warm_cli):
     out = cli(*SMOKE, f"data.cache_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", *override.split(),
-              cwd=tmp_path)
+              cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 2
     assert message in out.stderr
     error_lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
@@ -87,15 +91,15 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
     assert record["status"] == "failed" and record["error_kind"] == "config" and record["error"] in out.stderr
 
 
-def test_cli_unknown_method_is_hydras_error(tmp_path):
-    out = cli(*SMOKE, "method=prefix", cwd=tmp_path)
+def test_cli_unknown_method_is_hydras_error(tmp_path, warm_cli):
+    out = cli(*SMOKE, "method=prefix", cwd=tmp_path, warm=warm_cli)
     assert out.returncode != 0 and "method/prefix" in out.stderr
 
 
-def test_multirun_records_failed_job_and_continues(tmp_path):
+def test_multirun_records_failed_job_and_continues(tmp_path, warm_cli):
     sweep = tmp_path / "sweep"
     out = cli("-m", *SMOKE, f"data.cache_dir={tmp_path}", f"hydra.sweep.dir={sweep}", "method=lora",
-              "method.r=0,2", cwd=tmp_path)
+              "method.r=0,2", cwd=tmp_path, warm=warm_cli)
     assert out.returncode == 0, out.stderr
     status = {}
     for run_dir in records.find_run_dirs(sweep):

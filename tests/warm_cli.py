@@ -34,38 +34,64 @@ class WarmCli:
         self.scratch = scratch
         self.server = None
         self.jobs = 0
+        self.unread = b""  # the server's answers read from its pipe, not yet taken
+        self.current = None  # the server runs one command at a time
 
     def _server(self) -> subprocess.Popen:
         if self.server is None:
-            self.server = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           text=True, bufsize=1)
+            self.server = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return self.server
 
+    def _ready(self, timeout: float) -> bool:
+        """Whether a whole answer has arrived, waiting up to ``timeout`` seconds for one."""
+        fd = self._server().stdout.fileno()
+        while b"\n" not in self.unread:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return False
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the warm server exited with status {self.server.wait()}"
+            self.unread += chunk
+        return True
+
     def _answer(self, timeout: float, pid: int | None = None) -> dict:
-        server = self._server()
-        ready, _, _ = select.select([server.stdout], [], [], timeout)
-        if not ready:
+        if not self._ready(timeout):
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
-                server.stdout.readline()
+                self._ready(60)
+                self._take()
             raise CommandTimeout(f"no answer within {timeout} s")
-        line = server.stdout.readline()
-        assert line, f"the warm server exited with status {server.wait()}"
+        return self._take()
+
+    def _take(self) -> dict:
+        line, self.unread = self.unread.split(b"\n", 1)
         return json.loads(line)
 
     def start(self, args, cwd, env=None, driver=None) -> dict:
+        if self.current is not None and "status" not in self.current:  # left running by a failed test
+            os.kill(self.current["pid"], signal.SIGKILL)
+            self.current["status"] = self._answer(60)["status"]
         self.jobs += 1
         job = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
                "driver": driver, "stdout": str(self.scratch / f"{self.jobs}.out"),
                "stderr": str(self.scratch / f"{self.jobs}.err")}
         server = self._server()
-        server.stdin.write(json.dumps(job) + "\n")
+        server.stdin.write((json.dumps(job) + "\n").encode())
         server.stdin.flush()
         job["pid"] = self._answer(60)["pid"]
+        self.current = job
         return job
 
+    def poll(self, job: dict) -> int | None:
+        """The command's exit status if it has ended, else None (like ``Popen.poll``)."""
+        if "status" not in job and self._ready(0):
+            job["status"] = self._take()["status"]
+        return job.get("status")
+
     def wait(self, job: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-        status = self._answer(timeout, pid=job["pid"])["status"]
+        if "status" not in job:
+            job["status"] = self._answer(timeout, pid=job["pid"])["status"]
+        status = job["status"]
         return subprocess.CompletedProcess(job["args"], status, Path(job["stdout"]).read_text(),
                                            Path(job["stderr"]).read_text())
 
@@ -73,6 +99,8 @@ class WarmCli:
         return self.wait(self.start(args, cwd, env, driver), timeout)
 
     def close(self) -> None:
+        if self.current is not None and "status" not in self.current:
+            os.kill(self.current["pid"], signal.SIGKILL)
         if self.server is not None:
             self.server.stdin.close()
             self.server.wait(timeout=60)
@@ -96,6 +124,7 @@ if __name__ == "__main__":
     import crash_driver
 
     from lora_lab.cli import main as cli_main
+    from lora_lab.runtime.environment import apply_environment_defaults
 
     gc.collect()
     gc.freeze()  # the children's gc.collect() calls need not scan the imported modules
@@ -104,7 +133,7 @@ if __name__ == "__main__":
     os.chdir(job["cwd"])
     os.environ.clear()
     os.environ.update(job["env"])
-    cli_main.apply_environment_defaults()  # what importing the command does in a fresh interpreter
+    apply_environment_defaults()  # what importing the command does in a fresh interpreter
     for fd, name, mode in ((0, os.devnull, os.O_RDONLY), (1, job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                            (2, job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
         os.dup2(os.open(name, mode, 0o644), fd)
