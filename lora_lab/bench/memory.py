@@ -42,7 +42,10 @@ class SavedTensorBytes:
 def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
     """One more training step of a variant, taken apart: weights (every parameter), gradients (what
     backward leaves in .grad), AdamW state (read from the optimiser after the step), activations
-    (the tensors one forward saves for backward) and, on CUDA, the peak allocation of the step."""
+    (the tensors one forward saves for backward) and, on CUDA, the peak allocated and reserved memory of
+    the step. Those peaks cover everything on the device, the other variants kept there too; the
+    ``cuda_own_*`` figures are this variant's alone: what the step added to the memory resident when it
+    began, plus the variant's own weights, buffers and AdamW state."""
     model = v.model
     params = list(model.parameters())
     buffers = list(model.buffers())
@@ -52,8 +55,10 @@ def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
     if cuda:
         gc.collect()
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # the reserved peak is then this step's, not blocks earlier variants left cached
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+        reserved_before = torch.cuda.memory_reserved(device)
     saved = SavedTensorBytes(exclude)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), v.autocast():
         loss = model(**batch).loss
@@ -73,9 +78,13 @@ def memory_breakdown(v: Variant, batch: dict, device: torch.device) -> dict:
                        + out["activations_saved_mb"])
     if cuda:
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+        peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        own = out["weights_mb"] + out["buffers_mb"] + out["optimizer_state_mb"]
         out["cuda_peak_allocated_mb"] = peak / MiB
+        out["cuda_peak_reserved_mb"] = reserved / MiB
         out["cuda_activations_mb"] = (peak - before - grads) / MiB  # peak minus weights, state and grads
+        out["cuda_own_peak_allocated_mb"] = (peak - before) / MiB + own
+        out["cuda_own_peak_reserved_mb"] = (reserved - reserved_before) / MiB + own
     v.optimizer.zero_grad(set_to_none=True)
     out["kind"] = "analytic from tensors" + (" + cuda peak allocated" if cuda else "")
     return out
@@ -127,7 +136,9 @@ def memory_options(cfg, base, batch: dict, device: torch.device) -> tuple[dict, 
     ``model.load_in_4bit``. With checkpointing, the saved activations are the layers' inputs and what
     lies outside the layers; backward recomputes one layer at a time on top of them. Returns the
     measured rows and the skipped ones (name -> label and reason). A 4-bit row's weights are the packed
-    4-bit tensors, without the quantisation constants bitsandbytes keeps beside them."""
+    4-bit tensors, without the quantisation constants bitsandbytes keeps beside them. On CUDA a row's
+    ``cuda_own_*`` figures are its peaks minus what the other variants held before the row was built,
+    quantisation constants included."""
     import copy
 
     from lora_lab.bench.variants import build_ours
@@ -140,6 +151,10 @@ def memory_options(cfg, base, batch: dict, device: torch.device) -> tuple[dict, 
 
             raise ConfigError("memory_options.rows", name, f"must be among {list(MEMORY_OPTIONS)}")
         label, dtype, checkpointing = MEMORY_OPTIONS[name]
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            others = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
         if dtype == "nf4":
             reason = nf4_unavailable(device)
             if reason:
@@ -156,7 +171,10 @@ def memory_options(cfg, base, batch: dict, device: torch.device) -> tuple[dict, 
         if checkpointing:
             enable_gradient_checkpointing(variant.model)
         variant.step(batch)
-        rows[name] = {"label": f"{variant.label}, {label}", **memory_breakdown(variant, batch, device)}
+        rows[name] = row = {"label": f"{variant.label}, {label}", **memory_breakdown(variant, batch, device)}
+        if device.type == "cuda":
+            row["cuda_own_peak_allocated_mb"] = row["cuda_peak_allocated_mb"] - others[0] / MiB
+            row["cuda_own_peak_reserved_mb"] = row["cuda_peak_reserved_mb"] - others[1] / MiB
         del variant
         gc.collect()
     return rows, skipped

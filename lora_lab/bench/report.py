@@ -73,10 +73,14 @@ def _memory_table(mem: dict) -> str:
                f"{m['optimizer_state_mb']:.1f}", f"{m['activations_saved_mb']:.1f}", f"{m['total_mb']:.1f}"]
         if cuda:
             row += [f"{m['cuda_activations_mb']:.1f}", f"{m['cuda_peak_allocated_mb']:.1f}"]
+            if "cuda_own_peak_allocated_mb" in m:
+                row += [f"{m['cuda_own_peak_allocated_mb']:.1f} / {m['cuda_own_peak_reserved_mb']:.1f}"]
         rows.append(row)
     header = ["method", "weights MiB", "gradients", "AdamW state", "saved activations", "total"]
     if cuda:
         header += ["CUDA activations (peak - rest)", "CUDA peak"]
+        if any("cuda_own_peak_allocated_mb" in m for m in mem.values()):
+            header += ["CUDA peak of this variant alone, allocated / reserved"]
     return markdown_table(header, rows)
 
 
