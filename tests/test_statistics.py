@@ -359,6 +359,17 @@ def test_tuned_vs_default_learning_rate(tmp_path):
     assert (tmp_path / "out" / "table_vs_params.png").exists()
 
 
+def test_mean_std_cells_carry_the_interval_of_the_mean(tmp_path):
+    from test_tables import table_from
+
+    t = table_from(tmp_path, [record(LORA, s, .7, v) for s, v in enumerate((.60, .70, .80))], agg="mean_std")
+    add_statistics(t, resamples=999)
+    low, high = t.stats.intervals[("LoRA r=8 α=8 (q+v)", "rotten_tomatoes")]
+    assert .6 - 1e-9 <= low < .7 < high <= .8 + 1e-9
+    assert f"70.0 ± 10.0 [{100 * low:.1f}, {100 * high:.1f}]" in to_markdown(t)
+    assert "the 95 % interval of the mean" in to_markdown(t)
+    assert r"70.0 $\pm$ 10.0 [" in to_latex(t)
+
 # ---------------------------------------------------------------- cost fronts
 
 def test_dominated_rows_are_marked_on_each_cost(tmp_path):
@@ -383,3 +394,36 @@ def test_no_interval_without_seeds_or_examples_keeps_the_plain_cell(tmp_path):
     add_statistics(t, resamples=100)
     assert "| **65.0†** |" in to_markdown(t) and "No intervals: every cell has one seed" in to_markdown(t)
     assert next(csv.DictReader(io.StringIO(to_csv(t))))["rotten_tomatoes_accuracy_low"] == ""
+
+
+# ---------------------------------------------------------------- a real sweep
+
+def test_a_tiny_real_sweep_gives_intervals_the_paired_column_and_the_ranking(tmp_path):
+    """2 methods x 3 seeds trained on the tiny model: every run keeps its per-example test results,
+    and the table resamples seeds and test examples, pairs LoRA with head-only, ranks them."""
+    from test_train import smoke_cfg
+
+    from lora_lab.trainer.train import run_training
+
+    sweep = tmp_path / "sweep"
+    for method in ("lora", "head"):
+        for seed in range(3):
+            cfg = smoke_cfg(tmp_path, f"method={method}", f"seed={seed}", "data.max_train=16",
+                            "trainer.latency_repeats=1", "trainer.checkpoint_every=0")
+            run_training(cfg, sweep / f"{method}_{seed}")
+    found = preds.read_predictions(sweep / "lora_0" / PREDICTIONS_FILE)
+    assert found.task_type == "classification" and len(found) == 32 and found.epoch == 1
+    assert (sweep / "lora_0" / PREDICTIONS_FILE).stat().st_size < 8 * 32 + 400
+    out = tmp_path / "out"
+    assert tables.main([str(sweep), "--compare-to", "Head only", "--out", str(out), "--resamples", "999"]) == 0
+    md = (out / "table.md").read_text()
+    header, _, head, lora = md.splitlines()[:4]
+    assert header.startswith("| Method | Trainable params | % of total | rotten_tomatoes | Δ vs Head only |")
+    assert head.startswith("| Head only |") and "| ref. |" in head
+    cell, difference = lora.split("|")[4].strip(), lora.split("|")[5].strip()
+    assert cell.strip("*").count("[") == 1 and "†" not in cell
+    assert difference[0] in "+-" and "[" in difference and (" p=" in difference or " p<" in difference)
+    assert "two-level bootstrap over seeds and test examples" in md and "permutation_type='samples'" in md
+    assert "### Ranking stability" in md and "### Cost fronts" in md
+    stats = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert {row["rotten_tomatoes_resampled"] for row in stats} == {"seeds+examples"}
