@@ -15,7 +15,7 @@ from pathlib import Path
 from lora_lab.errors import ConfigError
 from lora_lab.methods import Method, describe_method
 from lora_lab.runtime.predictions import ExamplePredictions, read_predictions
-from lora_lab.runtime.records import PREDICTIONS_FILE, RECORD_FILE, find_run_dirs, load_record
+from lora_lab.runtime.records import PREDICTIONS_FILE, RECORD_FILE, check_digest, find_run_dirs, load_record
 from lora_lab.tasks.task_types import TASK_TYPES, task_name
 
 
@@ -38,6 +38,7 @@ class Run:
     baseline: tuple | None = None  # (name, test value of ``metric``) of the record's baseline
     task_type: str = "classification"
     predictions: Path | None = None  # its per-example test results of the epoch read, when it has them
+    predictions_sha256: str | None = None  # their SHA-256 as the record lists it (None: written before digests)
     epoch: int | None = None          # the epoch read
 
     @cached_property
@@ -61,6 +62,7 @@ class Run:
             return None
         if not self.predictions.exists():
             raise ConfigError("record", _record_name(self.source), f"lists {PREDICTIONS_FILE}, which is missing")
+        check_digest(self.predictions, self.predictions_sha256, f"its {RECORD_FILE}")
         found = read_predictions(self.predictions)
         if found.epoch != self.epoch or found.task_type != self.task_type:
             raise ConfigError("predictions", str(self.predictions), f"holds epoch {found.epoch} of a {found.task_type} "
@@ -150,6 +152,9 @@ def run_from_record(record: dict, metric: str | None, epoch: str, source: str = 
                           f"{sorted(k.split('/', 1)[1] for k in row if k.startswith('validation/'))})")
     metric = metric or main_metric(record)
     val, test = row.get(f"validation/{metric}"), row.get(f"test/{metric}")
+    non_finite = record.get("non_finite") or {}  # strict JSON wrote null where the value was NaN or infinite
+    val, test = (math.nan if value is None and f"{epoch}.{split}/{metric}" in non_finite else value
+                 for split, value in (("validation", val), ("test", test)))
     for split, value in (("validation", val), ("test", test)):
         if _number(value) is None:
             found = "no" if value is None else f"a non-numeric {value!r} as"
@@ -160,7 +165,8 @@ def run_from_record(record: dict, metric: str | None, epoch: str, source: str = 
                peak_memory_mb=_number(m.get("peak_memory_mb")), samples_per_s=_number(m.get("train_samples_per_s")),
                resolved=record.get("method_resolved") or {}, source=source, task=task, metric=metric,
                baseline=record_baseline(record, metric), task_type=record_task_type(record),
-               predictions=_predictions_path(record, row, source), epoch=row.get("epoch"))
+               predictions=_predictions_path(record, row, source), epoch=row.get("epoch"),
+               predictions_sha256=((record.get("files") or {}).get(PREDICTIONS_FILE) or {}).get("sha256"))
 
 
 def record_task_type(record: dict) -> str:

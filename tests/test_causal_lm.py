@@ -12,12 +12,14 @@ import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
 
+from lora_lab.analysis.example_metrics import metric_values
 from lora_lab.config.validate import check_config
 from lora_lab.data import lm_data
 from lora_lab.data.loading import Collator, build_splits, cache_key, load_task_data
 from lora_lab.data.sampling import evaluation_loader
 from lora_lab.errors import ConfigError
 from lora_lab.runtime.distributed import Distributed
+from lora_lab.runtime.predictions import read_predictions
 from lora_lab.tasks import generation_eval
 from lora_lab.tasks.metrics import is_better
 from lora_lab.tasks.task_types import TASK_TYPES, main_metric, objective
@@ -147,7 +149,7 @@ def lm_split(lengths=(5, 9, 3, 12, 7), prompt=(2, 0, 1, 4, 3)):
 
 def split_metrics(model, ds, batch_size):
     loader = evaluation_loader(ds, batch_size, Collator(0))
-    metrics, report, _ = evaluate(model, loader, gold_labels(ds, LM), torch.device("cpu"), contextlib.nullcontext,
+    metrics, report, _, _ = evaluate(model, loader, gold_labels(ds, LM), torch.device("cpu"), contextlib.nullcontext,
                                   LM, [])
     assert report == {}
     return metrics
@@ -313,6 +315,10 @@ def test_a_causal_lm_trains_and_records_perplexity_and_generation_metrics(tmp_pa
     assert set(baseline["test"]) == {"loss", "perplexity", "bleu", "rouge_l"}
     assert len(record["generations"]["best"]["test"]) == 2 and len(record["generations"]["baseline"]["test"]) == 2
     assert set(record["generations"]["best"]["test"][0]) == {"prompt", "references", "generation"}
+    # per-example summed losses and token counts give back the best epoch's test perplexity
+    found = read_predictions(run_dir / records.PREDICTIONS_FILE)
+    assert found.task_type == "causal_lm" and found.epoch == record["best"]["epoch"]
+    assert float(metric_values("causal_lm", "perplexity", found.fields)) == pytest.approx(best["test/perplexity"], rel=1e-5)
 
     # resumed from its checkpoint, the run reads the pre-trained model's metrics instead of evaluating it again
     monkeypatch.setattr(evaluation, "pretrained_baseline", lambda *a, **k: pytest.fail("baseline evaluated again"))

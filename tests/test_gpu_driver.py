@@ -93,7 +93,9 @@ def test_first_study_call_completes_its_seed_and_sends_back_records_without_weig
     records = sorted(n for n in state if n.endswith("record.json"))
     assert records == ["study/rotten_tomatoes_lora_r8_lr0.001_s0/record.json",
                        "study/trec6_lora_r8_lr0.001_s0/record.json"]
-    assert not [n for n in state if n.endswith(".safetensors")]
+    assert sorted(n for n in state if n.endswith(".safetensors")) == [  # weights left out, per-example results kept
+        "study/rotten_tomatoes_lora_r8_lr0.001_s0/predictions.safetensors",
+        "study/trec6_lora_r8_lr0.001_s0/predictions.safetensors"]
     assert "table/study.md" in members(tmp / "out1" / "study_table.tar.gz")
 
 

@@ -40,7 +40,9 @@ def result(run_dir: Path) -> dict:
     for name in (records.STATE_FILE, records.DELTA_FILE, records.LAST_STATE_FILE):
         if (run_dir / name).exists():
             tensors.update({f"{name}:{k}": v for k, v in load_file(str(run_dir / name)).items()})
-    return {"epochs": record["epochs"], "best": record["best"], "last": record["last"], "files": record["files"],
+    # the files' SHA-256 are left out: safetensors writes a header's metadata in an order of its own per process
+    files = {name: {k: v for k, v in entry.items() if k != "sha256"} for name, entry in record["files"].items()}
+    return {"epochs": record["epochs"], "best": record["best"], "last": record["last"], "files": files,
             "tensors": tensors}
 
 

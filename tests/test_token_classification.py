@@ -4,12 +4,14 @@ import pytest
 import torch
 from conftest import compose_config
 
+from lora_lab.analysis.example_metrics import metric_values
 from lora_lab.data.loading import Collator, load_task_data
 from lora_lab.data.token_data import IGNORED, align_labels, tag_names
 from lora_lab.errors import ConfigError
 from lora_lab.methods import available_methods, describe_method
 from lora_lab.models.loading import load_tokenizer
 from lora_lab.runtime import records
+from lora_lab.runtime.predictions import read_predictions
 from lora_lab.tasks.metrics import entity_metrics
 from lora_lab.tasks.task_types import TASK_TYPES
 from lora_lab.trainer.train import run_training
@@ -176,6 +178,14 @@ def test_lora_learns_the_toy_entities(tmp_path):
     record = run_training(cfg, tmp_path / "run")
     assert record["best"]["test/entity_f1"] > 0.5 > record["baseline"]["test"]["entity_f1"]
     assert record["best"]["test/token_accuracy"] > record["baseline"]["test"]["token_accuracy"]
+    # the per-sentence entity counts give back the best epoch's test scores
+    found = read_predictions(tmp_path / "run" / records.PREDICTIONS_FILE)
+    assert found.task_type == "token_classification" and found.epoch == record["best"]["epoch"]
+    entry = record["files"][records.PREDICTIONS_FILE]
+    assert {k: entry[k] for k in ("epoch", "holds")} == {"epoch": record["best"]["epoch"], "holds": "best"}
+    assert entry["sha256"] == records.file_sha256(tmp_path / "run" / records.PREDICTIONS_FILE)
+    for metric in ("entity_f1", "token_accuracy"):
+        assert float(metric_values(found.task_type, metric, found.fields)) == pytest.approx(record["best"][f"test/{metric}"])
 
 
 def test_same_seed_same_entity_metrics(tmp_path):

@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -7,9 +6,11 @@ import pytest
 import torch
 from conftest import compose_config
 
+from lora_lab.analysis.example_metrics import metric_values
 from lora_lab.errors import ConfigError
 from lora_lab.methods import available_methods, describe_method
 from lora_lab.runtime import records
+from lora_lab.runtime.predictions import read_predictions
 from lora_lab.trainer.train import run_training
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
@@ -87,8 +88,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message, warm
     assert message in out.stderr
     error_lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1, out.stderr
-    record = json.loads((tmp_path / "run" / records.RECORD_FILE).read_text())
-    assert record["status"] == "failed" and record["error_kind"] == "config" and record["error"] in out.stderr
+    assert not (tmp_path / "run").exists()  # bad input leaves no run folder (a sweep's job records it)
 
 
 def test_cli_unknown_method_is_hydras_error(tmp_path, warm_cli):
@@ -117,7 +117,7 @@ def test_interrupted_write_leaves_no_record(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(json, "dump", explode)
+    monkeypatch.setattr(os, "replace", explode)  # after the temporary file is written, before it is renamed
     with pytest.raises(KeyboardInterrupt):
         records.write_json(target, {"status": "completed"})
     assert not target.exists() and not list(tmp_path.iterdir())
@@ -155,6 +155,9 @@ def test_regression_task_trains_with_float_targets_and_reports_correlations(tmp_
     assert record["task"]["main_metric"] == "pearson" and record["baseline"]["name"] == "constant"
     assert record["baseline"]["test"]["pearson"] == 0.0
     assert record["parameters"]["trainable_head"] > 0
+    found = read_predictions(tmp_path / "run" / records.PREDICTIONS_FILE)  # float targets and predictions per example
+    assert found.task_type == "regression" and found.fields["prediction"].dtype.name == "float32"
+    assert float(metric_values("regression", "pearson", found.fields)) == pytest.approx(best["test/pearson"], abs=1e-5)
     with pytest.raises(ConfigError, match="data.main_metric='accuracy': must be one of \\['pearson', 'spearman'\\]"):
         run_training(smoke_cfg(tmp_path, "data=files", f"data.files.train={tmp_path / 'train.csv'}",
                                "data.task_type=regression", "data.main_metric=accuracy"), tmp_path / "bad")
@@ -175,7 +178,7 @@ def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
             if allocate_mb:
                 torch.ones(allocate_mb * 2**18).sum()  # float32: 4 bytes each, freed at once
         accuracy = accuracies[epoch - 1]
-        return {"accuracy": accuracy, "macro_f1": accuracy, "mcc": 0.0}, {}, [1.0]
+        return {"accuracy": accuracy, "macro_f1": accuracy, "mcc": 0.0}, {}, [1.0], list(gold)
 
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     return seen
@@ -186,9 +189,12 @@ def test_saved_state_is_the_best_epochs_and_the_last_is_kept_beside_it(tmp_path,
     run_dir = tmp_path / "run"
     record = run_training(smoke_cfg(tmp_path, "trainer.epochs=3", "method=lora"), run_dir)
     assert record["best"]["epoch"] == 2 and record["last"]["epoch"] == 3 and len(seen) == 3
-    assert record["files"] == {records.STATE_FILE: {"epoch": 2, "holds": "best"},
-                               records.LAST_STATE_FILE: {"epoch": 3, "holds": "last"},
-                               records.DELTA_FILE: {"epoch": 2, "holds": "best"}}
+    held = {name: {k: v for k, v in entry.items() if k != "sha256"} for name, entry in record["files"].items()}
+    assert held == {records.STATE_FILE: {"epoch": 2, "holds": "best"},
+                    records.LAST_STATE_FILE: {"epoch": 3, "holds": "last"},
+                    records.DELTA_FILE: {"epoch": 2, "holds": "best"},
+                    records.PREDICTIONS_FILE: {"epoch": 2, "holds": "best"}}
+    assert all(entry["sha256"] == records.file_sha256(run_dir / name) for name, entry in record["files"].items())
     best, last = records.load_file(str(run_dir / records.STATE_FILE)), records.load_file(
         str(run_dir / records.LAST_STATE_FILE))
     assert all(best[k].equal(seen[1][k]) for k in seen[1]) and not all(best[k].equal(seen[2][k]) for k in seen[2])

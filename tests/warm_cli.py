@@ -67,18 +67,22 @@ class WarmCli:
         line, self.unread = self.unread.split(b"\n", 1)
         return json.loads(line)
 
-    def start(self, args, cwd, env=None, driver=None) -> dict:
+    def start(self, args, cwd, env=None, driver=None, copies: int = 1) -> dict:
+        """``copies`` > 1: that many processes of the command start at once (``pids``); ``wait``
+        returns the first one's result and sets ``job["copies"]`` to every one's."""
         if self.current is not None and "status" not in self.current:  # left running by a failed test
-            os.kill(self.current["pid"], signal.SIGKILL)
+            for pid in self.current["pids"]:
+                _kill(pid)
             self.current["status"] = self._answer(60)["status"]
         self.jobs += 1
         job = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
                "driver": driver, "stdout": str(self.scratch / f"{self.jobs}.out"),
-               "stderr": str(self.scratch / f"{self.jobs}.err")}
+               "stderr": str(self.scratch / f"{self.jobs}.err"), "copies": copies}
         server = self._server()
         server.stdin.write((json.dumps(job) + "\n").encode())
         server.stdin.flush()
-        job["pid"] = self._answer(60)["pid"]
+        answer = self._answer(60)
+        job["pid"], job["pids"] = answer["pid"], answer.get("pids", [answer["pid"]])
         self.current = job
         return job
 
@@ -90,7 +94,14 @@ class WarmCli:
 
     def wait(self, job: dict, timeout: float = 300) -> subprocess.CompletedProcess:
         if "status" not in job:
-            job["status"] = self._answer(timeout, pid=job["pid"])["status"]
+            answer = self._answer(timeout, pid=job["pid"])
+            job["status"] = answer["status"]
+            if job.get("copies", 1) > 1:
+                job["copies"] = [subprocess.CompletedProcess(job["args"], status, Path(f"{job['stdout']}.{i}").read_text(),
+                                                             Path(f"{job['stderr']}.{i}").read_text())
+                                 for i, status in enumerate(answer["statuses"])]
+        if isinstance(job.get("copies"), list):
+            return job["copies"][0]
         status = job["status"]
         return subprocess.CompletedProcess(job["args"], status, Path(job["stdout"]).read_text(),
                                            Path(job["stderr"]).read_text())
@@ -100,23 +111,38 @@ class WarmCli:
 
     def close(self) -> None:
         if self.current is not None and "status" not in self.current:
-            os.kill(self.current["pid"], signal.SIGKILL)
+            for pid in self.current["pids"]:
+                _kill(pid)
         if self.server is not None:
             self.server.stdin.close()
             self.server.wait(timeout=60)
             self.server = None
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def serve():
-    """The server's loop; returns (in the child only) the job the child is to run."""
+    """The server's loop; returns (in the child only) the job the child is to run. A job with
+    ``copies`` > 1 forks that many children at once (the i-th writes to ``<stdout>.<i>``)."""
     for line in sys.stdin:
         job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            return job
-        print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
+        copies = job.get("copies", 1)
+        pids = []
+        for i in range(copies):
+            pid = os.fork()
+            if pid == 0:
+                if copies > 1:
+                    job["stdout"], job["stderr"] = f"{job['stdout']}.{i}", f"{job['stderr']}.{i}"
+                return job
+            pids.append(pid)
+        print(json.dumps({"pid": pids[0], "pids": pids}), flush=True)
+        statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        print(json.dumps({"status": statuses[0], "statuses": statuses}), flush=True)
     sys.exit(0)
 
 

@@ -531,7 +531,7 @@ def pack_study_state(s: Settings, out: Path, statuses: dict[str, str]) -> Path:
     def skip(arcname: str) -> bool:
         path = s.work / arcname
         if path.suffix == ".safetensors" and "checkpoint" not in path.parts:
-            return True
+            return path.name != "predictions.safetensors"  # weights left out; per-example results feed the intervals
         return "checkpoint" in path.parts and not any(ck == path or ck in path.parents for ck in keep)
 
     target = out / "study_state.tar.gz"

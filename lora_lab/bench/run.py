@@ -137,7 +137,7 @@ def run_benchmark(cfg, out=print) -> dict:
     results["table_markdown"] = table
     out(table)
     path = Path(cfg.output)
-    records.write_json(path, results)
+    records.write_json(path, records.non_finite_to_null(results)[0])  # strict JSON: what was not finite is null
     out(f"[bench] {results['setup']['seconds']:.0f} s; results written to {path}")
     return results
 

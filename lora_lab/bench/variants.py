@@ -20,7 +20,12 @@ _FROZEN_LABELS = {REFERENCE: "frozen-backbone limit", CONTROL: "frozen-backbone 
 
 
 def precision_of(cfg) -> str:
-    return check_precision(str(cfg.get("precision", "fp32")), key="precision")
+    """fp32 or bf16: the benchmark's steps run without the loss scaler fp16 would need on a GPU."""
+    precision = check_precision(str(cfg.get("precision", "fp32")), key="precision")
+    if precision == "fp16":
+        raise ConfigError("precision", precision, "the benchmark measures fp32 and bf16 (fp16 training needs a "
+                          "loss scaler its steps do not have); use precision=bf16")
+    return precision
 
 
 def method_config(arm: str, cfg):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_lab.config.compose import CONFIG_PATH
-from lora_lab.config.run_identity import differences
+from lora_lab.config.run_identity import differences, run_hash
 from lora_lab.config.validate import check_config
 from lora_lab.data.loading import check_files
 from lora_lab.errors import ConfigError, first_line
@@ -35,7 +37,9 @@ from lora_lab.runtime.distributed import Distributed, adopt_submitit_environment
 from lora_lab.runtime.distributed import setup as setup_distributed
 from lora_lab.runtime.environment import apply_environment_defaults
 from lora_lab.runtime.preemption import Preempted, StopRequests
-from lora_lab.runtime.tracking import Tracker
+from lora_lab.runtime.run_lock import DEFAULT_STALE_AFTER, RunLock, describe_owner
+from lora_lab.runtime.run_log import LOG_FILE, RunLog
+from lora_lab.runtime.tracking import Tracker, file_tracker
 from lora_lab.tasks.task_types import main_metric, objective
 from lora_lab.trainer.loop import Diverged
 from lora_lab.trainer.train import run_checked_training
@@ -44,7 +48,22 @@ apply_environment_defaults()
 
 
 def run_name(cfg) -> str:
-    return f"{describe_method(cfg.method).run_tag()}-s{cfg.seed}"
+    """The W&B run's name: ``<method tag>-s<seed>-<hash>``, the hash of the run's result config
+    (``run_identity.run_hash``), as in the name of a run folder Hydra names itself."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return f"{describe_method(cfg.method).run_tag()}-s{cfg.seed}-{run_hash(config)}"
+
+
+def say_run_folder(run_dir: Path) -> None:
+    print(f"[lora_lab] run folder: {run_dir}", flush=True)
+
+
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """Bad input and dry runs leave no run folder. Hydra made it (with its ``.hydra`` files and job log)
+    before the command ran; it is removed when it holds nothing else, so a folder with a run in it stays."""
+    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log", LOG_FILE}
+    if run_dir.is_dir() and all(path.name in hydra_files for path in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def resolved_or_raw(cfg: DictConfig) -> dict:
@@ -93,18 +112,31 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
     ``wandb_run``: a W&B run that already exists (a W&B sweep's trial) to log into.
     Returns the objective a sweeper maximises: the best epoch's validation main metric, negated for a
     metric that is better lower (perplexity), as ``lora_lab.tasks.task_types.objective`` says."""
-    tracker, stop, dist = None, StopRequests(), Distributed()
+    tracker, stop, dist, lock, log = None, StopRequests(), Distributed(), None, RunLog(run_dir / LOG_FILE)
+    started = bad_input = False
     try:
         check_config(cfg)  # the run's one check: before W&B starts or anything is loaded
         dist = setup_distributed(cfg.trainer.device)  # under torchrun: join the run's process group
+        lock, notes = take_run_lock(cfg, run_dir, multirun) if dist.is_main else (None, [])  # rank 0 owns the folder
+        if not dist.broadcast(lock is not None):
+            return math.nan  # another process trains it (exit status 0)
+        if dist.is_main:
+            log.__enter__()  # what the run prints goes to <run_dir>/main.log too
+            for note in notes:  # a takeover of a stale lock
+                print(note)
+            say_run_folder(run_dir)
+            started = True
         monitor = f"validation/{main_metric(cfg.data)}"
         done = completed_record(cfg, run_dir) if cfg.trainer.get("skip_done", True) else None
         if done is not None:
             print(f"[lora_lab] already completed, skipped: {run_dir} (trainer.skip_done=false trains it again)")
-            return objective(main_metric(cfg.data), float(done["best"][monitor]))
+            return objective(main_metric(cfg.data), float(done["best"][monitor] if done["best"][monitor] is not None
+                                                          else math.nan))  # null: not finite when written
         config = OmegaConf.to_container(cfg, resolve=True)
         if not dist.is_main:  # rank 0 alone logs the run
             tracker = Tracker(None)
+        elif cfg.logger.get("backend", "wandb") != "wandb":  # logger=csv, logger=tensorboard: into the run folder
+            tracker = file_tracker(cfg.logger.backend, run_dir)
         elif wandb_run is not None:  # the sweep groups its trials
             tracker = Tracker.attach(wandb_run, config, name=run_name(cfg))
         else:
@@ -120,19 +152,26 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
         kind = {Preempted: "preempted", Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(
             type(error), None) or error_kind(error)
+        if kind == "preempted" and error.interrupted:  # Ctrl-C: checkpointed like a preemption
+            kind = "interrupted"
         status = kind if kind in ("preempted", "diverged", "interrupted") else "failed"
         message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
-        failed = {"schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
-                  "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)}
-        if dist.is_main:
+        failed, _ = records.non_finite_to_null({
+            "schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
+            "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)})
+        bad_input = kind == "config" and not multirun  # a sweep records it: its comparison lists the job
+        if dist.is_main and not bad_input:  # bad input leaves no run folder (discard_unused_run_dir)
             records.write_json(run_dir / records.RECORD_FILE, failed)
         release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
         if tracker is not None:
             if kind == "preempted":
                 tracker.mark_preempting()
-            tracker.finish(exit_code=error.exit_code if kind == "preempted" else 1)
-        if kind == "interrupted":
-            raise
+            tracker.finish(exit_code=getattr(error, "exit_code", 130) if kind in ("preempted", "interrupted") else 1)
+        if kind == "interrupted":  # Ctrl-C: one line, no traceback, the shell's status for it
+            print(f"lora-lab: {error}" if isinstance(error, Preempted) else
+                  "lora-lab: interrupted (Ctrl-C twice: no checkpoint written now; the same command resumes from "
+                  "the last one)", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         if kind == "preempted":
             print(f"lora-lab: {error}", file=sys.stderr)
             stop.pass_on(error.signum)  # e.g. a launcher's requeue
@@ -148,6 +187,26 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
         if kind in ("diverged", "out_of_memory"):
             sys.exit(1)
         raise
+    finally:
+        if started and not bad_input:
+            say_run_folder(run_dir)
+        log.__exit__(None, None, None)
+        if lock is not None:
+            lock.release()
+        if bad_input and dist.is_main:
+            discard_unused_run_dir(run_dir)
+
+
+def take_run_lock(cfg: DictConfig, run_dir: Path, multirun: bool) -> tuple[RunLock | None, list[str]]:
+    """The run folder's lock (lora_lab.runtime.run_lock) and the line of a takeover, if any; None,
+    after one line naming its owner, when another live process holds it."""
+    notes: list[str] = []
+    lock = RunLock.acquire(run_dir, float(cfg.trainer.get("lock_stale_after", DEFAULT_STALE_AFTER)), say=notes.append)
+    if lock is None:
+        owner = RunLock.owner_of(run_dir)
+        print(f"[lora_lab] {'skipped' if multirun else 'not started'}: {run_dir} is in use by "
+              f"{describe_owner(owner) if owner else 'another process'}")
+    return lock, notes
 
 
 def plan_job(cfg: DictConfig, run_dir: Path) -> float:
@@ -190,6 +249,8 @@ def app(cfg: DictConfig) -> float:
             if multirun:
                 return math.nan
             sys.exit(2)
+        finally:
+            discard_unused_run_dir(run_dir)
     # W&B groups a sweep's runs: a Hydra multirun by its directory's name, a W&B sweep by its id
     sweep_name = Path(hydra_cfg.sweep.dir).name if multirun else os.environ.get("WANDB_SWEEP_ID")
     return train_and_record(cfg, run_dir, multirun, sweep_name)

@@ -23,7 +23,7 @@ from lora_lab.methods import describe_method
 
 NEUTRAL_KEYS = ("logger", "launcher", "dry_run", "data.cache_dir", "trainer.progress_bar", "trainer.log_every",
                 "trainer.checkpoint_every", "trainer.keep_checkpoint", "trainer.skip_done", "trainer.resume",
-                "trainer.threads", "trainer.latency_repeats")
+                "trainer.threads", "trainer.latency_repeats", "trainer.lock_stale_after")
 
 
 def _is_neutral(key: str) -> bool:
@@ -46,7 +46,8 @@ ADDED_DEFAULTS = {
     "model": {"arch": "bert", "num_kv_heads": None, "load_in_4bit": False},
     "data": {"revision": None, "prompt_column": None, "response_column": None, "prompt_template": "{prompt}\n",
              "packing": False},
-    "trainer": {"warmup_steps": None, "label_smoothing": 0.0},
+    "trainer": {"warmup_steps": None, "label_smoothing": 0.0, "schedule": "linear", "eval_every": None},
+    "method": {"lr_ratio": None},
 }
 
 
@@ -98,10 +99,16 @@ def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def run_hash(config: dict) -> str:
+    """The hash of a run's result config (a resolved config): the end of its folder's name, and of its
+    W&B run's name."""
+    return digest(result_config(config))
+
+
 def run_key(*, _root_: DictConfig) -> str:
     """``<method tag>-s<seed>-<hash of the result config>`` for a single run's directory."""
     config = _task_config(_root_)
-    return f"{describe_method(config.get('method')).run_tag()}-s{config.get('seed')}-{digest(result_config(config))}"
+    return f"{describe_method(config.get('method')).run_tag()}-s{config.get('seed')}-{run_hash(config)}"
 
 
 def sweep_key(*, _root_: DictConfig) -> str:

@@ -11,6 +11,7 @@ A check only runs for a key the config has, so configs of older versions still v
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -53,6 +54,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.warmup_steps": integer(0, null=True),
     "trainer.label_smoothing": number(0, 1, high_open=True),
     "trainer.max_grad_norm": number(0, null=True),
+    "trainer.schedule": choice("linear", "cosine", "constant"),
     "trainer.device": text(),
     "trainer.precision": text(),
     "trainer.threads": integer(1, null=True),
@@ -61,10 +63,12 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.log_every": integer(1),
     "trainer.progress_bar": choice("auto", True, False),
     "trainer.patience": integer(1, null=True),
+    "trainer.eval_every": integer(1, null=True),
     "trainer.checkpoint_every": integer(0),
     "trainer.resume": boolean(),
     "trainer.keep_checkpoint": boolean(),
     "trainer.skip_done": boolean(),
+    "trainer.lock_stale_after": number(0, low_open=True),
     "trainer.world_size": integer(1),
     "trainer.generation.enabled": boolean(),
     "trainer.generation.max_new_tokens": integer(1),
@@ -122,6 +126,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.dtype": choice("fp32", "bf16"),
     "model.load_in_4bit": boolean(),
     # the logger
+    "logger.backend": choice("wandb", "csv", "tensorboard"),
     "logger.mode": choice("auto", "online", "offline", "disabled"),
     "logger.project": text(),
     "logger.entity": text(null=True),
@@ -171,6 +176,9 @@ def check_config(cfg) -> None:
         _check_generation(cfg)
     if "model" in cfg:
         _check_model(cfg)
+    if "logger" in cfg and cfg.logger.get("backend") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger", "tensorboard", "needs the tensorboard package: pip install tensorboard "
+                          "(or lora_lab[tensorboard])")
 
 
 def _check_trainer(cfg) -> None:
@@ -179,6 +187,9 @@ def _check_trainer(cfg) -> None:
         raise ConfigError("trainer.device", t.device, "must be auto, cpu, mps, cuda or cuda:<index>")
     if "precision" in t:
         check_precision(t.precision)
+        if t.precision == "fp16" and "model" in cfg and cfg.model.get("dtype") == "bf16":
+            raise ConfigError("trainer.precision", "fp16", "cannot autocast a bf16 base (model.dtype=bf16) to fp16; "
+                              "use trainer.precision=bf16")
     if "world_size" in t:
         if t.world_size != launched_world_size():
             raise ConfigError("trainer.world_size", t.world_size, f"is the number of processes torchrun started "

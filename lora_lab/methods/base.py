@@ -75,6 +75,9 @@ class Method:
     family: str = ""  # legend entry in plots; default: the registered name
     plot_style: tuple[str, str] = ("tab:purple", "x")  # matplotlib colour and marker of the family
 
+    # the optimiser steps the run will take, set by the trainer before ``apply`` (None outside a run)
+    total_steps: int | None = None
+
     def __init__(self, cfg, resolved: dict | None = None):
         self.cfg = cfg
         self.resolved: dict = dict(resolved or {})  # settings decided when applied (e.g. LoRA's r for a budget)
@@ -147,6 +150,18 @@ class Method:
         """ΔW per adapted matrix, keyed by the module name of the matrix in the original model. An
         empty dict means the method changes no weight matrix (ΔW = 0 everywhere)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------ training
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        """Learning-rate multipliers of trainable parameters by name (LoRA+: B's ``lr_ratio``): the
+        optimiser gives each such parameter ``lr`` times its multiplier, the others ``lr``; the schedule
+        scales every group alike. Empty by default: one learning rate for everything."""
+        return {}
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called by the trainer after each optimiser step (``step``: the steps done so far, from 1), before
+        the gradients are cleared; a method that changes itself while training (AdaLoRA's rank
+        allocation) does it here. Nothing by default."""
 
     def merge_layers(self, model: nn.Module) -> Iterable[nn.Module]:
         """The layers that fold the method into their base weight (``merge()``, ``unmerge()``)."""

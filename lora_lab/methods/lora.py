@@ -172,6 +172,7 @@ class LoRA(Method):
         "train_head": rules.boolean(),
         "budget": rules.integer(1, null=True),
         "init_from": rules.text(null=True),
+        "lr_ratio": rules.number(0, low_open=True, null=True),  # LoRA+: B's lr over A's; null: off
     }
     supports_merge = True
     has_peft_counterpart = exports_peft = True
@@ -191,7 +192,8 @@ class LoRA(Method):
         scale = ", rsLoRA" if cfg.get("rslora") else ""
         targets = "+".join(map(str, cfg.get("targets") or []))
         budget = f" [budget {cfg.get('budget'):,}]" if cfg.get("budget") else ""
-        return f"{self.family}{rank} α={alpha} ({targets}{scale}{init}){budget}"
+        plus = f", LoRA+ λ={cfg.get('lr_ratio'):g}" if cfg.get("lr_ratio") is not None else ""
+        return f"{self.family}{rank} α={alpha} ({targets}{scale}{init}{plus}){budget}"
 
     def label(self) -> str:
         return self._describe(f" r={self.rank()}", self.cfg.get("alpha"))
@@ -228,6 +230,9 @@ class LoRA(Method):
             raise ConfigError("method.dropout", cfg.dropout, "must be in [0, 1)")
         if cfg.init not in INITS:
             raise ConfigError("method.init", cfg.init, f"must be one of {list(INITS)}")
+        problem = self.config_rules["lr_ratio"](cfg.get("lr_ratio"))
+        if problem:
+            raise ConfigError("method.lr_ratio", cfg.get("lr_ratio"), problem + " (LoRA+: B's learning rate over A's)")
         if cfg.get("init_from") and is_adapter_folder(cfg.init_from):
             check_settings(read_adapter(cfg.init_from), cfg, dora=self.dora)
 
@@ -288,6 +293,14 @@ class LoRA(Method):
 
     def method_parameter_names(self, model: nn.Module) -> set[str]:
         return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        """LoRA+ (Hayou et al. 2024): every B factor trains at ``lr_ratio`` times the learning rate of A
+        and of everything else; nothing with ``lr_ratio`` null."""
+        ratio = self.cfg.get("lr_ratio")
+        if ratio is None:
+            return {}
+        return {n: float(ratio) for n, p in model.named_parameters() if p.requires_grad and n.endswith(".lora_B")}
 
     @torch.no_grad()
     def load_factors(self, model: nn.Module, source: str) -> None:

@@ -77,6 +77,7 @@ def rebuild_run(run_dir) -> RebuiltRun:
     state_path = run_dir / records.STATE_FILE
     if not state_path.is_file():
         raise ConfigError("run", str(run_dir), f"has no {records.STATE_FILE}; the run is incomplete")
+    records.verify_run_file(record, records.STATE_FILE)  # the SHA-256 its record lists
     try:
         state = records.load_file(str(state_path))
     except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types

@@ -7,6 +7,8 @@
                   rank<k>/rng/...         the same for rank k > 0 of a torchrun launch
                   progress/<name>         per-step series so far (losses of the current epoch, step times)
         metadata  config                  the settings that change results (run_identity.result_config)
+                  data_sha256             the SHA-256 of the file's tensor data (records.save_tensors, seal)
+                  files                   the SHA-256 of the best-epoch file it names
                   progress                step, epoch, position in the epoch, per-epoch metrics, best so
                                           far, measurements so far
                   optimizer, scheduler, rng_python, rng_numpy (rank<k>/rng_python, ... for rank k > 0)
@@ -112,13 +114,35 @@ def save(directory: Path, model, optimizer, scheduler, config: dict, progress: d
     for rank, (rng_tensors, rng_meta) in enumerate(rng_states or [rng_state()]):
         tensors.update({_rank_prefix(rank) + k: v for k, v in rng_tensors.items()})
         meta.update({_rank_prefix(rank) + k: v for k, v in rng_meta.items()})
+    best_epoch = progress.get("best_epoch")
+    if best_epoch is not None and best_file(directory, best_epoch).exists():
+        meta["files"] = json.dumps({best_file(directory, best_epoch).name: _digest(best_file(directory, best_epoch))})
     path = Path(directory) / LAST
-    records.save_tensors(path, tensors, metadata=meta)
+    records.save_tensors(path, tensors, metadata=meta, seal=True)
     return path
 
 
+_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, SHA-256) of best-epoch files written
+
+
+def _digest(path: Path) -> str:
+    """The SHA-256 of a best-epoch file: remembered from when it was written or read, else computed."""
+    stat = path.stat()
+    known = _DIGESTS.get(str(path))
+    if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size):
+        return known[2]
+    return _remember(path, records.file_sha256(path))
+
+
+def _remember(path: Path, digest: str) -> str:
+    stat = path.stat()
+    _DIGESTS[str(path)] = (stat.st_mtime_ns, stat.st_size, digest)
+    return digest
+
+
 def save_best(directory: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
-    records.save_tensors(best_file(directory, epoch), state, metadata={"epoch": str(epoch)})
+    path = best_file(directory, epoch)
+    _remember(path, records.save_tensors(path, state, metadata={"epoch": str(epoch)}))
 
 
 def drop_stale_best(directory: Path, keep_epoch: int | None) -> None:
@@ -150,7 +174,8 @@ def load(directory: Path) -> Checkpoint | None:
         raise ConfigError("checkpoint", str(path), f"is not a readable safetensors file ({error})") from None
     if raw.get("format") != FORMAT:
         raise ConfigError("checkpoint", str(path), f"is not a {FORMAT} checkpoint (format {raw.get('format')!r})")
-    meta = {key: json.loads(value) for key, value in raw.items() if key != "format"}
+    records.check_sealed(path, raw, "checkpoint")
+    meta = {key: json.loads(value) for key, value in raw.items() if key not in ("format", records.DATA_SHA256_KEY)}
     return Checkpoint(path, tensors, meta)
 
 
@@ -204,8 +229,13 @@ def restore_rng(checkpoint: Checkpoint, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def load_best(directory: Path, epoch: int) -> dict[str, torch.Tensor]:
+def load_best(directory: Path, epoch: int, checkpoint: Checkpoint | None = None) -> dict[str, torch.Tensor]:
+    """The best epoch's state; checked against the SHA-256 that ``checkpoint`` (the one naming it) keeps."""
     path = best_file(directory, epoch)
+    want = (checkpoint.meta.get("files") or {}).get(path.name) if checkpoint is not None else None
+    if want is not None and path.exists():
+        records.check_digest(path, want, f"the checkpoint {checkpoint.path}")
+        _remember(path, want)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:

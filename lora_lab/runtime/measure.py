@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import math
 import resource
 import statistics
 import time
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from lora_lab.models.architectures import head_parameter_names
+from lora_lab.runtime.records import not_measured
 from lora_lab.runtime.timing import synchronize
 
 
@@ -163,9 +163,11 @@ class Throughput:
 
     def summary(self) -> dict[str, float]:
         """This process's figures (over several ranks, ``throughput_over_ranks`` gives the run's)."""
-        if not self.step_times:
-            return {"train_samples_per_s": float("nan"), "train_tokens_per_s": float("nan"),
-                    "train_step_ms_median": float("nan"), "measured_steps": 0}
+        if not self.step_times:  # null with the reason: strict JSON has no NaN
+            reason = (f"no steps after the warm-up (trainer.throughput_warmup_steps={self.warmup_steps}, "
+                      f"{self.steps} micro-batches in this process)")
+            return {**not_measured("train_samples_per_s", reason), **not_measured("train_tokens_per_s", reason),
+                    **not_measured("train_step_ms_median", reason), "measured_steps": 0}
         return {
             "train_samples_per_s": self.samples / self.seconds,
             "train_tokens_per_s": self.tokens / self.seconds,
@@ -180,7 +182,11 @@ def throughput_over_ranks(states: list[dict[str, float]]) -> dict:
     ``Throughput.summary`` already is the run's."""
     if len(states) <= 1:
         return {}
-    rates = [(s["samples"] / s["seconds"], s["tokens"] / s["seconds"]) if s["seconds"] else (math.nan, math.nan)
+    rates = [(s["samples"] / s["seconds"], s["tokens"] / s["seconds"]) if s["seconds"] else (None, None)
              for s in states]
+    if any(r[0] is None for r in rates):  # null with the reason: strict JSON has no NaN
+        reason = "a rank measured no steps after the warm-up (trainer.throughput_warmup_steps)"
+        return {**not_measured("train_samples_per_s", reason), **not_measured("train_tokens_per_s", reason),
+                "train_samples_per_s_per_rank": [r[0] for r in rates], "world_size": len(states)}
     return {"train_samples_per_s": sum(r[0] for r in rates), "train_tokens_per_s": sum(r[1] for r in rates),
             "train_samples_per_s_per_rank": [r[0] for r in rates], "world_size": len(states)}

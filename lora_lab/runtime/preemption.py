@@ -7,13 +7,17 @@ checkpoint and raises ``Preempted``. The command then exits
 with 128 + the signal number (143 for SIGTERM), the status a shell or launcher reports for a job
 ended by that signal; a handler installed before ours (submitit's) is called after the checkpoint is
 written, so a launcher's requeue still happens.
+
+Ctrl-C (SIGINT) is handled the same way: checkpoint at the next step boundary, one line, exit 130
+(recorded as ``interrupted``, not preempted). A second Ctrl-C before that raises KeyboardInterrupt at
+once, for a run that hangs before its next step.
 """
 from __future__ import annotations
 
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -26,15 +30,22 @@ class Preempted(Exception):
     def exit_code(self) -> int:
         return 128 + self.signum
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (SIGINT) rather than by a scheduler: recorded as ``interrupted``."""
+        return self.signum == signal.SIGINT
+
 
 class StopRequests:
-    """Context manager: while inside, SIGTERM, SIGUSR1 and SIGUSR2 set ``signum`` instead of ending the process."""
+    """Context manager: while inside, SIGTERM, SIGUSR1, SIGUSR2 and SIGINT set ``signum`` instead of ending the process."""
 
     def __init__(self):
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # Ctrl-C twice: stop now
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> StopRequests:
@@ -50,5 +61,5 @@ class StopRequests:
     def pass_on(self, signum: int) -> None:
         """Call the handler that was installed before ours (e.g. a launcher's requeue), if any."""
         handler = self.previous.get(signum)
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:  # Python's own raises KeyboardInterrupt
             handler(signum, None)

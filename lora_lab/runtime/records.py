@@ -26,7 +26,9 @@ or with the record; they trust a record's results only when its status is "compl
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -56,6 +58,9 @@ COMPLETED_KEYS = {1: ("config", "best", "last", "parameters", "measurements"),
 STOPPED_KEYS = {1: (), 2: ("error", "error_kind", "config")}  # records of runs that did not complete
 HOLDS = ("best", "last")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+DATA_SHA256_KEY = "data_sha256"  # a sealed file's header: the SHA-256 of its tensor data (save_tensors)
+_PLACEHOLDER = f'"{DATA_SHA256_KEY}":"{"0" * 64}"'.encode()
+_CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -87,10 +92,38 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def not_measured(key: str, reason: str) -> dict:
+    """A measurement that could not be taken: ``null`` with the reason beside it (``<key>_reason``)."""
+    return {key: None, f"{key}_reason": reason}
+
+
+def non_finite_to_null(obj, path: str = "") -> tuple[object, dict[str, str]]:
+    """``obj`` with every NaN or infinite float replaced by None (strict JSON has neither), and what was
+    replaced: {"<path>": "nan" | "inf" | "-inf"}, paths like ``epochs[0].train_loss``."""
+    found: dict[str, str] = {}
+
+    def clean(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[where] = repr(value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    return clean(obj, path), found
+
+
 def write_json(path: Path, obj) -> None:
+    """``obj`` as strict JSON, atomically: a NaN or infinity raises ValueError (``allow_nan=False``), so
+    a value that could not be measured must be written as null with its reason (``not_measured``,
+    ``non_finite_to_null``). Readers still accept NaN in records written before."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=False)  # fails before any write
+
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
@@ -105,12 +138,94 @@ def write_text(path: Path, text: str) -> None:
     _atomic(path, write)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as ``sha256sum`` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_sha256(f) -> tuple[int, bytes, str]:
+    """Of an open safetensors file: its header's length, the header, and the SHA-256 of the tensor
+    data after it."""
+    f.seek(0)
+    size = int.from_bytes(f.read(8), "little")
+    header = f.read(size)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        digest.update(chunk)
+    return size, header, digest.hexdigest()
+
+
+def _seal(tmp) -> None:
+    """Write the SHA-256 of a safetensors file's tensor data into its header, in the place
+    ``DATA_SHA256_KEY`` keeps for it (the header keeps its length: the placeholder is as long)."""
+    with open(tmp, "r+b") as f:
+        _, header, digest = _data_sha256(f)
+        at = header.index(_PLACEHOLDER)
+        f.seek(8 + at + len(_PLACEHOLDER) - 65)  # the 64 zeros before the closing quote
+        f.write(digest.encode())
+        f.flush()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 seal: bool = False) -> str:
+    """Write a safetensors file atomically; returns its SHA-256 (what a record's ``files`` lists).
+    ``seal``: also keep the SHA-256 of its tensor data in its own header (``DATA_SHA256_KEY``), for
+    files no record lists (checkpoints); ``check_sealed`` verifies it."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if seal:
+        metadata = {**(metadata or {}), DATA_SHA256_KEY: "0" * 64}
+    digest = {}
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        if seal:
+            _seal(tmp)
+        digest["sha256"] = file_sha256(tmp)
+
+    _atomic(path, write)
+    return digest["sha256"]
 
 
-def save_delta_weights(path: Path, deltas: dict[str, DeltaW]) -> None:
+def check_sealed(path: Path, metadata: dict[str, str], what: str = "file") -> None:
+    """Refuse (ConfigError naming the file) a sealed safetensors file whose tensor data no longer has
+    the SHA-256 its header keeps; a file without one (written before) passes."""
+    want = metadata.get(DATA_SHA256_KEY)
+    if want is None:
+        return
+    with open(path, "rb") as f:
+        got = _data_sha256(f)[2]
+    if got != want:
+        raise ConfigError(what, str(path), f"has tensor data of SHA-256 {got[:16]}..., not the {want[:16]}... "
+                          "its header keeps; the file is corrupt")
+
+
+def check_digest(path: Path, want: str | None, listed_in: str) -> None:
+    """Refuse (ConfigError naming the file) a file whose SHA-256 is not ``want``, the digest that
+    ``listed_in`` (e.g. its record.json) lists for it; None (written before digests) passes."""
+    if want is None:
+        return
+    try:
+        got = file_sha256(path)
+    except OSError as error:
+        raise ConfigError("file", str(path), f"cannot be read ({first_line(error)})") from None
+    if got != want:
+        raise ConfigError("file", str(path), f"has SHA-256 {got[:16]}..., not the {want[:16]}... {listed_in} lists; "
+                          "the file is corrupt or was changed after it was written")
+
+
+def verify_run_file(record: dict, name: str) -> None:
+    """Refuse a file of a run directory (``record["run_dir"]``) whose SHA-256 differs from the one its
+    record's ``files`` lists; a record without digests (written before) passes."""
+    entry = (record.get("files") or {}).get(name)
+    want = entry.get("sha256") if isinstance(entry, dict) else None
+    check_digest(Path(record["run_dir"]) / name, want, f"its {RECORD_FILE}")
+
+
+def save_delta_weights(path: Path, deltas: dict[str, DeltaW]) -> str:
     tensors, kinds = {}, {}
     for name, d in deltas.items():
         kinds[name] = d.kind
@@ -118,7 +233,7 @@ def save_delta_weights(path: Path, deltas: dict[str, DeltaW]) -> None:
             t = getattr(d, part)
             if t is not None:
                 tensors[f"{name}::{part}"] = t.float()
-    save_tensors(path, tensors, metadata={"kinds": json.dumps(kinds)})
+    return save_tensors(path, tensors, metadata={"kinds": json.dumps(kinds)})
 
 
 def delta_shapes(deltas: dict[str, DeltaW]) -> dict[str, list[int]]:
@@ -193,6 +308,9 @@ def _check_files(record: dict, refuse) -> None:
     for name, entry in files.items():
         if not isinstance(entry, dict) or not is_integer(entry.get("epoch")) or entry.get("holds") not in HOLDS:
             raise refuse(f"has files[{name!r}] that is not an object with an 'epoch' and 'holds' (best or last)")
+        sha256 = entry.get("sha256")
+        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+            raise refuse(f"has files[{name!r}] with a 'sha256' that is not 64 hexadecimal digits")
         holds, epoch = entry["holds"], record[entry["holds"]]["epoch"]
         if entry["epoch"] != epoch:
             raise refuse(f"says {name} holds the {holds} epoch, {entry['epoch']}, but its {holds} epoch is {epoch}")
@@ -358,6 +476,7 @@ def open_delta_weights(record: dict) -> DeltaWeightsFile:
             raise ConfigError("record", str(run_dir / RECORD_FILE), f"does not list the {DELTA_FILE} beside it, "
                               "so which epoch that ΔW holds is unknown")
         raise ConfigError("run", str(run_dir), f"has no {DELTA_FILE} (no ΔW was saved for this run)")
+    verify_run_file(record, DELTA_FILE)
     return DeltaWeightsFile(path, record.get("delta_w_shapes"))
 
 

@@ -16,11 +16,18 @@ WANDB_INIT_TIMEOUT environment variable, else DEFAULT_INIT_TIMEOUT.
 
 With ``logger.log_model=true`` a completed run is also logged as a model artifact (``Tracker.log_model``):
 the trainer hands over the files (and the PEFT adapter folder it exported), the tracker uploads them.
+
+``logger=csv`` and ``logger=tensorboard`` (``logger.backend``) log the same keys into the run folder
+instead, behind the same interface (``CsvTracker``, ``TensorBoardTracker``; ``file_tracker``).
 """
 from __future__ import annotations
 
 import configparser
+import csv
+import io
 import ipaddress
+import json
+import math
 import netrc
 import os
 import socket
@@ -274,6 +281,120 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+class CsvTracker(Tracker):
+    """``logger=csv``: what the W&B tracker logs, as files in the run folder: ``metrics.csv`` (one row
+    per logged step: the column ``step``, then one per key, in the order keys first appear),
+    ``summary.json`` (the summary) and ``table-<key>.csv`` per table. Every write replaces the file
+    atomically; a resumed run reads them back and goes on (a step logged again replaces its values)."""
+
+    METRICS_FILE = "metrics.csv"
+    SUMMARY_FILE = "summary.json"
+
+    def __init__(self, directory: str | Path):
+        super().__init__(None)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.rows, self.columns = self._read_metrics()
+        summary_path = self.directory / self.SUMMARY_FILE
+        self.values = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def _read_metrics(self) -> tuple[dict[int, dict], list[str]]:
+        path = self.directory / self.METRICS_FILE
+        if not path.exists():
+            return {}, []
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = [c for c in reader.fieldnames or [] if c != "step"]
+            rows = {int(row["step"]): {k: _parse(v) for k, v in row.items() if k != "step" and v != ""} for row in reader}
+        return rows, columns
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        step = max(self.rows, default=0) if step is None else int(step)
+        self.rows.setdefault(step, {}).update(metrics)
+        self.columns += [k for k in metrics if k not in self.columns]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["step", *self.columns], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({"step": s, **self.rows[s]} for s in sorted(self.rows))
+        records.write_text(self.directory / self.METRICS_FILE, out.getvalue())
+
+    def summary(self, values: dict) -> None:
+        self.values.update(values)
+        finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.values.items()}
+        records.write_json(self.directory / self.SUMMARY_FILE, finite)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerows([columns, *rows])
+        records.write_text(self.directory / f"table-{key.replace('/', '_')}.csv", out.getvalue())
+
+
+def _parse(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+class TensorBoardTracker(Tracker):
+    """``logger=tensorboard``: what the W&B tracker logs, as TensorBoard event files in the run folder
+    (``tensorboard --logdir <run folder>``): every number a scalar under its W&B key at its step, the
+    summary's numbers as scalars at the last step logged, text and tables as text. Needs the
+    tensorboard package (``pip install "lora_lab[tensorboard]"``)."""
+
+    def __init__(self, directory: str | Path):
+        super().__init__(None)
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency: tensorboard
+
+        self.writer = SummaryWriter(log_dir=str(directory))
+        self.last_step = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        step = self.last_step if step is None else int(step)
+        self.last_step = max(self.last_step, step)
+        self._write(metrics, step)
+
+    def _write(self, values: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+            elif value is not None:
+                self.writer.add_text(key, str(value), global_step=step)
+        self.writer.flush()
+
+    def summary(self, values: dict) -> None:
+        self._write(values, self.last_step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns),
+                 *("| " + " | ".join(str(v).replace("\n", " ") for v in row) + " |" for row in rows)]
+        self._write({key: "\n".join(lines)}, self.last_step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+FILE_TRACKERS = {"csv": CsvTracker, "tensorboard": TensorBoardTracker}  # logger.backend besides wandb
+
+
+def file_tracker(backend: str, directory: str | Path) -> Tracker:
+    """The tracker of ``logger.backend`` csv or tensorboard, logging into the run folder ``directory``."""
+    return FILE_TRACKERS[backend](directory)
 
 
 def model_artifact_name(run_id: str) -> str:

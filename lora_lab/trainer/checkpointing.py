@@ -43,11 +43,13 @@ def _resume(run: Run, state: TrainingState, saved: checkpoint.Checkpoint) -> Non
     checkpoint.restore(saved, run.model, run.optimizer, run.scheduler)
     progress = state.progress = Progress.from_dict(saved.progress)
     state.epoch_losses = saved.tensors["progress/epoch_losses"].tolist()
+    if run.scaler and progress.grad_scaler:
+        run.scaler.load_state_dict(progress.grad_scaler)
     if progress.throughput:
         own = (progress.throughput_ranks or [progress.throughput])[run.dist.rank]
         state.throughput.restore(own, saved.tensors["progress/step_seconds"].tolist())
     if progress.best_epoch is not None:
-        best = checkpoint.load_best(run.checkpoint_dir, progress.best_epoch)
+        best = checkpoint.load_best(run.checkpoint_dir, progress.best_epoch, saved)
         state.best_state = {name: tensor.to(run.device) for name, tensor in best.items()}
     progress.resumes.append({"step": progress.step, "epoch": progress.epoch})
     run.say(f"[lora_lab] resuming from {saved.path}: step {progress.step} of {run.schedule.total_steps} "
@@ -60,6 +62,7 @@ def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
     progress = state.progress
     started = state.count_training_time()
     progress.throughput = state.throughput.state()
+    progress.grad_scaler = run.scaler.state_dict() if run.scaler else None
     rng_states = run.dist.gather(checkpoint.rng_state())
     if run.dist.enabled:
         progress.throughput_ranks = run.dist.gather(state.throughput.state())

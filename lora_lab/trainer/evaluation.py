@@ -95,12 +95,12 @@ def gold_labels(dataset, task: TaskType) -> list:
 
 
 def evaluate(model, loader, gold: list, device, amp, task: TaskType, label_names: list[str],
-             dist: Distributed = ONE_PROCESS) -> tuple[dict[str, float], dict, list[float]]:
-    """The task's metrics on one split, its per-class report (tagging: per entity type) and the
-    per-batch forward latency in ms (of this rank's batches)."""
+             dist: Distributed = ONE_PROCESS) -> tuple[dict[str, float], dict, list[float], list]:
+    """The task's metrics on one split, its per-class report (tagging: per entity type), the per-batch
+    forward latency in ms (of this rank's batches) and the predictions themselves, in order."""
     predictions, latencies = predict(model, loader, device, amp, task, dist)
     metrics, report = task.score(gold, predictions, label_names)
-    return metrics, report, latencies
+    return metrics, report, latencies, predictions
 
 
 def baseline(task: TaskType, gold: list, label_names: list[str]) -> dict:
@@ -118,7 +118,7 @@ def pretrained_baseline(model, loader, gold: list, device, amp, task: TaskType, 
     without this evaluation."""
     rng = torch.get_rng_state()
     quantization.to_device(model, device)
-    metrics, _, _ = evaluate(model, loader, gold, device, amp, task, [], dist=dist)
+    metrics, _, _, _ = evaluate(model, loader, gold, device, amp, task, [], dist=dist)
     out = {"name": task.baseline, "test": metrics}
     if generation is not None:
         scores, examples = generation.run(model, device, amp, dist)

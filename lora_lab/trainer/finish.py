@@ -19,7 +19,7 @@ from lora_lab.runtime.timing import round_robin
 from lora_lab.runtime.tracking import Tracker
 from lora_lab.tasks.task_types import objective
 from lora_lab.trainer.evaluation import to_device
-from lora_lab.trainer.progress import Progress, TrainingState
+from lora_lab.trainer.progress import Progress, TrainingState, evaluation_key
 from lora_lab.trainer.setup import Run
 
 
@@ -27,14 +27,26 @@ def finish(run: Run, state: TrainingState, info: dict, tracker: Tracker, through
     """Save, measure, write and log the run (see the module's docstring); returns its record.
     ``info``: what ``describe_run`` says about it; ``throughput_ranks``: every rank's throughput state."""
     files, delta_shapes = _save_states(run, state)
+    for name, entry in files.items():  # what resume, export and the analysis tools check each file against
+        entry["sha256"] = records.file_sha256(run.run_dir / name)
     measurements = _measurements(run, state, throughput_ranks)
     record = _record(run, state.progress, info, files, measurements, delta_shapes)
-    records.write_json(run.run_dir / records.RECORD_FILE, record)
+    written, non_finite = records.non_finite_to_null(record)  # strict JSON: null, and where it was not finite
+    records.write_json(run.run_dir / records.RECORD_FILE, {**written, **({"non_finite": non_finite} if non_finite else {})})
     log_model(run.run_dir, record, tracker)
     if not run.cfg.trainer.get("keep_checkpoint", False) and run.checkpoint_dir.exists():
         shutil.rmtree(run.checkpoint_dir)
     _log_summary(record, tracker)
+    run.say(result_line(record, run.monitor))
     return record
+
+
+def result_line(record: dict, monitor: str) -> str:
+    """The run's result in one line, printed by every run that completes (also one resumed after its
+    last epoch, which prints no epoch line)."""
+    best = record["best"]
+    return (f"[lora_lab] result: best epoch {best['epoch']} of {record['last']['epoch']}: val {monitor} "
+            f"{best[f'validation/{monitor}']:.4f}  test {monitor} {best[f'test/{monitor}']:.4f}")
 
 
 def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict | None]:
@@ -43,12 +55,14 @@ def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict | None]:
     progress, method, run_dir = state.progress, run.method, run.run_dir
     best_epoch, last_epoch = progress.best_epoch, progress.epochs[-1]["epoch"]
     files = {records.STATE_FILE: {"epoch": best_epoch, "holds": "best"}}
-    if best_epoch != last_epoch:
+    if progress.best["step"] != progress.epochs[-1]["step"]:  # trainer.eval_every: maybe within one epoch
         records.save_tensors(run_dir / records.LAST_STATE_FILE, checkpoint.trainable_state(run.model),
                              metadata={"method": method.name, "epoch": str(last_epoch)})
         files[records.LAST_STATE_FILE] = {"epoch": last_epoch, "holds": "last"}
     else:
         (run_dir / records.LAST_STATE_FILE).unlink(missing_ok=True)
+    if (run_dir / records.PREDICTIONS_FILE).exists():  # written when the best epoch ended (epoch_end)
+        files[records.PREDICTIONS_FILE] = {"epoch": best_epoch, "holds": "best"}
     checkpoint.load_trainable_state(run.model, state.best_state)
     records.save_tensors(run_dir / records.STATE_FILE, checkpoint.trainable_state(run.model),
                          metadata={"method": method.name, "epoch": str(best_epoch)})
@@ -77,8 +91,7 @@ def _measurements(run: Run, state: TrainingState, throughput_ranks: list[dict]) 
 
 def _record(run: Run, progress: Progress, info: dict, files: dict, measurements: dict,
             delta_shapes: dict | None) -> dict:
-    epochs, best_epoch = progress.epochs, progress.best_epoch
-    last_epoch = epochs[-1]["epoch"]
+    epochs = progress.epochs
     return {
         "schema_version": records.SCHEMA_VERSION,
         "status": "completed",
@@ -93,27 +106,27 @@ def _record(run: Run, progress: Progress, info: dict, files: dict, measurements:
         "files": files,
         "measurements": measurements,
         **({"delta_w_shapes": delta_shapes} if delta_shapes is not None else {}),
-        **_reports(progress, best_epoch, last_epoch),
-        **_generations(progress, best_epoch, last_epoch),
+        **_reports(progress, evaluation_key(progress.best), evaluation_key(epochs[-1])),
+        **_generations(progress, evaluation_key(progress.best), evaluation_key(epochs[-1])),
         **info,
         "environment": environment_info(),
     }
 
 
-def _reports(progress: Progress, best_epoch: int, last_epoch: int) -> dict:
+def _reports(progress: Progress, best_key: str, last_key: str) -> dict:
     """The per-class reports (tagging: per entity type) of the best and the last epoch, if the task has them."""
     reports = progress.reports
-    if str(best_epoch) not in reports:
+    if best_key not in reports:
         return {}
-    return {"reports": {"best": reports[str(best_epoch)], "last": reports.get(str(last_epoch))}}
+    return {"reports": {"best": reports[best_key], "last": reports.get(last_key)}}
 
 
-def _generations(progress: Progress, best_epoch: int, last_epoch: int) -> dict:
+def _generations(progress: Progress, best_key: str, last_key: str) -> dict:
     """The generations kept (``trainer.generation.keep_examples`` per split) of the pre-trained model,
     the best epoch and the last, if the run generated."""
     kept = progress.generations
     baseline = (progress.baseline or {}).get("generations")
-    out = {name: kept[str(epoch)] for name, epoch in (("best", best_epoch), ("last", last_epoch)) if str(epoch) in kept}
+    out = {name: kept[key] for name, key in (("best", best_key), ("last", last_key)) if key in kept}
     if baseline:
         out["baseline"] = baseline
     return {"generations": out} if out else {}

@@ -1,6 +1,7 @@
 """The training loop: epochs of micro-batches, ``trainer.grad_accum`` of them to an optimiser step
-(AdamW with linear warm-up/decay), a checkpoint every ``trainer.checkpoint_every`` steps, and every
-epoch ending with ``end_epoch`` (evaluation, best epoch, patience)."""
+(AdamW with warm-up and ``trainer.schedule``), a checkpoint every ``trainer.checkpoint_every`` steps,
+an evaluation every ``trainer.eval_every`` steps, and every epoch ending with ``end_epoch``
+(evaluation, best epoch, patience)."""
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ from lora_lab.runtime.tracking import Tracker
 from lora_lab.tasks.losses import training_loss
 from lora_lab.tasks.task_types import TaskType
 from lora_lab.trainer.checkpointing import write_checkpoint
-from lora_lab.trainer.epoch_end import end_epoch
+from lora_lab.trainer.epoch_end import end_epoch, evaluate_within_epoch
 from lora_lab.trainer.evaluation import to_device
 from lora_lab.trainer.progress import TrainingState
 from lora_lab.trainer.setup import Run
@@ -38,7 +39,8 @@ def train_until_done(run: Run, state: TrainingState, tracker: Tracker, stop: Sto
     state.peak.reset()
     while not state.progress.training_done:
         train_epoch(run, state, tracker, stop)
-        end_epoch(run, state, tracker)
+        if not state.progress.training_done:  # else stopped early by an evaluation inside the epoch
+            end_epoch(run, state, tracker)
 
 
 def train_epoch(run: Run, state: TrainingState, tracker: Tracker, stop: StopRequests) -> None:
@@ -53,7 +55,7 @@ def train_epoch(run: Run, state: TrainingState, tracker: Tracker, stop: StopRequ
     for batch in bar:
         micro = progress.batch % schedule.accum  # position in the optimiser step's group of micro-batches
         if micro == 0:  # checkpoints and stops fall between optimiser steps, never inside a group
-            if progress.step >= schedule.total_steps:
+            if progress.step >= schedule.total_steps or progress.training_done:
                 break
             if run.dist.sum([stop.signum is not None])[0]:  # every rank stops at the same step
                 raise Preempted(stop.signum or signal.SIGTERM, progress.step,
@@ -82,28 +84,47 @@ def _train_micro_batch(run: Run, state: TrainingState, batch: dict, group: int, 
         loss_value, weight = global_loss(loss, batch, examples, run.task, run.dist)
         if not math.isfinite(loss_value):
             raise Diverged(state.progress.step + 1, loss_value)
-        (loss * weight / group).backward()  # the group's mean loss, as one batch of group x batch_size
+        scaled = loss * weight / group  # the group's mean loss, as one batch of group x batch_size
+        (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         if stepping:
             max_grad_norm = run.cfg.trainer.max_grad_norm
+            if run.scaler and max_grad_norm:
+                run.scaler.unscale_(run.optimizer)  # clip the true gradients
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(run.trainable, max_grad_norm)
-            run.optimizer.step()
+            if run.scaler:  # fp16 on CUDA: skips a step whose gradients overflowed, adapts the scale
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            else:
+                run.optimizer.step()
             run.scheduler.step()
+            run.method.after_optimizer_step(run.model, state.progress.step + 1)  # e.g. AdaLoRA's rank allocation
             run.optimizer.zero_grad(set_to_none=True)
     return loss_value
 
 
 def _after_optimizer_step(run: Run, state: TrainingState, tracker: Tracker, group: int) -> None:
-    """Count the step, log the training loss every ``trainer.log_every`` steps, checkpoint every
-    ``trainer.checkpoint_every`` (an epoch's last step is checkpointed after its evaluation)."""
+    """Count the step, log the training loss every ``trainer.log_every`` steps, evaluate every
+    ``trainer.eval_every``, checkpoint every ``trainer.checkpoint_every`` (an epoch's last step is
+    evaluated and checkpointed by ``end_epoch``)."""
     progress, every = state.progress, run.checkpoint_every
     progress.step += 1
     step = progress.step
     if step % run.cfg.trainer.log_every == 0:
         tracker.log({"train/loss": statistics.fmean(state.epoch_losses[-group:]),
                      "train/lr": run.scheduler.get_last_lr()[0], "train/epoch": progress.epoch}, step=step)
-    if every and step % every == 0 and progress.batch < run.schedule.batches_per_epoch \
-            and step < run.schedule.total_steps:
+    inside_epoch = progress.batch < run.schedule.batches_per_epoch and step < run.schedule.total_steps
+    eval_every = run.cfg.trainer.get("eval_every")
+    if eval_every and step % eval_every == 0 and inside_epoch:
+        evaluate_within_epoch(run, state, tracker)
+        run.train_model.train()
+        if progress.training_done:  # out of patience: the run ends at this step
+            if every:
+                write_checkpoint(run, state)
+            else:
+                state.count_training_time()
+            return
+    if every and step % every == 0 and inside_epoch:
         write_checkpoint(run, state)
 
 

@@ -9,6 +9,14 @@ import torch
 
 from lora_lab.runtime import measure
 
+WITHIN_EPOCH = "within_epoch"  # marks the row of an evaluation inside an epoch (trainer.eval_every)
+
+
+def evaluation_key(row: dict) -> str:
+    """What an evaluation's reports and generations are kept under: its epoch for an epoch's end,
+    ``step<N>`` for an evaluation inside an epoch (``trainer.eval_every``)."""
+    return f"step{row['step']}" if row.get(WITHIN_EPOCH) else str(row["epoch"])
+
 
 @dataclass
 class Progress:
@@ -17,10 +25,10 @@ class Progress:
     step: int = 0  # optimiser steps taken
     epoch: int = 1  # the epoch being trained
     batch: int = 0  # micro-batches of that epoch trained
-    epochs: list[dict] = field(default_factory=list)  # one row per epoch ended: train loss, metrics
-    best: dict | None = None  # the row of the best epoch so far
-    best_epoch: int | None = None
-    stale_epochs: int = 0  # epochs ended since the best one (trainer.patience)
+    epochs: list[dict] = field(default_factory=list)  # one row per evaluation (epoch end, eval_every): its step, metrics
+    best: dict | None = None  # the row of the best evaluation so far
+    best_epoch: int | None = None  # the epoch it fell in
+    stale_epochs: int = 0  # evaluations since the best one (trainer.patience)
     stopped_early: bool = False
     training_done: bool = False
     train_seconds: float = 0.0  # training and evaluation time, without setup or writing checkpoints
@@ -31,16 +39,19 @@ class Progress:
     eval_batch_ms_median: float | None = None  # the latest validation's median forward latency
     resumes: list[dict] = field(default_factory=list)  # the step and epoch of every resume
     wandb_run_id: str | None = None  # the W&B run a resumed run logs into again
-    reports: dict = field(default_factory=dict)  # str(epoch) -> per-class reports of validation and test
+    reports: dict = field(default_factory=dict)  # evaluation_key -> per-class reports of validation and test
     baseline: dict | None = None  # the record's baseline (a causal LM's pre-trained model: evaluated once)
-    generations: dict = field(default_factory=dict)  # str(epoch) -> kept generations (best and latest epoch)
+    generations: dict = field(default_factory=dict)  # evaluation_key -> kept generations (best and latest)
     throughput_ranks: list[dict] | None = None  # every rank's throughput state (under torchrun only)
+    grad_scaler: dict | None = None  # the fp16 loss scaler's state (trainer.precision=fp16 on CUDA only)
 
     def to_dict(self) -> dict:
-        """The checkpoint's ``progress`` entry (``throughput_ranks`` only under torchrun)."""
+        """The checkpoint's ``progress`` entry (``throughput_ranks`` only under torchrun, ``grad_scaler``
+        only with a loss scaler)."""
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.throughput_ranks is None:
-            del saved["throughput_ranks"]
+        for optional in ("throughput_ranks", "grad_scaler"):
+            if saved[optional] is None:
+                del saved[optional]
         return saved
 
     @classmethod

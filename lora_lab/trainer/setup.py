@@ -32,7 +32,7 @@ from lora_lab.models.loading import (
     pooling_of,
     weights_dtype,
 )
-from lora_lab.models.precision import autocast
+from lora_lab.models.precision import autocast, grad_scaler
 from lora_lab.runtime import checkpoint, measure
 from lora_lab.runtime.distributed import Distributed, device_for
 from lora_lab.runtime.seeding import set_seed
@@ -40,7 +40,7 @@ from lora_lab.runtime.tracking import Tracker
 from lora_lab.tasks.task_types import TaskType, describe, main_metric
 from lora_lab.trainer import evaluation
 from lora_lab.trainer.evaluation import EvaluationSplits, evaluation_splits
-from lora_lab.trainer.optim import Schedule, linear_schedule, make_optimizer, plan_schedule
+from lora_lab.trainer.optim import Schedule, make_optimizer, make_scheduler, plan_schedule
 from lora_lab.trainer.progress import Progress
 
 
@@ -66,6 +66,7 @@ class Run:
     parameter_counts: dict
     pretrained_baseline: dict | None  # a causal LM's pre-trained model on test; None for other tasks
     result_config: dict  # the settings a checkpoint must have been written with (run_identity.result_config)
+    scaler: torch.amp.GradScaler | None = None  # trainer.precision=fp16 on CUDA: the loss scaler
 
     @property
     def task(self) -> TaskType:
@@ -112,16 +113,17 @@ def set_up(cfg, run_dir: Path, dist: Distributed) -> Run:
     model = load_model(cfg.model, data.num_labels, data.label_names, task=data.task.head,
                        pad_token_id=tokenizer.pad_token_id)
     pretrained = _pretrained_baseline(cfg, run_dir, model, splits, device, amp, data.task, dist)
-    train_model, counts = _apply_method(cfg, model, method, collator, dist, device)
     train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed,
-                                   rank=dist.rank, world_size=dist.world_size)
+                                   rank=dist.rank, world_size=dist.world_size)  # draws no random numbers
     schedule = plan_schedule(tcfg, train_loader.batch_sampler.batches_per_epoch())
-    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay)
-    scheduler = linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
+    method.total_steps = schedule.total_steps  # before apply: a method may plan by it (AdaLoRA's budget)
+    train_model, counts = _apply_method(cfg, model, method, collator, dist, device)
+    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay, method.lr_scales(model))
+    scheduler = make_scheduler(optimizer, tcfg.get("schedule") or "linear", schedule.warmup_steps, schedule.total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Run(cfg, run_dir, dist, device, amp, data, monitor, method, model, train_model, train_loader, splits,
                optimizer, scheduler, trainable, schedule, counts, pretrained,
-               result_config(OmegaConf.to_container(cfg, resolve=True)))
+               result_config(OmegaConf.to_container(cfg, resolve=True)), grad_scaler(device, tcfg.precision))
 
 
 def resolve_device(name: str) -> torch.device:
