@@ -44,10 +44,12 @@ def _read_status_kb(field: str) -> int | None:
     return None
 
 
-def _release_freed_memory() -> None:
+def _release_freed_memory(generation: int = 2) -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc), so that a run that follows
-    another one in the same process (a multirun) starts from an RSS close to a fresh process's."""
-    gc.collect()
+    another one in the same process (a multirun) starts from an RSS close to a fresh process's.
+    ``generation``: the oldest one collected (2: all; a full collection walks every object the
+    process holds, tenths of a second in a large one)."""
+    gc.collect(generation)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -64,9 +66,13 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.rss_reset = False
+        self.resets = 0
 
     def reset(self) -> None:
-        _release_freed_memory()
+        # the first reset of a run frees what an earlier run in the process left (old objects); the
+        # garbage between two spans of one run is young
+        _release_freed_memory(2 if self.resets == 0 else 1)
+        self.resets += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
