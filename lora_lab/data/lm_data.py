@@ -118,8 +118,9 @@ def pack(ds, max_length: int):
     return ds.map(blocks, batched=True, batch_size=None, remove_columns=ds.column_names, desc="packing")
 
 
-def tokenise(dsets, tokenizer, cfg):
-    """The tokenised splits (see the module's docstring)."""
+def tokenise(dsets, tokenizer, cfg, key: str | None = None):
+    """The tokenised splits (see the module's docstring); ``key`` names the result (the data cache's
+    key), else datasets fingerprints the transform itself."""
     end_of_text = end_of_text_id(tokenizer)
     max_length = int(cfg.max_length)
     has_prompt = prompted(cfg)
@@ -147,7 +148,7 @@ def tokenise(dsets, tokenizer, cfg):
     for split, ds in dsets.items():
         evaluation = split != "train"
         tokenised = ds.map(lambda b: encode_batch(b, evaluation), batched=True, remove_columns=ds.column_names,
-                           desc="tokenising")
+                           desc="tokenising", new_fingerprint=f"{key}-{split}" if key else None)
         if not evaluation:
             if cfg.get("packing"):
                 tokenised = pack(tokenised, max_length)

@@ -451,11 +451,13 @@ def cache_key(cfg, tokenizer) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _tokenise(dsets, tokenizer, max_length, cfg):
+def _tokenise(dsets, tokenizer, max_length, cfg, key: str):
+    """``key`` (cache_key) names the result, so datasets need not fingerprint the transform by pickling
+    it and the tokenizer it holds (a second or so per call)."""
     if task_type(cfg).head == "token":
-        return token_data.tokenise(dsets, tokenizer, max_length)
+        return token_data.tokenise(dsets, tokenizer, max_length, key)
     if task_type(cfg).head == "lm":
-        return lm_data.tokenise(dsets, tokenizer, cfg)
+        return lm_data.tokenise(dsets, tokenizer, cfg, key)
     has_pair = "text_pair" in dsets["train"].column_names
 
     def encode(batch):
@@ -465,7 +467,8 @@ def _tokenise(dsets, tokenizer, max_length, cfg):
         return enc
 
     columns = dsets["train"].column_names
-    return dsets.map(encode, batched=True, remove_columns=columns, desc="tokenising")
+    return datasets.DatasetDict({split: ds.map(encode, batched=True, remove_columns=columns, desc="tokenising",
+                                               new_fingerprint=f"{key}-{split}") for split, ds in dsets.items()})
 
 
 def load_task_data(cfg, tokenizer) -> TaskData:
@@ -481,7 +484,7 @@ def load_task_data(cfg, tokenizer) -> TaskData:
         splits = datasets.load_from_disk(str(cached / "data"))
     else:
         dsets, label_names, counts = build_splits(cfg)
-        splits = _tokenise(dsets, tokenizer, cfg.max_length, cfg)
+        splits = _tokenise(dsets, tokenizer, cfg.max_length, cfg, key)
         meta = {"label_names": label_names, "sizes": {k: len(v) for k, v in splits.items()}, "dedupe": counts}
         if cached is not None:
             _save_atomically(splits, meta, cached)

@@ -103,7 +103,9 @@ def align_labels(word_ids: list, word_labels: list[int]) -> list[int]:
     return labels
 
 
-def tokenise(dsets, tokenizer, max_length: int):
+def tokenise(dsets, tokenizer, max_length: int, key: str | None = None):
+    """``key``: a name of the result (the data cache's key); without one datasets fingerprints the
+    transform itself."""
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("model.name", getattr(tokenizer, "name_or_path", None), "token classification needs a "
                           "fast tokenizer (one with word ids), this one is not")
@@ -114,4 +116,7 @@ def tokenise(dsets, tokenizer, max_length: int):
         enc["word_labels"] = batch["label"]
         return enc
 
-    return dsets.map(encode, batched=True, remove_columns=dsets["train"].column_names, desc="tokenising")
+    columns = dsets["train"].column_names
+    return datasets.DatasetDict({split: ds.map(encode, batched=True, remove_columns=columns, desc="tokenising",
+                                               new_fingerprint=f"{key}-{split}" if key else None)
+                                 for split, ds in dsets.items()})
