@@ -1,6 +1,7 @@
 """What a run folder can be trusted with: strict JSON records (no NaN), a clean Ctrl-C, one owner per
 folder (``.lock``), the run's lines in ``main.log``, and SHA-256 digests of its tensor files checked
 by resume, export and the analysis tools."""
+import errno
 import json
 import math
 import os
@@ -244,3 +245,60 @@ def test_resume_refuses_a_flipped_byte_in_a_checkpoint_file(short_run, tmp_path)
     with pytest.raises(ConfigError, match="SHA-256") as refused:
         checkpoint.load(directory)
     assert str(directory / checkpoint.LAST) in str(refused.value) and "\n" not in str(refused.value)
+
+
+# ---------------------------------------------------------------- 5. a full disk
+
+def disk_full_at(monkeypatch, fragment: str, n: int) -> None:
+    """The n-th safetensors write whose path holds ``fragment`` writes half its bytes, then fails
+    as a full disk does."""
+    original, calls = records.save_file, {"n": 0}
+
+    def save_file(tensors, path, metadata=None):
+        if fragment in str(path):
+            calls["n"] += 1
+            if calls["n"] == n:
+                original(tensors, path, metadata=metadata)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(records, "save_file", save_file)
+
+
+@pytest.mark.parametrize("fragment,n", [(".last.safetensors.", 2), (".delta_w.safetensors.", 1)],
+                         ids=["second checkpoint", "final files"])
+def test_a_full_disk_fails_in_one_line_keeps_the_last_checkpoint_and_resumes_bit_exact(
+        tmp_path, monkeypatch, capsys, fragment, n):
+    from conftest import compose_config
+
+    from lora_lab.cli.main import train_and_record
+
+    cfg = compose_config(*command(tmp_path, "unused")[:-1])
+    train_and_record(cfg, tmp_path / "straight", multirun=False)
+    capsys.readouterr()
+
+    run_dir = tmp_path / "full"
+    with monkeypatch.context() as patch:
+        disk_full_at(patch, fragment, n)
+        with pytest.raises(SystemExit) as exited:
+            train_and_record(cfg, run_dir, multirun=False)
+    assert exited.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("lora-lab: error: OSError: [Errno 28] No space left on device")
+    assert "the same command resumes" in errors[0]
+    record = json.loads((run_dir / records.RECORD_FILE).read_text())
+    assert record["status"] == "failed" and record["error_kind"] == "disk"
+    saved = checkpoint.load(run_dir / checkpoint.CHECKPOINT_DIR)  # the one before the failed write, whole
+    last_step = records.load_record(tmp_path / "straight")["epochs"][-1]["step"]
+    assert saved.progress["step"] == (3 if n == 2 else last_step)
+    assert not list(run_dir.rglob(".*.tmp"))  # the half-written file is gone
+
+    train_and_record(cfg, run_dir, multirun=False)  # space is back: the same command resumes
+    assert "resuming from" in capsys.readouterr().out
+    straight, resumed = (records.load_record(d) for d in (tmp_path / "straight", run_dir))
+    assert resumed["status"] == "completed" and resumed["best"] == straight["best"]
+    for name in (records.STATE_FILE, records.DELTA_FILE, records.PREDICTIONS_FILE):
+        ours, theirs = load_file(run_dir / name), load_file(tmp_path / "straight" / name)
+        assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), name

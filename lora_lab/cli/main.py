@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import os
@@ -80,9 +81,14 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # a full disk or quota, a failing one
+
+
 def error_kind(error: BaseException) -> str:
     if isinstance(error, (ConfigError, OmegaConfBaseException)):
         return "config"
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        return "disk"
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":  # torch.cuda's
         return "out_of_memory"
     return "exception"
@@ -156,12 +162,18 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
             kind = "interrupted"
         status = kind if kind in ("preempted", "diverged", "interrupted") else "failed"
         message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
+        if kind == "disk":  # every write is atomic: the last checkpoint and files are whole
+            message += "; the last checkpoint is intact: free space, then the same command resumes from it"
         failed, _ = records.non_finite_to_null({
             "schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
             "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)})
         bad_input = kind == "config" and not multirun  # a sweep records it: its comparison lists the job
         if dist.is_main and not bad_input:  # bad input leaves no run folder (discard_unused_run_dir)
-            records.write_json(run_dir / records.RECORD_FILE, failed)
+            try:
+                records.write_json(run_dir / records.RECORD_FILE, failed)
+            except OSError as write_error:  # the disk is still full: the previous record stays
+                print(f"lora-lab: the failed run's record could not be written either ({first_line(write_error)})",
+                      file=sys.stderr)
         release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
         if tracker is not None:
             if kind == "preempted":
@@ -184,7 +196,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
             return math.nan
         if kind == "config":
             sys.exit(2)
-        if kind in ("diverged", "out_of_memory"):
+        if kind in ("diverged", "out_of_memory", "disk"):
             sys.exit(1)
         raise
     finally:

@@ -51,7 +51,7 @@ SCHEMA_VERSION = 2  # 1: no "schema_version" key, state and ΔW of the last epoc
 _PARTS = ("dense", "B", "A", "base")
 SCHEMA_VERSIONS = (1, 2)  # what the readers accept; anything else is refused
 STATUSES = ("completed", "failed", "diverged", "preempted", "interrupted")
-ERROR_KINDS = ("config", "out_of_memory", "diverged", "preempted", "interrupted", "exception")
+ERROR_KINDS = ("config", "out_of_memory", "disk", "diverged", "preempted", "interrupted", "exception")
 # The keys the analysis tools read, per schema version: a completed record without one is refused.
 COMPLETED_KEYS = {1: ("config", "best", "last", "parameters", "measurements"),
                   2: ("config", "best", "last", "parameters", "measurements", "files")}
