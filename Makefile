@@ -23,11 +23,13 @@ study: install
 	$(PYTHON) -m lora_lab experiment=embedded_study launcher=joblib hydra.sweep.dir=$(STUDY_DIR)
 	$(PYTHON) -m lora_lab.analysis.tables $(STUDY_DIR) --tune trainer.lr --plot --out experiments/embedded_study --name study
 
+# Two workers (pytest-xdist), one torch thread each: PYTEST_WORKERS=auto on a bigger machine.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS)
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 # Style (ruff) and the package's declared import layers (import-linter; contracts in pyproject.toml).
 lint: install

@@ -15,6 +15,9 @@ import lora_lab.config.compose  # noqa: F401 - registers the resolvers the confi
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # and so do the commands they start
+    torch.set_num_threads(1)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -94,3 +97,10 @@ def warm_cli(tmp_path_factory):
     cli = WarmCli(tmp_path_factory.mktemp("warm_cli"))
     yield cli
     cli.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow (real-model) tests first, each module kept together: with ``-n 2`` the longest
+    tests start early and the short ones fill in, so the workers finish close together."""
+    has_slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in has_slow)
