@@ -1,1 +1,1 @@
-"""Analyses that read saved run records (record.json, delta_w.safetensors) after training."""
+"""Analyses that read saved run records (record.json, trainable.safetensors) after training."""

@@ -1,8 +1,9 @@
 """What the subspace report analyses, read alike: lora_lab run directories, PEFT adapter folders and
 Hub ids of PEFT adapters, mixed freely.
 
-A source is tried as a local folder first: one with record.json is a run directory (ΔW and W0 from its
-delta_w.safetensors), one with adapter_config.json a PEFT adapter (``peft_adapter``; W0 only from
+A source is tried as a local folder first: one with record.json is a run directory (ΔW and W0 derived
+from its trainable state and the base model its record names, or read from the delta_w.safetensors of
+a run written before schema version 3), one with adapter_config.json a PEFT adapter (``peft_adapter``; W0 only from
 ``base``). A name like ``user/repo`` that is no local path is a Hub id: its adapter_config.json and
 adapter_model.safetensors are downloaded (nothing else), and a failed download is a one-line error.
 """
@@ -22,12 +23,8 @@ from lora_lab.errors import ConfigError, first_line
 from lora_lab.methods import describe_method
 from lora_lab.peft.importer import is_adapter_folder
 from lora_lab.peft.names import CONFIG_FILE, WEIGHTS_FILE, align_names
-from lora_lab.runtime.records import (
-    RECORD_FILE,
-    delta_epoch,
-    load_record,
-    open_delta_weights,
-)
+from lora_lab.runtime.rebuild import open_run_deltas
+from lora_lab.runtime.records import RECORD_FILE, delta_epoch, load_record
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -125,7 +122,7 @@ def _model_name(record: dict) -> str | None:
 
 def _read_run(where: Location) -> Source:
     record = load_record(where.folder)
-    delta_file = open_delta_weights(record)
+    delta_file = open_run_deltas(record)
     label = run_label(record)
     run = None
     if delta_file.shapes:

@@ -2,7 +2,7 @@
 
     lora-lab-subspace SOURCE [SOURCE ...] --out REPORT_DIR [--base MODEL] [options]
 
-Each SOURCE is a completed lora_lab run (record.json and delta_w.safetensors), a PEFT LoRA adapter
+Each SOURCE is a completed lora_lab run (record.json and trainable.safetensors, or delta_w.safetensors), a PEFT LoRA adapter
 folder (adapter_config.json and adapter_model.safetensors) or the Hub id of one (``user/repo``); all
 are checked before anything is analysed (``sources``), and the report says where each ΔW comes from
 (a run's record "files": the best epoch; records of schema version 1: the last epoch). Modules shared
@@ -51,7 +51,8 @@ MAX_HEATMAP_PANELS = 32
 # ----------------------------------------------------------------------------------------------
 # Reading runs
 # ----------------------------------------------------------------------------------------------
-# delta_w.safetensors read one module at a time (memory-mapped), with shapes known and checked up front.
+# delta_w.safetensors (runs before schema version 3) read one module at a time (memory-mapped), with shapes
+# known and checked up front.
 DeltaFile = DeltaWeightsFile
 
 
@@ -391,7 +392,7 @@ def run_report(args: argparse.Namespace) -> dict:
         opts.check([RunDeltas(str(r), {}, None, {}) for r in args.runs], [])
     sources = load_sources(args.runs, base=args.base)
     if args.base is not None and not any(s.kind == "peft" for s in sources.analysed):
-        print("note: --base gives W0 to PEFT adapters; run directories carry their own, so it is not used")
+        print("note: --base gives W0 to PEFT adapters; run directories name their own base model, so it is not used")
     runs = sources.runs
     out = Path(args.out)
     unchanged = sources.unchanged
@@ -455,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = run_report(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"lora-lab-subspace: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {written['report']} ({len(written['images'])} figures, {len(written['tables'])} tables)")
     return 0

@@ -5,7 +5,7 @@
 POINT: ``step`` (inside the N-th training step, after backward, before the update), ``checkpoint_write``
 (half-way through writing the N-th checkpoint file), ``eval`` (inside the N-th evaluation), ``best``
 (right after the N-th best-epoch state is written, before the checkpoint naming it), ``finish``
-(after the final trainable state is written, before ΔW and the record); ``slow`` does not crash,
+(after the final trainable state is written, before W0's fingerprints and the record); ``slow`` does not crash,
 it adds 0.2 s to every step so that a signal sent from outside lands mid-run; ``faults`` does not
 kill either: in a multirun the job with ``seed=1`` gets a NaN loss and the job with ``seed=2`` raises,
 both at its N-th training step.
@@ -103,11 +103,11 @@ def arm(point: str, n: int) -> None:
                 die()
 
         checkpoint.save_best = save_best
-    elif point == "finish":
-        def save_delta_weights(*args, **kwargs):
+    elif point == "finish":  # the best state written, the record not yet
+        def base_fingerprints(*args, **kwargs):
             die()
 
-        records.save_delta_weights = save_delta_weights
+        records.base_fingerprints = base_fingerprints
     else:
         raise SystemExit(f"unknown point {point!r}")
 

@@ -8,6 +8,7 @@ from lora_lab.methods import available_methods, build_method, describe_method
 from lora_lab.models.architectures import head_parameter_names
 from lora_lab.runtime import records
 from lora_lab.runtime.measure import parameter_counts
+from lora_lab.runtime.rebuild import load_run_deltas
 
 LABELS = torch.tensor([0, 1, 0, 1])
 HEAD = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
@@ -185,5 +186,5 @@ def test_end_to_end_smoke_run(tmp_path):
     state = records.load_file(str(run_dir / records.STATE_FILE))
     assert sum(t.numel() for t in state.values()) == p["trainable"]
     assert all(n.endswith(".bias") or n.startswith("classifier.") or ".pooler." in n for n in state)
-    assert (run_dir / records.DELTA_FILE).is_file()
-    assert records.load_delta_weights(run_dir / records.DELTA_FILE) == {}
+    assert not (run_dir / records.DELTA_FILE).exists() and on_disk["delta_w"].startswith("none:")
+    assert on_disk["delta_w_shapes"] == {} and load_run_deltas(run_dir) == {}

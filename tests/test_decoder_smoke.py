@@ -27,7 +27,7 @@ def run(tmp_path, *overrides):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_decoder_classifies_with_lora_and_records_the_q_and_v_updates(tmp_path, arch):
-    from lora_lab.runtime import records
+    from lora_lab.runtime.rebuild import load_run_deltas
 
     record = run(tmp_path, f"model={arch}", "method=lora")
     assert record["status"] == "completed" and record["model_resolved"]["pooling"] == "last"
@@ -35,7 +35,7 @@ def test_a_decoder_classifies_with_lora_and_records_the_q_and_v_updates(tmp_path
     kv = 16 if arch == "tiny_llama" else d  # tiny_llama: 2 of 4 heads carry keys and values
     assert record["parameters"]["trainable_method"] == layers * r * ((d + d) + (d + kv))
     assert record["parameters"]["trainable_head"] == d * 2  # the score layer: no bias
-    keys = set(records.load_delta_weights(tmp_path / "run" / records.DELTA_FILE))
+    keys = set(load_run_deltas(tmp_path / "run"))
     assert {k: tuple(v) for k, v in record["delta_w_shapes"].items()} == {k: (d, d) if k.endswith(("c_attn.q", "c_attn.v", "q_proj")) else (kv, d) for k in keys}
     if arch == "tiny_gpt2":  # the q and v parts of the fused c_attn, each d x d
         assert keys == {f"transformer.h.{i}.attn.c_attn.{p}" for i in range(layers) for p in "qv"}

@@ -237,6 +237,7 @@ def test_bad_settings_raise_before_loading(key, value, message):
 
 def test_smoke_run_saves_dense_delta_w(tmp_path):
     from lora_lab.runtime import records
+    from lora_lab.runtime.rebuild import load_run_deltas
     from lora_lab.trainer.train import run_training
 
     cfg = compose_config("experiment=smoke", "method=dora", "trainer.threads=1", f"data.cache_dir={tmp_path / 'cache'}")
@@ -248,7 +249,7 @@ def test_smoke_run_saves_dense_delta_w(tmp_path):
     # tiny model: 2 layers x (q, v), 32 x 32, r = 8: 4 x (8 x 64 + 32)
     assert p["trainable_method"] == 4 * (8 * 64 + 32)
     assert "merged_over_unmerged" in on_disk["measurements"]
-    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    deltas = load_run_deltas(run_dir)
     assert len(deltas) == 4
     for d in deltas.values():
         assert d.kind == "dora" and d.dense is not None and d.base is not None and d.B is None

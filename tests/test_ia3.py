@@ -7,7 +7,8 @@ from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method, describe_method
 from lora_lab.methods.ia3 import IA3, IA3Linear
 from lora_lab.models.architectures import head_parameter_names
-from lora_lab.runtime import measure, records
+from lora_lab.runtime import measure
+from lora_lab.runtime.rebuild import load_run_deltas
 
 
 def ia3(model, **overrides):
@@ -231,6 +232,6 @@ def test_smoke_run(tmp_path):
     assert m["inference_merged_ms"] > 0 and "merged_over_unmerged" in m
     # the tiny model: 2 layers, hidden 32, intermediate 64
     assert record["parameters"]["trainable_method"] == 2 * (2 * 32 + 64) == record["method_resolved"]["ia3_parameters"]
-    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    deltas = load_run_deltas(run_dir)
     assert len(deltas) == 6 and all(d.dense is not None and d.base is not None for d in deltas.values())
     assert any(d.to_dense().abs().max() > 0 for d in deltas.values())  # training moved the vectors

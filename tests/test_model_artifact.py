@@ -69,10 +69,10 @@ def test_a_run_logs_its_model_artifact_offline(tmp_path, offline_wandb):
     assert model_artifact_name(run_id).encode() in next(offline_run.glob("*.wandb")).read_bytes()
 
     # the adapter written into the run directory is the trained model: PEFT gives its logits, and the
-    # rebuilt base is the one trained (its W0 is the one the run saved with ΔW)
+    # rebuilt base is the one trained (its W0 has the SHA-256 the run recorded)
     run = rebuild_run(run_dir)
-    for name, delta in records.load_delta_weights(run_dir / records.DELTA_FILE).items():
-        assert torch.equal(run.base.get_submodule(name).weight, delta.base)
+    for name, sha256 in record["base_sha256"].items():
+        assert records.weight_sha256(run.base.get_submodule(name).weight) == sha256
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(run.base), str(run_dir / ADAPTER_DIR)).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch()).logits, run.model(**batch()).logits, atol=1e-5, rtol=0)

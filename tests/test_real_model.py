@@ -2,7 +2,7 @@
 import pytest
 from conftest import compose_config
 
-from lora_lab.runtime import records
+from lora_lab.runtime.rebuild import load_run_deltas
 from lora_lab.trainer.train import run_training
 
 REAL = ["logger=disabled", "data.max_train=2000", "data.max_eval=400", "data.max_length=64", "trainer.epochs=1",
@@ -19,7 +19,7 @@ def test_real_model_beats_majority_class(tmp_path, method):
     assert record["parameters"]["total"] > 22_000_000
     if method == "lora":  # 6 layers x (q, v) x 2 x 384 x 8 plus the classifier over the mean-pooled states
         assert record["parameters"]["trainable_method"] == 6 * 2 * 2 * 384 * 8
-        assert len(records.load_delta_weights(tmp_path / records.DELTA_FILE)) == 12
+        assert len(load_run_deltas(tmp_path)) == 12
         assert 0.5 < record["measurements"]["merged_over_unmerged"] < 1.5
 
 

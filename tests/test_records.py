@@ -128,9 +128,9 @@ def test_the_tools_read_both_versions_side_by_side(tmp_path, capsys):
     make_run(sweep / "1_v2", version=2, seed=1)
     assert tables.main([str(sweep), "--out", str(tmp_path / "table")]) == 0
     assert "| LoRA r=2 α=8 (q+v) |" in (tmp_path / "table" / "table.md").read_text()
-    assert compare.main([str(sweep)]) == 0
-    assert (sweep / "comparison.md").read_text().count("| LoRA r=2 α=8 (q+v) |") == 2
     capsys.readouterr()
+    assert compare.main([str(sweep)]) == 0
+    assert capsys.readouterr().out.count("| LoRA r=2 α=8 (q+v) |") == 2
 
 
 def test_the_subspace_report_says_which_epoch_each_delta_w_comes_from(tmp_path, capsys):
@@ -154,7 +154,7 @@ def test_runs_that_did_not_complete_are_listed_not_fatal(tmp_path, capsys):
                                                "config": completed_record(seed=4)["config"]})
 
     assert compare.main([str(sweep)]) == 0
-    table = (sweep / "comparison.md").read_text()
+    table = capsys.readouterr().out
     assert "diverged: Diverged: training loss is nan at step 3" in table
     assert "preempted: Preempted: SIGTERM" in table and "failed: OutOfMemoryError: \\| x" in table
     assert "failed: ValueError: bad |" in table and "more" not in table
@@ -203,7 +203,7 @@ RECORD_CASES = {
     "not_utf8": (lambda d: (d / RECORD_FILE).write_bytes(b'{"status": "\xff"}'), "is not UTF-8"),
     "empty": (lambda d: (d / RECORD_FILE).write_text(""), "is not valid JSON"),
     "a_list": (lambda d: (d / RECORD_FILE).write_text("[1, 2]"), "holds a JSON list, not an object"),
-    "unknown_version": (_set("schema_version", 3), "has schema_version 3; this lora_lab reads versions 1, 2"),
+    "unknown_version": (_set("schema_version", 4), "has schema_version 4; this lora_lab reads versions 1, 2, 3"),
     "version_as_text": (_set("schema_version", "2"), "has schema_version '2'"),
     "unknown_status": (_set("status", "done"), "has status 'done'"),
     "no_best_v2": (_drop("best"), "lacks best, which every completed record of schema version 2 has"),
@@ -247,17 +247,17 @@ def test_every_tool_refuses_a_bad_record_in_a_sweep(case, tmp_path, capsys):
     record = bad / RECORD_FILE
 
     assert tables.main([str(sweep), "--out", str(tmp_path / "t")]) == 2
-    _one_line_error(capsys, "tables: error: record=", record, message)
+    _one_line_error(capsys, "lora-lab-table: error: record=", record, message)
     assert not (tmp_path / "t").exists()
 
     assert compare.main([str(sweep)]) == 2
-    _one_line_error(capsys, "compare: error: record=", record, message)
+    _one_line_error(capsys, "lora-lab-compare: error: record=", record, message)
     assert not (sweep / "comparison.md").exists()
 
     if case == "stopped_without_kind":  # the subspace report takes completed runs only
         return
     assert report_main([str(sweep / "0_ok"), str(bad), "--out", str(tmp_path / "rep"), "--no-progress"]) == 2
-    _one_line_error(capsys, "error: record=", record, message)
+    _one_line_error(capsys, "lora-lab-subspace: error: record=", record, message)
     assert not (tmp_path / "rep" / "report.md").exists()
 
 
@@ -281,10 +281,10 @@ def test_a_metric_of_the_wrong_type_is_refused_naming_the_record(tmp_path, capsy
     sweep = tmp_path / "sweep"
     bad = edit_record(make_run(sweep / "0"), lambda r: r["best"].__setitem__("test/accuracy", "0.7"))
     assert tables.main([str(sweep)]) == 2
-    _one_line_error(capsys, "tables: error: record=", bad / RECORD_FILE, "has a non-numeric '0.7' as test/accuracy")
+    _one_line_error(capsys, "lora-lab-table: error: record=", bad / RECORD_FILE, "has a non-numeric '0.7' as test/accuracy")
     edit_record(bad, lambda r: r["best"].pop("test/accuracy"))
     assert compare.main([str(sweep)]) == 2
-    _one_line_error(capsys, "compare: error: record=", bad / RECORD_FILE, "has no test/accuracy in 'best'")
+    _one_line_error(capsys, "lora-lab-compare: error: record=", bad / RECORD_FILE, "has no test/accuracy in 'best'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_a_bad_delta_w_file_is_refused_naming_it(case, tmp_path, capsys):
     bad = make_run(tmp_path / "bad", seed=1)
     damage(bad)
     assert report_main([str(good), str(bad), "--out", str(tmp_path / "rep"), "--no-progress"]) == 2
-    _one_line_error(capsys, "error: delta_w=", bad / DELTA_FILE, message)
+    _one_line_error(capsys, "lora-lab-subspace: error: delta_w=", bad / DELTA_FILE, message)
     assert not (tmp_path / "rep" / "report.md").exists()
     record = load_record(bad)
     with pytest.raises(ConfigError, match="^delta_w="):
@@ -356,7 +356,7 @@ def test_internal_checks_apply_to_version_1_files_too(tmp_path, capsys):
     v1 = make_run(tmp_path / "v1", version=1)
     _rewrite({f"{_M}::B": torch.ones(D, 2), f"{_M}::A": torch.ones(3, D)})(v1)
     assert report_main([str(v1), "--analyses", "spectra", "--out", str(tmp_path / "rep"), "--no-progress"]) == 2
-    _one_line_error(capsys, "error: delta_w=", v1 / DELTA_FILE, "do not multiply")
+    _one_line_error(capsys, "lora-lab-subspace: error: delta_w=", v1 / DELTA_FILE, "do not multiply")
 
 
 def test_a_delta_w_file_the_record_does_not_list_is_refused(tmp_path, capsys):
@@ -364,7 +364,7 @@ def test_a_delta_w_file_the_record_does_not_list_is_refused(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     edit_record(run, lambda r: (r["files"].pop(DELTA_FILE), r.pop("delta_w_shapes")))
     assert report_main([str(run), "--analyses", "spectra", "--out", str(tmp_path / "rep"), "--no-progress"]) == 2
-    _one_line_error(capsys, "error: record=", run / RECORD_FILE, f"does not list the {DELTA_FILE} beside it")
+    _one_line_error(capsys, "lora-lab-subspace: error: record=", run / RECORD_FILE, f"does not list the {DELTA_FILE} beside it")
     (run / DELTA_FILE).unlink()
     assert report_main([str(run), "--analyses", "spectra", "--out", str(tmp_path / "rep"), "--no-progress"]) == 2
     assert f"has no {DELTA_FILE}" in capsys.readouterr().err
@@ -412,21 +412,23 @@ def test_commands_exit_2_on_a_truncated_record(module, tmp_path):
 # What the trainer writes
 # ----------------------------------------------------------------------------------------------
 def test_the_trainers_records_pass_every_check(tmp_path, capsys):
-    """A two-epoch smoke run: its version 2 record, files and ΔW are accepted by every tool."""
+    """A two-epoch smoke run: its version 3 record, files and derived ΔW are accepted by every tool."""
     from test_train import smoke_cfg
 
+    from lora_lab.runtime.rebuild import load_run_deltas
     from lora_lab.trainer.train import run_training
 
     run_dir = tmp_path / "sweep" / "0_run"
-    run_training(smoke_cfg(tmp_path, "method=lora", "method.r=2", "trainer.epochs=2"), run_dir)
+    run_training(smoke_cfg(tmp_path, "method=lora", "method.r=2", "trainer.epochs=2", "trainer.keep_last=true"), run_dir)
     record = load_record(run_dir)
-    assert record["schema_version"] == records.SCHEMA_VERSION == 2
-    for name in (STATE_FILE, DELTA_FILE):  # with the SHA-256 the readers check the file against
-        assert record["files"][name] == {"epoch": record["best"]["epoch"], "holds": "best",
-                                         "sha256": records.file_sha256(run_dir / name)}
+    assert record["schema_version"] == records.SCHEMA_VERSION == 3
+    assert record["files"][STATE_FILE] == {"epoch": record["best"]["epoch"], "holds": "best",
+                                           "sha256": records.file_sha256(run_dir / STATE_FILE)}
+    assert DELTA_FILE not in record["files"] and not (run_dir / DELTA_FILE).exists()
     assert (LAST_STATE_FILE in record["files"]) == (record["best"]["epoch"] != record["last"]["epoch"])
-    deltas = load_delta_weights(run_dir / DELTA_FILE, record["delta_w_shapes"])
+    deltas = load_run_deltas(run_dir)
     assert records.delta_shapes(deltas) == record["delta_w_shapes"]
+    assert records.base_fingerprints(deltas) == record["base_sha256"]
     out = tmp_path / "rep"
     assert report_main([str(run_dir), "--analyses", "spectra", "--out", str(out), "--no-progress"]) == 0
     assert f"| epoch {record['best']['epoch']} (best) | {run_dir} |" in (out / "report.md").read_text()

@@ -207,12 +207,12 @@ def test_two_processes_on_one_folder_one_trains_one_skips(tmp_path, warm_cli):
 def test_record_lists_the_sha256_of_each_tensor_file(short_run):
     run_dir, _ = short_run
     files = records.load_record(run_dir)["files"]
-    assert {records.STATE_FILE, records.DELTA_FILE, records.PREDICTIONS_FILE} <= set(files)
+    assert {records.STATE_FILE, records.PREDICTIONS_FILE} <= set(files) and records.DELTA_FILE not in files
     for name, entry in files.items():
         assert entry["sha256"] == records.file_sha256(run_dir / name)
 
 
-@pytest.mark.parametrize("name", [records.STATE_FILE, records.DELTA_FILE, records.PREDICTIONS_FILE])
+@pytest.mark.parametrize("name", [records.STATE_FILE, records.PREDICTIONS_FILE])
 def test_a_flipped_byte_is_refused_in_one_line_naming_the_file(short_run, tmp_path, name):
     run_dir = tmp_path / "run"
     shutil.copytree(short_run[0], run_dir)
@@ -222,9 +222,7 @@ def test_a_flipped_byte_is_refused_in_one_line_naming_the_file(short_run, tmp_pa
     record = records.load_record(run_dir)
     with pytest.raises(ConfigError) as refused:
         if name == records.STATE_FILE:
-            rebuild_run(run_dir)  # lora-lab-export
-        elif name == records.DELTA_FILE:
-            records.open_delta_weights(record)  # lora-lab-subspace and the comparison
+            rebuild_run(run_dir)  # lora-lab-export; lora-lab-subspace derives ΔW from the same rebuilt model
         else:
             run_from_record(record, None, "best", str(run_dir)).examples  # lora-lab-table
     message = str(refused.value)
@@ -267,7 +265,7 @@ def disk_full_at(monkeypatch, fragment: str, n: int) -> None:
     monkeypatch.setattr(records, "save_file", save_file)
 
 
-@pytest.mark.parametrize("fragment,n", [(".last.safetensors.", 2), (".delta_w.safetensors.", 1)],
+@pytest.mark.parametrize("fragment,n", [(".last.safetensors.", 2), (".trainable.safetensors.", 1)],
                          ids=["second checkpoint", "final files"])
 def test_a_full_disk_fails_in_one_line_keeps_the_last_checkpoint_and_resumes_bit_exact(
         tmp_path, monkeypatch, capsys, fragment, n):
@@ -299,6 +297,6 @@ def test_a_full_disk_fails_in_one_line_keeps_the_last_checkpoint_and_resumes_bit
     assert "resuming from" in capsys.readouterr().out
     straight, resumed = (records.load_record(d) for d in (tmp_path / "straight", run_dir))
     assert resumed["status"] == "completed" and resumed["best"] == straight["best"]
-    for name in (records.STATE_FILE, records.DELTA_FILE, records.PREDICTIONS_FILE):
+    for name in (records.STATE_FILE, records.PREDICTIONS_FILE):
         ours, theirs = load_file(run_dir / name), load_file(tmp_path / "straight" / name)
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), name

@@ -400,7 +400,7 @@ def test_report_rejects_bad_input(case, message, runs, tmp_path, capsys):
     rc = report_main(argv + ["--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err and err.startswith("lora-lab-subspace: error: ") and err.count("\n") == 1
     assert not (tmp_path / "out" / "report.md").exists()
 
 
@@ -409,7 +409,7 @@ def test_report_command_exits_non_zero_with_one_line(tmp_path):
                            str(tmp_path / "missing2"), "--out", str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: run=") and "is not a directory" in proc.stderr
+    assert proc.stderr.strip().startswith("lora-lab-subspace: error: run=") and "is not a directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -351,7 +351,7 @@ def test_bad_sources_are_one_line_errors(case, message, bert, tmp_path, monkeypa
     rc = report_main([source, other, "--out", str(tmp_path / "out"), "--no-progress", *extra])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err and err.startswith("lora-lab-subspace: error: ") and err.count("\n") == 1
     assert not (tmp_path / "out" / "report.md").exists()
 
 

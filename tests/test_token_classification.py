@@ -12,6 +12,7 @@ from lora_lab.methods import available_methods, describe_method
 from lora_lab.models.loading import load_tokenizer
 from lora_lab.runtime import records
 from lora_lab.runtime.predictions import read_predictions
+from lora_lab.runtime.rebuild import load_run_deltas
 from lora_lab.tasks.metrics import entity_metrics
 from lora_lab.tasks.task_types import TASK_TYPES
 from lora_lab.trainer.train import run_training
@@ -168,7 +169,7 @@ def test_every_method_trains_a_token_classifier(tmp_path, method):
     assert p["trainable_head"] == hidden * tags + tags  # the token head: one linear layer, no pooler
     state = records.load_file(str(run_dir / records.STATE_FILE))
     assert sum(t.numel() for t in state.values()) == p["trainable"]
-    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    deltas = load_run_deltas(run_dir)
     assert bool(deltas) is describe_method(record["config"]["method"]).adapts_matrices()
 
 

@@ -11,6 +11,7 @@ from lora_lab.errors import ConfigError
 from lora_lab.methods import available_methods, describe_method
 from lora_lab.runtime import records
 from lora_lab.runtime.predictions import read_predictions
+from lora_lab.runtime.rebuild import load_run_deltas
 from lora_lab.trainer.train import run_training
 
 SMOKE = ["experiment=smoke", "logger=disabled"]
@@ -39,9 +40,15 @@ def test_smoke_every_method_writes_a_complete_record(tmp_path, method):
     assert p["trainable"] == p["trainable_method"] + p["trainable_head"] + p["trainable_other"]
     state = records.load_file(str(run_dir / records.STATE_FILE))
     assert sum(t.numel() for t in state.values()) == p["trainable"]
-    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)
+    deltas = load_run_deltas(run_dir)  # derived from the state and the base: no ΔW or W0 is stored
     method = describe_method(on_disk["config"]["method"])
     assert bool(deltas) is method.adapts_matrices()
+    assert on_disk["delta_w"].startswith("derived:" if deltas else "none:")
+    assert {n: list(d.shape) for n, d in deltas.items()} == on_disk["delta_w_shapes"]
+    # the folder grows with the trainable state, not with the model
+    assert sorted(p.name for p in run_dir.iterdir()) == [records.PREDICTIONS_FILE, records.RECORD_FILE,
+                                                         records.STATE_FILE]
+    assert run_folder_bytes(run_dir) <= 1.1 * m["trainable_state_bytes"] + 64_000
     assert ("merged_over_unmerged" in m) is method.supports_merge
     if name == "lora":
         assert len(deltas) == 4 and all(d.B is not None and d.base is not None for d in deltas.values())
@@ -50,6 +57,12 @@ def test_smoke_every_method_writes_a_complete_record(tmp_path, method):
         assert len(deltas) == 12 and all(d.to_dense().abs().sum() > 0 for d in deltas.values())
     assert on_disk["environment"]["versions"]["torch"] == torch.__version__
     assert record["config"]["method"]["name"] == name
+
+
+def run_folder_bytes(run_dir) -> int:
+    """What a run keeps, but its checkpoint folder and the logs and config copies beside it."""
+    return sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file() and p.name != "main.log"
+               and p.relative_to(run_dir).parts[0] not in ("checkpoint", ".hydra"))
 
 
 def test_same_seed_same_metrics(tmp_path):
@@ -187,26 +200,32 @@ def scripted_evaluation(monkeypatch, accuracies, allocate_mb: int = 0):
 def test_saved_state_is_the_best_epochs_and_the_last_is_kept_beside_it(tmp_path, monkeypatch):
     seen = scripted_evaluation(monkeypatch, [0.5, 0.8, 0.6])
     run_dir = tmp_path / "run"
-    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=3", "method=lora"), run_dir)
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=3", "method=lora", "trainer.keep_last=true"), run_dir)
     assert record["best"]["epoch"] == 2 and record["last"]["epoch"] == 3 and len(seen) == 3
     held = {name: {k: v for k, v in entry.items() if k != "sha256"} for name, entry in record["files"].items()}
     assert held == {records.STATE_FILE: {"epoch": 2, "holds": "best"},
                     records.LAST_STATE_FILE: {"epoch": 3, "holds": "last"},
-                    records.DELTA_FILE: {"epoch": 2, "holds": "best"},
                     records.PREDICTIONS_FILE: {"epoch": 2, "holds": "best"}}
     assert all(entry["sha256"] == records.file_sha256(run_dir / name) for name, entry in record["files"].items())
     best, last = records.load_file(str(run_dir / records.STATE_FILE)), records.load_file(
         str(run_dir / records.LAST_STATE_FILE))
     assert all(best[k].equal(seen[1][k]) for k in seen[1]) and not all(best[k].equal(seen[2][k]) for k in seen[2])
     assert all(last[k].equal(seen[2][k]) for k in seen[2])
-    deltas = records.load_delta_weights(run_dir / records.DELTA_FILE)  # ΔW of the best epoch too
+    deltas = load_run_deltas(run_dir)  # ΔW of the best epoch too
     for name, delta in deltas.items():
         assert delta.A.equal(best[f"{name}.lora_A"]) and not delta.A.equal(seen[2][f"{name}.lora_A"])
 
 
+def test_the_last_state_is_kept_only_when_asked(tmp_path, monkeypatch):
+    scripted_evaluation(monkeypatch, [0.5, 0.8, 0.6])
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=3"), tmp_path / "run")
+    assert record["best"]["epoch"] == 2 and record["last"]["epoch"] == 3
+    assert records.LAST_STATE_FILE not in record["files"] and not (tmp_path / "run" / records.LAST_STATE_FILE).exists()
+
+
 def test_best_equals_last_writes_no_last_file(tmp_path, monkeypatch):
     scripted_evaluation(monkeypatch, [0.5, 0.9])
-    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=2"), tmp_path / "run")
+    record = run_training(smoke_cfg(tmp_path, "trainer.epochs=2", "trainer.keep_last=true"), tmp_path / "run")
     assert record["files"][records.STATE_FILE]["epoch"] == 2 and records.LAST_STATE_FILE not in record["files"]
     assert not (tmp_path / "run" / records.LAST_STATE_FILE).exists()
 

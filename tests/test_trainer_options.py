@@ -92,7 +92,8 @@ def scripted_evaluation(monkeypatch, accuracies):
 def test_eval_every_picks_a_best_evaluation_inside_an_epoch(tmp_path, monkeypatch):
     seen = scripted_evaluation(monkeypatch, [0.5, 0.9, 0.6, 0.7, 0.6, 0.8, 0.6])  # steps 3, 6, 8 (end), 9, 12, 15, 16
     run_dir = tmp_path / "run"
-    record = run_training(smoke_cfg(tmp_path, "trainer.eval_every=3", "trainer.epochs=2", "method=lora"), run_dir)
+    record = run_training(smoke_cfg(tmp_path, "trainer.eval_every=3", "trainer.epochs=2", "method=lora",
+                                    "trainer.keep_last=true"), run_dir)
     rows = record["epochs"]
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 3), (1, 6), (1, 8), (2, 9), (2, 12), (2, 15), (2, 16)]
     assert [r.get("within_epoch", False) for r in rows] == [True, True, False, True, True, True, False]
@@ -109,7 +110,7 @@ def test_eval_every_picks_a_best_evaluation_inside_an_epoch(tmp_path, monkeypatc
 def test_eval_every_best_within_the_last_epoch_keeps_the_last_state_too(tmp_path, monkeypatch):
     seen = scripted_evaluation(monkeypatch, [0.5, 0.9, 0.6])  # steps 3, 6, 8 (end of the only epoch)
     run_dir = tmp_path / "run"
-    record = run_training(smoke_cfg(tmp_path, "trainer.eval_every=3"), run_dir)
+    record = run_training(smoke_cfg(tmp_path, "trainer.eval_every=3", "trainer.keep_last=true"), run_dir)
     assert record["best"]["step"] == 6 and record["last"]["step"] == 8 and len(seen) == 3
     assert record["files"][records.LAST_STATE_FILE].items() >= {"epoch": 1, "holds": "last"}.items()
     saved = records.load_file(str(run_dir / records.STATE_FILE))
@@ -123,6 +124,12 @@ def test_patience_counts_evaluations_and_can_stop_inside_an_epoch(tmp_path, monk
     assert [r["step"] for r in record["epochs"]] == [2, 4, 6] and record["stopped_early"] is True
     assert record["best"]["step"] == 2 and record["last"]["step"] == 6
     assert record["measurements"]["checkpoints_written"] >= 1
+
+
+def test_keep_last_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.keep_last='maybe': must be true or false$") as error:
+        check_config(smoke_cfg(tmp_path, "trainer.keep_last=maybe"))
+    assert "\n" not in str(error.value)
 
 
 def test_eval_every_is_validated(tmp_path):

@@ -67,6 +67,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.checkpoint_every": integer(0),
     "trainer.resume": boolean(),
     "trainer.keep_checkpoint": boolean(),
+    "trainer.keep_last": boolean(),
     "trainer.skip_done": boolean(),
     "trainer.lock_stale_after": number(0, low_open=True),
     "trainer.world_size": integer(1),

@@ -16,6 +16,11 @@ parts' A stacked and their B block-structured, at scale 1 (``LoRA.peft_adapter``
 After writing, the adapter is loaded back with PEFT onto a fresh copy of the base and its logits
 compared with ours on a random batch (``--no-check`` skips this): the largest difference is printed,
 beside how far the adapter moves the logits from the base model's, and must stay within 1e-5.
+
+``--portable`` writes an adapter for plain PEFT + transformers: the base named as a user loads it (the
+embedded MiniLM as sentence-transformers/all-MiniLM-L6-v2) and a README.md saying which transformers
+class to load it with and how lora_lab's pooled head is rebuilt (the check then follows that card).
+``--push-to-hub OWNER/NAME`` (implies --portable; ``--private``, ``--dry-run``) uploads the folder.
 """
 from __future__ import annotations
 
@@ -31,8 +36,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lora_lab.errors import ConfigError, first_line
+from lora_lab.errors import ConfigError
 from lora_lab.methods import registered_methods
+from lora_lab.peft.hub import PushError, check_repo_id, describe_plan, push, upload_plan
+from lora_lab.peft.portable import CARD_FILE, card_logits, load_portable, model_card
+from lora_lab.peft.portable import describe as portable_base
 from lora_lab.runtime import records
 
 EXPORTABLE = tuple(name for name, cls in registered_methods().items() if cls.exports_peft)  # lora, dora
@@ -61,10 +69,7 @@ class RebuiltRun:
 
 def rebuild_run(run_dir) -> RebuiltRun:
     """The trained model of a completed LoRA or DoRA run, on the CPU, and its base model."""
-    from lora_lab.methods import build_method
-    from lora_lab.models.loading import load_model
-    from lora_lab.runtime.seeding import set_seed
-    from lora_lab.tasks.task_types import task_type
+    from lora_lab.runtime.rebuild import rebuild_trained
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -74,35 +79,8 @@ def rebuild_run(run_dir) -> RebuiltRun:
     if name not in EXPORTABLE:
         raise ConfigError("run", str(run_dir), f"is a {name!r} run; only {' and '.join(EXPORTABLE)} runs export "
                           "as PEFT LoRA adapters")
-    state_path = run_dir / records.STATE_FILE
-    if not state_path.is_file():
-        raise ConfigError("run", str(run_dir), f"has no {records.STATE_FILE}; the run is incomplete")
-    records.verify_run_file(record, records.STATE_FILE)  # the SHA-256 its record lists
-    try:
-        state = records.load_file(str(state_path))
-    except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
-        raise ConfigError("run", str(run_dir), f"{records.STATE_FILE} could not be read: {first_line(error)}") from None
-    cfg = OmegaConf.create(record["config"])
-    cfg.method.init_from = None  # the trained state replaces whatever the run started from
-    method = build_method(cfg.method)
-    labels = record.get("task", {}).get("label_names") or []
-    set_seed(int(cfg.seed))  # as the trainer does just before loading: same random model, same fresh head
-    base = load_model(cfg.model, len(labels), labels, task=task_type(cfg.data).head).eval()
-    model = copy.deepcopy(base)
-    method.apply(model)
-    params = dict(model.named_parameters())
-    trained = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != trained:
-        odd = sorted(set(state) ^ trained)[0]
-        raise ConfigError("run", str(run_dir), f"{records.STATE_FILE} does not match the rebuilt model (e.g. "
-                          f"{odd}); was it written by another lora_lab version?")
-    with torch.no_grad():
-        for n, tensor in state.items():
-            if tensor.shape != params[n].shape:
-                raise ConfigError("run", str(run_dir), f"{records.STATE_FILE} holds {n} of shape "
-                                  f"{tuple(tensor.shape)}, the rebuilt model needs {tuple(params[n].shape)}")
-            params[n].data = tensor.to(params[n].device)  # as saved: fp32 also on a bf16 base (model.dtype)
-    return RebuiltRun(record, method, model.eval(), base)
+    rebuilt = rebuild_trained(run_dir, record, keep_base=True)
+    return RebuiltRun(record, rebuilt.method, rebuilt.model, rebuilt.base)
 
 
 def base_model_name(model_cfg) -> str | None:
@@ -150,16 +128,22 @@ def build_peft_model(run: RebuiltRun, base_name: str | None):
     return twin.eval()
 
 
-def export_run(run_dir, out_dir, force: bool = False, check: bool = True) -> Exported:
+def export_run(run_dir, out_dir, force: bool = False, check: bool = True, portable: bool = False,
+               card_adapter: str | None = None) -> Exported:
     """Write the PEFT adapter of ``run_dir`` into ``out_dir``; with ``check``, measure the largest
-    |logit difference| between PEFT's model loaded from it and ours."""
+    |logit difference| between PEFT's model loaded from it and ours. ``portable``: named and described
+    for plain PEFT + transformers (lora_lab.peft.portable), the card written beside it (loading the adapter
+    from ``card_adapter``, default ``out_dir``) and used by the check."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
         what = "is not a directory" if not out_dir.is_dir() else "exists and is not empty (--force writes into it)"
         raise ConfigError("out", str(out_dir), what)
     run = rebuild_run(run_dir)
     cfg = OmegaConf.create(run.record["config"])
-    twin = build_peft_model(run, base_model_name(cfg.model))
+    described = portable_base(run, cfg.model) if portable else None
+    twin = build_peft_model(run, described.name if portable else base_model_name(cfg.model))
+    if portable and described.pooling is not None:  # lora_lab's pooled head: the class the card loads is a SEQ_CLS one
+        twin.peft_config["default"].task_type = "SEQ_CLS"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
         # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary changed
@@ -167,10 +151,14 @@ def export_run(run_dir, out_dir, force: bool = False, check: bool = True) -> Exp
         for name in WRITTEN:  # PEFT's model card template is left out
             os.chmod(Path(staging) / name, 0o666 & ~UMASK)  # safetensors writes 0600; adapters are for sharing
             os.replace(Path(staging) / name, out_dir / name)
+    if portable:
+        card = out_dir / CARD_FILE
+        card.write_text(model_card(described, run.record, card_adapter or str(out_dir)))
+        os.chmod(card, 0o666 & ~UMASK)
     tolerance = CHECK_TOLERANCE if (cfg.model.get("dtype") or "fp32") == "fp32" else None
     if not check:
         return Exported(out_dir, None, None, tolerance)
-    return Exported(out_dir, *logit_differences(run, out_dir), tolerance)
+    return Exported(out_dir, *logit_differences(run, out_dir, described), tolerance)
 
 
 def probe_batch(model: nn.Module, size: int = 4, length: int = 16) -> dict[str, torch.Tensor]:
@@ -183,12 +171,20 @@ def probe_batch(model: nn.Module, size: int = 4, length: int = 16) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def logit_differences(run: RebuiltRun, adapter_dir) -> tuple[float, float]:
+def logit_differences(run: RebuiltRun, adapter_dir, portable=None) -> tuple[float, float]:
     """On a probe batch, the largest |logit difference| of PEFT's model loaded from ``adapter_dir`` onto
-    a fresh copy of the base vs ours, and of ours vs the base (what the adapter changes)."""
+    a fresh copy of the base vs ours, and of ours vs the base (what the adapter changes). With a
+    ``portable`` description, PEFT's model is the transformers class the card names, run as it says."""
     import peft
     from safetensors.torch import load_file
 
+    if portable is not None:
+        inputs = probe_batch(run.base)
+        loaded = load_portable(run, portable, adapter_dir)
+        with torch.no_grad():
+            theirs, ours, base = card_logits(loaded, portable, inputs), run.model(**inputs).logits, \
+                run.base(**inputs).logits
+        return float((theirs - ours).abs().max()), float((ours - base).abs().max())
     # what PeftModel.from_pretrained does with a local folder, with the weights read by safetensors
     # explicitly (PEFT itself would fall back to a pickled adapter_model.bin)
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
@@ -207,12 +203,26 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path, help="a completed lora or dora run directory")
     parser.add_argument("out_dir", type=Path, help="the adapter folder to write")
     parser.add_argument("--force", action="store_true", help="write into a non-empty out_dir (replacing "
-                        f"{' and '.join(WRITTEN)})")
+                        f"{' and '.join(WRITTEN)}, and {CARD_FILE} with --portable)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="do not load the adapter back with PEFT to compare logits")
+    parser.add_argument("--portable", action="store_true",
+                        help="for plain PEFT + transformers without lora_lab: base_model_name_or_path a loadable "
+                        f"name, and a {CARD_FILE} saying how to load the base and rebuild the head")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hub model repository "
+                        "(OWNER/NAME, created if missing; implies --portable; token: HF_TOKEN or a stored login)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --push-to-hub: list what would be uploaded (files, sizes, repository) and stop")
     args = parser.parse_args(argv)
+    if (args.private or args.dry_run) and not args.push_to_hub:
+        parser.error("--private and --dry-run go with --push-to-hub REPO")
+    portable = args.portable or bool(args.push_to_hub)
     try:
-        exported = export_run(args.run_dir, args.out_dir, force=args.force, check=args.check)
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
+        exported = export_run(args.run_dir, args.out_dir, force=args.force, check=args.check, portable=portable,
+                              card_adapter=args.push_to_hub)
     except ConfigError as error:
         print(f"lora-lab-export: error: {error}", file=sys.stderr)
         return 2
@@ -224,11 +234,24 @@ def main(argv=None) -> int:
     difference, tolerance = exported.max_logit_difference, exported.tolerance
     note = "" if difference is None else (f"; PEFT's logits differ from the run's by at most {difference:.2e} "
                                           f"(the adapter moves them by up to {exported.max_logit_change:.3g})")
-    print(f"[lora_lab] wrote {args.out_dir / WRITTEN[0]} and {WRITTEN[1]}{note}")
+    files = (*WRITTEN, CARD_FILE) if portable else WRITTEN
+    middle = "".join(f", {name}" for name in files[1:-1])
+    print(f"[lora_lab] wrote {args.out_dir / WRITTEN[0]}{middle} and {files[-1]}{note}")
     if difference is not None and tolerance is not None and difference > tolerance:
         print(f"lora-lab-export: error: the adapter does not reproduce the run (difference > {tolerance:g})",
               file=sys.stderr)
         return 1
+    if not args.push_to_hub:
+        return 0
+    if args.dry_run:
+        print(describe_plan(args.push_to_hub, args.private, upload_plan(args.out_dir, files)))
+        return 0
+    try:
+        url = push(args.out_dir, files, args.push_to_hub, args.private)
+    except PushError as error:
+        print(f"lora-lab-export: error: {error}", file=sys.stderr)
+        return 1
+    print(f"[lora_lab] pushed to {url}")
     return 0
 
 

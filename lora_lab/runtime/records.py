@@ -2,10 +2,11 @@
 
     <run_dir>/record.json                 config, per-epoch metrics, best/last, measurements, versions, status
     <run_dir>/trainable.safetensors       the trained parameters (method parameters and head)
-    <run_dir>/trainable_last.safetensors  the last epoch's parameters, when the last epoch is not the best
-    <run_dir>/delta_w.safetensors         ΔW per adapted matrix: "<module>::dense" or "<module>::B" and
-                                          "<module>::A" (ΔW = B @ A, scaling folded into B), and
-                                          "<module>::base" (W0); metadata "kinds" maps module -> kind
+    <run_dir>/trainable_last.safetensors  the last epoch's parameters, with trainer.keep_last=true and a
+                                          last epoch that is not the best
+    <run_dir>/delta_w.safetensors         (versions 1 and 2 only) ΔW per adapted matrix: "<module>::dense" or
+                                          "<module>::B" and "<module>::A" (ΔW = B @ A, scaling folded into
+                                          B), and "<module>::base" (W0); metadata "kinds" maps module -> kind
     <run_dir>/predictions.safetensors     per-example results on test at the best epoch, a few bytes per
                                           example (lora_lab.runtime.predictions); tables resample them
 
@@ -14,6 +15,9 @@ Schema versions of record.json ("schema_version"; a record without the key is ve
     1  trainable.safetensors and delta_w.safetensors hold the last epoch
     2  they hold the best epoch; "files" maps each file to {"epoch": N, "holds": "best" | "last"};
        "delta_w_shapes" maps each adapted module to [out, in] when ΔW was saved
+    3  no ΔW file: ΔW is derived from trainable.safetensors and the base model the config names
+       (lora_lab.runtime.rebuild); "delta_w" says how ("derived: ..." or "none: ..."), "base_sha256"
+       maps each adapted module to the SHA-256 of its W0 (fp32), so that another base is refused
 
 "status" is completed, failed, diverged, preempted or interrupted; a version 2 record of a run that
 did not complete has "error" (one line), "error_kind" and "config".
@@ -47,15 +51,18 @@ STATE_FILE = "trainable.safetensors"
 DELTA_FILE = "delta_w.safetensors"
 LAST_STATE_FILE = "trainable_last.safetensors"  # the last epoch's state, when it is not the best epoch's
 PREDICTIONS_FILE = "predictions.safetensors"  # per-example test results of the best epoch (runtime.predictions)
-SCHEMA_VERSION = 2  # 1: no "schema_version" key, state and ΔW of the last epoch; 2: of the best epoch, "files"
+# 1: no "schema_version" key, state and ΔW of the last epoch; 2: of the best epoch, "files"; 3: ΔW derived, not stored
+SCHEMA_VERSION = 3
 _PARTS = ("dense", "B", "A", "base")
-SCHEMA_VERSIONS = (1, 2)  # what the readers accept; anything else is refused
+SCHEMA_VERSIONS = (1, 2, 3)  # what the readers accept; anything else is refused
 STATUSES = ("completed", "failed", "diverged", "preempted", "interrupted")
 ERROR_KINDS = ("config", "out_of_memory", "disk", "diverged", "preempted", "interrupted", "exception")
 # The keys the analysis tools read, per schema version: a completed record without one is refused.
 COMPLETED_KEYS = {1: ("config", "best", "last", "parameters", "measurements"),
-                  2: ("config", "best", "last", "parameters", "measurements", "files")}
-STOPPED_KEYS = {1: (), 2: ("error", "error_kind", "config")}  # records of runs that did not complete
+                  2: ("config", "best", "last", "parameters", "measurements", "files"),
+                  3: ("config", "best", "last", "parameters", "measurements", "files")}
+# records of runs that did not complete
+STOPPED_KEYS = {1: (), 2: ("error", "error_kind", "config"), 3: ("error", "error_kind", "config")}
 HOLDS = ("best", "last")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 DATA_SHA256_KEY = "data_sha256"  # a sealed file's header: the SHA-256 of its tensor data (save_tensors)
@@ -236,6 +243,17 @@ def save_delta_weights(path: Path, deltas: dict[str, DeltaW]) -> str:
     return save_tensors(path, tensors, metadata={"kinds": json.dumps(kinds)})
 
 
+def base_fingerprints(deltas: dict[str, DeltaW]) -> dict[str, str]:
+    """The SHA-256 of each adapted matrix's W0 as fp32 bytes: what a version 3 record keeps of the base."""
+    return {name: weight_sha256(d.base) for name, d in deltas.items()}
+
+
+def weight_sha256(weight: torch.Tensor) -> str:
+    """The SHA-256 of a matrix's values as contiguous fp32 bytes (whatever its dtype and device)."""
+    data = weight.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
 def delta_shapes(deltas: dict[str, DeltaW]) -> dict[str, list[int]]:
     """The shape of each adapted matrix, as the record states it (readers check ΔW files against it)."""
     return {name: list(d.base.shape if d.base is not None else d.shape) for name, d in deltas.items()}
@@ -322,6 +340,13 @@ def _check_files(record: dict, refuse) -> None:
     if not isinstance(shapes, dict) or not all(
             isinstance(s, list) and len(s) == 2 and all(is_integer(n) and n > 0 for n in s) for s in shapes.values()):
         raise refuse("has 'delta_w_shapes' that do not map module names to [out, in]")
+    if record_version(record) >= 3 and "delta_w_shapes" in record:
+        how, fingerprints = record.get("delta_w"), record.get("base_sha256")
+        if not isinstance(how, str) or not how.startswith(("derived:", "none:")):
+            raise refuse("has 'delta_w_shapes' without a 'delta_w' that says 'derived: ...' or 'none: ...'")
+        if not isinstance(fingerprints, dict) or set(fingerprints) != set(shapes) or not all(
+                isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in fingerprints.values()):
+            raise refuse("has 'base_sha256' that does not map each module of 'delta_w_shapes' to 64 hexadecimal digits")
 
 
 def read_record(path: Path) -> dict:
@@ -359,10 +384,15 @@ def load_record(run_dir: Path, require_completed: bool = True) -> dict:
 
 
 def delta_epoch(record: dict) -> str | None:
-    """Which epoch the run's ΔW comes from, in words: "epoch 3 (best)" (version 2, from "files"),
+    """Which epoch the run's ΔW comes from, in words: "epoch 3 (best)" (versions 2 and 3, from "files"),
     "last epoch" (version 1, whose files hold the last epoch); None when the record lists no ΔW."""
     if record_version(record) < 2:
         return "last epoch"
+    if record_version(record) >= 3:  # derived from the state, which holds the best epoch
+        if "delta_w_shapes" not in record:
+            return None
+        entry = (record.get("files") or {}).get(STATE_FILE)
+        return f"epoch {entry['epoch']} ({entry['holds']})"
     entry = (record.get("files") or {}).get(DELTA_FILE)
     return None if entry is None else f"epoch {entry['epoch']} ({entry['holds']})"
 
@@ -471,6 +501,9 @@ def open_delta_weights(record: dict) -> DeltaWeightsFile:
     path = run_dir / DELTA_FILE
     if record_version(record) < 2:
         return DeltaWeightsFile(path)
+    if record_version(record) >= 3:
+        raise ConfigError("run", str(run_dir), f"has no {DELTA_FILE}: from schema version 3 ΔW is derived from "
+                          f"{STATE_FILE} and the base model (lora_lab.runtime.rebuild.open_run_deltas)")
     if DELTA_FILE not in (record.get("files") or {}):
         if path.exists():
             raise ConfigError("record", str(run_dir / RECORD_FILE), f"does not list the {DELTA_FILE} beside it, "

@@ -1,4 +1,5 @@
-"""The end of a run (rank 0): save the best epoch's state, its ΔW and the last epoch's state, measure
+"""The end of a run (rank 0): save the best epoch's state (and with ``trainer.keep_last=true`` the last
+epoch's), record what ΔW is derived from (shapes and W0 fingerprints; no tensor of the base is copied), measure
 inference, write the run record, and log it to W&B (with ``logger.log_model=true`` also as a model
 artifact, with the run's PEFT adapter for a method PEFT has). Repeating it after a kill gives the same files."""
 from __future__ import annotations
@@ -26,11 +27,11 @@ from lora_lab.trainer.setup import Run
 def finish(run: Run, state: TrainingState, info: dict, tracker: Tracker, throughput_ranks: list[dict]) -> dict:
     """Save, measure, write and log the run (see the module's docstring); returns its record.
     ``info``: what ``describe_run`` says about it; ``throughput_ranks``: every rank's throughput state."""
-    files, delta_shapes = _save_states(run, state)
+    files, delta_info = _save_states(run, state)
     for name, entry in files.items():  # what resume, export and the analysis tools check each file against
         entry["sha256"] = records.file_sha256(run.run_dir / name)
     measurements = _measurements(run, state, throughput_ranks)
-    record = _record(run, state.progress, info, files, measurements, delta_shapes)
+    record = _record(run, state.progress, info, files, measurements, delta_info)
     written, non_finite = records.non_finite_to_null(record)  # strict JSON: null, and where it was not finite
     records.write_json(run.run_dir / records.RECORD_FILE, {**written, **({"non_finite": non_finite} if non_finite else {})})
     log_model(run.run_dir, record, tracker)
@@ -49,13 +50,16 @@ def result_line(record: dict, monitor: str) -> str:
             f"{best[f'validation/{monitor}']:.4f}  test {monitor} {best[f'test/{monitor}']:.4f}")
 
 
-def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict | None]:
-    """Write the best epoch's trainable state and ΔW, and the last epoch's state when it is another
-    epoch; the model keeps the best epoch's state. Returns the record's ``files`` and the ΔW shapes."""
+def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict]:
+    """Write the best epoch's trainable state, and with ``trainer.keep_last`` the last epoch's state when it
+    is another epoch; the model keeps the best epoch's state. Returns the record's ``files`` and what it
+    says of ΔW: how it is derived, the shapes and the SHA-256 of each adapted W0 (nothing when
+    ``record.save_delta_w`` is false)."""
     progress, method, run_dir = state.progress, run.method, run.run_dir
     best_epoch, last_epoch = progress.best_epoch, progress.epochs[-1]["epoch"]
     files = {records.STATE_FILE: {"epoch": best_epoch, "holds": "best"}}
-    if progress.best["step"] != progress.epochs[-1]["step"]:  # trainer.eval_every: maybe within one epoch
+    keep_last = run.cfg.trainer.get("keep_last", False)
+    if keep_last and progress.best["step"] != progress.epochs[-1]["step"]:  # trainer.eval_every: maybe within one epoch
         records.save_tensors(run_dir / records.LAST_STATE_FILE, checkpoint.trainable_state(run.model),
                              metadata={"method": method.name, "epoch": str(last_epoch)})
         files[records.LAST_STATE_FILE] = {"epoch": last_epoch, "holds": "last"}
@@ -66,12 +70,15 @@ def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict | None]:
     checkpoint.load_trainable_state(run.model, state.best_state)
     records.save_tensors(run_dir / records.STATE_FILE, checkpoint.trainable_state(run.model),
                          metadata={"method": method.name, "epoch": str(best_epoch)})
+    (run_dir / records.DELTA_FILE).unlink(missing_ok=True)  # left by an older lora_lab in this folder
     if not run.cfg.record.save_delta_w:
-        return files, None
-    deltas = method.delta_weights(run.model)
-    records.save_delta_weights(run_dir / records.DELTA_FILE, deltas)
-    files[records.DELTA_FILE] = {"epoch": best_epoch, "holds": "best"}
-    return files, records.delta_shapes(deltas)
+        return files, {}
+    with torch.no_grad():
+        deltas = method.delta_weights(run.model)
+    how = (f"derived: from {records.STATE_FILE} and the base model" if deltas else
+           method.resolved.get("delta_w") or f"none: {method.name} changes no weight matrix")
+    return files, {"delta_w": how, "delta_w_shapes": records.delta_shapes(deltas),
+                   "base_sha256": records.base_fingerprints(deltas)}
 
 
 def _measurements(run: Run, state: TrainingState, throughput_ranks: list[dict]) -> dict:
@@ -89,8 +96,7 @@ def _measurements(run: Run, state: TrainingState, throughput_ranks: list[dict]) 
     return measurements
 
 
-def _record(run: Run, progress: Progress, info: dict, files: dict, measurements: dict,
-            delta_shapes: dict | None) -> dict:
+def _record(run: Run, progress: Progress, info: dict, files: dict, measurements: dict, delta_info: dict) -> dict:
     epochs = progress.epochs
     return {
         "schema_version": records.SCHEMA_VERSION,
@@ -105,7 +111,7 @@ def _record(run: Run, progress: Progress, info: dict, files: dict, measurements:
         "resumes": progress.resumes,
         "files": files,
         "measurements": measurements,
-        **({"delta_w_shapes": delta_shapes} if delta_shapes is not None else {}),
+        **delta_info,
         **_reports(progress, evaluation_key(progress.best), evaluation_key(epochs[-1])),
         **_generations(progress, evaluation_key(progress.best), evaluation_key(epochs[-1])),
         **info,
@@ -187,7 +193,7 @@ def _inference_latency(run: Run) -> dict:
     model.eval()
     enter = ({"unmerged": lambda: method.undo_inference(model), "merged": lambda: method.prepare_inference(model)}
              if method.supports_merge else {"model": lambda: None})
-    with torch.no_grad(), run.amp():
+    with torch.no_grad(), run.amp(), run.phases.phase("measuring inference latency"):
         times = round_robin({name: (lambda k: model(**inputs)) for name in enter}, int(tcfg.latency_repeats),
                             warmup=1, device=run.device, enter=enter)
     method.undo_inference(model)
