@@ -83,18 +83,21 @@ def _evaluate_epoch(run: Run, progress: Progress, key: str) -> tuple[dict, dict,
     validation batches' latencies, the generations kept and the test predictions; the per-class
     reports go to the progress."""
     splits, model, task = run.evaluation, run.model, run.task
-    val, val_report, val_latency, _ = evaluation.evaluate(
-        model, splits.loaders["validation"], splits.gold["validation"], run.device, run.amp, task,
-        run.data.label_names, dist=run.dist)
-    test, test_report, _, test_predictions = evaluation.evaluate(
-        model, splits.loaders["test"], splits.gold["test"], run.device, run.amp, task, run.data.label_names,
-        dist=run.dist)
+    with run.phases.phase("evaluating on validation"):
+        val, val_report, val_latency, _ = evaluation.evaluate(
+            model, splits.loaders["validation"], splits.gold["validation"], run.device, run.amp, task,
+            run.data.label_names, dist=run.dist)
+    with run.phases.phase("evaluating on test"):
+        test, test_report, _, test_predictions = evaluation.evaluate(
+            model, splits.loaders["test"], splits.gold["test"], run.device, run.amp, task, run.data.label_names,
+            dist=run.dist)
     if val_report or test_report:
         progress.reports[key] = {"validation": val_report, "test": test_report}
     generated = {}
     for split, metrics in (("validation", val), ("test", test)):
         if split in splits.generators:
-            scores, generated[split] = splits.generators[split].run(model, run.device, run.amp, run.dist)
+            with run.phases.phase(f"generating on {split}"):
+                scores, generated[split] = splits.generators[split].run(model, run.device, run.amp, run.dist)
             metrics.update(scores)
     return val, test, val_latency, generated, test_predictions
 

@@ -35,6 +35,7 @@ from lora_lab.models.loading import (
 from lora_lab.models.precision import autocast, grad_scaler
 from lora_lab.runtime import checkpoint, measure
 from lora_lab.runtime.distributed import Distributed, device_for
+from lora_lab.runtime.phases import QUIET, Phases
 from lora_lab.runtime.seeding import set_seed
 from lora_lab.runtime.tracking import Tracker
 from lora_lab.tasks.task_types import TaskType, describe, main_metric
@@ -67,6 +68,7 @@ class Run:
     pretrained_baseline: dict | None  # a causal LM's pre-trained model on test; None for other tasks
     result_config: dict  # the settings a checkpoint must have been written with (run_identity.result_config)
     scaler: torch.amp.GradScaler | None = None  # trainer.precision=fp16 on CUDA: the loss scaler
+    phases: Phases = QUIET  # the status of each phase between training steps (trainer.progress_bar)
 
     @property
     def task(self) -> TaskType:
@@ -102,16 +104,19 @@ def set_up(cfg, run_dir: Path, dist: Distributed) -> Run:
     set_seed(cfg.seed)
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg.threads))
-    tokenizer = load_tokenizer(cfg.model)
-    data = load_task_data(cfg.data, tokenizer)
+    phases = Phases(tcfg.progress_bar, active=dist.is_main)
+    with phases.phase("loading the tokenizer and data"):
+        tokenizer = load_tokenizer(cfg.model)
+        data = load_task_data(cfg.data, tokenizer)
     check_data(cfg, data)
     amp = autocast_context(cfg, device)
     collator = Collator(data.pad_token_id, cfg.data.padding, cfg.data.max_length,
                         torch.float if data.regression else torch.long)
     splits = evaluation_splits(cfg, data, tokenizer, collator, monitor)
     set_seed(cfg.seed)
-    model = load_model(cfg.model, data.num_labels, data.label_names, task=data.task.head,
-                       pad_token_id=tokenizer.pad_token_id)
+    with phases.phase("loading the model"):
+        model = load_model(cfg.model, data.num_labels, data.label_names, task=data.task.head,
+                           pad_token_id=tokenizer.pad_token_id)
     pretrained = _pretrained_baseline(cfg, run_dir, model, splits, device, amp, data.task, dist)
     train_loader = training_loader(data.splits["train"], tcfg.batch_size, collator, seed=cfg.seed,
                                    rank=dist.rank, world_size=dist.world_size)  # draws no random numbers
@@ -123,7 +128,7 @@ def set_up(cfg, run_dir: Path, dist: Distributed) -> Run:
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Run(cfg, run_dir, dist, device, amp, data, monitor, method, model, train_model, train_loader, splits,
                optimizer, scheduler, trainable, schedule, counts, pretrained,
-               result_config(OmegaConf.to_container(cfg, resolve=True)), grad_scaler(device, tcfg.precision))
+               result_config(OmegaConf.to_container(cfg, resolve=True)), grad_scaler(device, tcfg.precision), phases)
 
 
 def resolve_device(name: str) -> torch.device:
