@@ -1,7 +1,9 @@
 """The comparison table of a set of runs: method, trainable parameters, memory, speed, and the
-task's metric on validation and test at the best epoch.
+task's metric on validation and test at the best epoch, and the run's folder.
 
-    lora-lab-compare outputs/compare/2026-11-22_20-00-00 [more dirs] [--metric accuracy]
+    lora-lab-compare outputs/multirun/<hash>                  # a sweep's runs: the table, printed
+    lora-lab-compare outputs/runs outputs/multirun/<hash>     # every single run, and a sweep's
+    lora-lab-compare outputs/multirun/<hash> --out report.md  # printed and written to report.md
 
 The metric is the main metric the records' task declares (records written before tasks declared one:
 trainer.monitor, else accuracy); ``--metric`` shows another one the records have. Runs of several
@@ -23,7 +25,7 @@ from lora_lab.methods import describe_method
 from lora_lab.runtime.records import RECORD_FILE, find_run_dirs, load_record, write_text
 
 COLUMNS = ["method", "seed", "trainable params", "% of total", "peak memory (MB)", "train samples/s",
-           "val {m}", "test {m}", "epoch", "failed"]
+           "val {m}", "test {m}", "epoch", "run", "failed"]
 
 
 def method_label(config: dict, resolved: dict | None = None) -> str:
@@ -52,18 +54,19 @@ def comparison_row(record: dict, metric: str | None = None) -> list:
     metric = metric or main_metric(record)
     config = record.get("config") or {}
     label = method_label(config, record.get("method_resolved"))
+    run = Path(record["run_dir"]).name if record.get("run_dir") else ""
     if record.get("status") != "completed":
         error = str(record.get("error") or "").strip()
         error = error.splitlines()[0] if error else "no error recorded"
         status = f"{record.get('status')}: {error}"[:100].replace("|", "\\|")  # one cell of a Markdown table
-        return [label, config.get("seed", ""), "", "", "", "", "", "", "", status]
+        return [label, config.get("seed", ""), "", "", "", "", "", "", "", run, status]
     p, meas, best = record["parameters"], record["measurements"], record["best"]
     percent = p.get("trainable_percent")
     if percent is None and p["total"]:
         percent = 100 * p["trainable"] / p["total"]
     return [label, config.get("seed", ""), f"{p['trainable']:,}", _fmt(percent, ".2f"),
             _fmt(meas.get("peak_memory_mb"), ".0f"), _fmt(meas.get("train_samples_per_s"), ".1f"),
-            _metric(record, "validation", metric), _metric(record, "test", metric), str(best["epoch"]), ""]
+            _metric(record, "validation", metric), _metric(record, "test", metric), str(best["epoch"]), run, ""]
 
 
 def comparison_rows(run_dirs: list[Path], metric: str | None = None) -> list[list]:
@@ -123,11 +126,10 @@ def comparison_table(records: list[dict], metric: str) -> str:
     return markdown_table(columns, rows) + "\n" + note
 
 
-def write_comparison(*roots: Path, metric: str | None = None) -> str:
+def comparison_text(*roots: Path, metric: str | None = None) -> str:
     """The comparison of every run under ``roots``, each record checked (``load_record``: a corrupt
     or incomplete one is refused, naming the file); runs that did not complete are listed with their
-    status and error. One table per task, in ``metric`` or (None) the task's main metric. Written to
-    <root>/comparison.md when there is one root."""
+    status and error. One table per task, in ``metric`` or (None) the task's main metric."""
     run_dirs = find_run_dirs(*roots)
     if not run_dirs:
         raise ConfigError("runs", [str(r) for r in roots], f"contain no {RECORD_FILE}")
@@ -137,22 +139,41 @@ def write_comparison(*roots: Path, metric: str | None = None) -> str:
     for task, task_records in tasks.items():
         table = comparison_table(task_records, metric or task_metric(task, task_records))
         parts.append(table if len(tasks) == 1 else f"### {task}\n\n{table}")
-    text = "\n".join(parts)
+    return "\n".join(parts)
+
+
+def write_comparison(*roots: Path, metric: str | None = None) -> str:
+    """``comparison_text``, also written to <root>/comparison.md when there is one root (what a
+    multirun leaves in its sweep folder)."""
+    text = comparison_text(*roots, metric=metric)
     if len(roots) == 1:
         write_text(Path(roots[0]) / "comparison.md", text)
     return text
 
 
+PROG = "lora-lab-compare"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run or sweep directories")
     parser.add_argument("--metric", help="a metric the records have (default: each task's main metric)")
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file (default: print only)")
     args = parser.parse_args(argv)
     try:
-        print(write_comparison(*args.runs, metric=args.metric))
+        text = comparison_text(*args.runs, metric=args.metric)
     except ConfigError as error:
-        print(f"compare: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    print(text)
+    if args.out is not None:
+        try:
+            write_text(args.out, text)
+        except OSError as error:  # e.g. a folder that does not exist, or is not writable
+            print(f"{PROG}: error: --out={args.out}: {error.strerror or error}", file=sys.stderr)
+            return 2
+        print(f"{PROG}: written to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,9 @@
 """The table of a set of runs: one row per method and size, one column per task, each cell the
 median over seeds (or mean ± std) of the task's metric on test, with ``--tune KEY`` at the value of KEY
-whose median validation metric is best for that row and task (the fair protocol). Runs of one row
-that differ in any other setting are an error, so seeds are never mixed across configurations by
-accident; so are runs of one task that declare different main metrics."""
+whose median validation metric is best for that row and task (the fair protocol). Runs of one method
+and task that differ in a model or data setting, or in a ``--by KEY``, are rows of their own, labelled
+with their values; runs of one row that differ in any other setting are an error, so seeds are never
+mixed across configurations by accident; so are runs of one task that declare different main metrics."""
 from __future__ import annotations
 
 import math
@@ -44,8 +45,36 @@ def check_same_settings(runs: list[Run], row: str, tune: list[str]) -> None:
         diff = sorted(k for k in set(flat[0]) | set(other) if flat[0].get(k) != other.get(k))
         if diff:
             key = diff[0]
-            raise TableError(f"the runs of {row!r} differ in {key} ({flat[0].get(key)!r} vs "
-                             f"{other.get(key)!r}, {run.source}); pass --tune {key} to choose it on validation")
+            raise TableError(f"the runs of {row!r} differ in {key}: {flat[0].get(key)!r} in {runs[0].source}, "
+                             f"{other.get(key)!r} in {run.source}; pass --by {key} to show them as rows of "
+                             f"their own, or --tune {key} to choose it on validation")
+
+
+def split_keys(runs: list[Run], tune: list[str], by: list[str]) -> list[str]:
+    """The keys whose values label rows: ``by``, then the model and data settings in which completed
+    runs of one method and task differ (only the model's name when the names differ)."""
+    ignored = tuple(IGNORED_KEYS) + tuple(tune)
+    groups: dict = defaultdict(list)
+    for run in runs:
+        if run.completed:
+            groups[(row_label(run), run_task(run))].append(flatten(run.config))
+    found = set()
+    for flats in groups.values():
+        for key in set().union(*flats):
+            if (key.startswith(("model.", "data.")) and not key.startswith(ignored)
+                    and len({repr(f.get(key)) for f in flats}) > 1):
+                found.add(key)
+    if "model.name" in found:
+        found = {k for k in found if k == "model.name" or not k.startswith("model.")}
+    return list(by) + sorted(found - set(by), key=lambda k: (not k.startswith("model."), k))
+
+
+def split_label(run: Run, keys: list[str]) -> str:
+    """The run's row: its method's label, then its values of ``keys``
+    (``LoRA r=8 α=8 (q+v), tiny-random-bert, max_eval=32``)."""
+    flat = flatten(run.config)
+    parts = [str(flat[k]) if k == "model.name" else f"{k.rsplit('.', 1)[-1]}={flat[k]}" for k in keys if k in flat]
+    return ", ".join([row_label(run), *parts])
 
 
 def aggregate(values: list[float], how: str) -> tuple[float, float | None]:
@@ -101,16 +130,21 @@ class Table:
 
 
 def build_table(runs: list[Run], metric: str | None = None, epoch: str = "best", agg: str = "median",
-                tune: list[str] | None = None) -> Table:
+                tune: list[str] | None = None, by: list[str] | None = None) -> Table:
     """The table of ``runs`` (``run_from_record``). ``metric`` None: each task's column shows the
-    metric its runs were read with (their main metric); a name: every column shows it."""
+    metric its runs were read with (their main metric); a name: every column shows it. ``by``: keys
+    whose values give rows of their own (``split_keys``)."""
     tune = list(tune or [])
+    for key in by or []:
+        if not any(key in flatten(run.config) for run in runs if run.completed):
+            raise TableError(f"--by {key}: is not a key of the runs' configs")
+    keys = split_keys(runs, tune, list(by or []))
     grouped: dict = defaultdict(lambda: defaultdict(list))
     order: dict[str, tuple] = {}
     members: dict[str, list] = defaultdict(list)
     by_task: dict[str, list] = defaultdict(list)
     for run in runs:
-        row = row_label(run)
+        row = split_label(run, keys)
         members[row].append(run)
         by_task[run_task(run)].append(run)
         order[row] = min(order.get(row, (99,)), row_sort_key(run))

@@ -1,9 +1,10 @@
 """Paper-style tables from run records: one row per method and size, one column per task.
 
-    lora-lab-table outputs/embedded_study/2026-11-22_22-18-15 --tune trainer.lr --out report/
-    lora-lab-table outputs/multirun/a outputs/multirun/b --epoch last --agg mean_std
-    lora-lab-table outputs/multirun/c --compare-to "Full FT" --seed 1
-    lora-lab-table --wandb my-team/lora_lab --wandb-group 2026-11-22_22-18-15 --out report/
+    lora-lab-table outputs/multirun/<hash> --tune trainer.lr --out report/
+    lora-lab-table outputs/multirun/<hash> outputs/runs --epoch last --agg mean_std
+    lora-lab-table outputs/multirun/<hash> --compare-to "Full FT" --seed 1
+    lora-lab-table outputs/multirun/<hash> --by trainer.lr   # a row per learning rate
+    lora-lab-table --wandb my-team/lora_lab --wandb-group <hash> --out report/
 
 Each cell is the median over seeds (or mean ± std) of the test metric at the best epoch (chosen on
 validation) or the last epoch, with its 95 % bootstrap interval: over seeds and, when the runs saved
@@ -17,10 +18,13 @@ trainer.lr) the runs of a row are split by that key's value, the value with the 
 validation metric (the task's own; best is lowest for perplexity and loss, highest for the others)
 is chosen per row and task, and the cell reports test at that value: the fair protocol in which
 every method gets the same grid; with trainer.lr a second table gives each row's score at its
-method's default learning rate. Runs of one row that differ in any other setting are an error, so
-seeds are never mixed across configurations by accident; so are runs of one task that declare
-different main metrics. Bold marks a column's best value when the interval of its paired difference
-to the runner-up excludes 0; the caption names the tied columns. ``--compare-to ROW`` adds each
+method's default learning rate. Runs of one method and task that differ in a model or data setting
+(e.g. model.name, data.max_train) are rows of their own, labelled with those values
+("LoRA r=8 α=8 (q+v), max_train=64"), and so are runs that differ in a key given with ``--by KEY``.
+Runs of one row that differ in any other setting are an error naming two of them, so seeds are never
+mixed across configurations by accident; so are runs of one task that declare different main
+metrics. Bold marks a column's best value when the interval of its paired difference to the
+runner-up excludes 0; the caption names the tied columns. ``--compare-to ROW`` adds each
 row's difference to ROW per task, its interval and a paired permutation test's p-value. Below the
 table: how often each row ranks first over the bootstrap resamples, and the cost fronts (metric vs
 trainable parameters, peak memory, training time per example). ``--seed`` fixes every draw.
@@ -56,6 +60,7 @@ from lora_lab.analysis.table_format import selection_csv, table_cells, to_csv, t
 from lora_lab.analysis.table_plots import plot_accuracy_vs_lr, plot_accuracy_vs_parameters, plot_accuracy_vs_rank
 from lora_lab.analysis.table_stats import add_statistics
 from lora_lab.errors import ConfigError
+from lora_lab.runtime.phases import Phases
 from lora_lab.runtime.records import write_text
 from lora_lab.runtime.tracking import Tracker
 
@@ -106,6 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--agg", choices=["median", "mean_std"], default="median")
     parser.add_argument("--tune", action="append", default=[], metavar="KEY",
                         help="a swept key chosen per row on validation, e.g. trainer.lr (repeatable)")
+    parser.add_argument("--by", action="append", default=[], metavar="KEY",
+                        help="a key whose values give rows of their own, e.g. trainer.weight_decay (repeatable)")
     parser.add_argument("--out", type=Path, help="write the table files here (default: the single run dir)")
     parser.add_argument("--name", default="table")
     parser.add_argument("--plot", action="store_true",
@@ -117,14 +124,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of every bootstrap and permutation draw")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples and permutations")
     args = parser.parse_args(argv)
+    phases = Phases(prefix="[lora-lab-table]", to_stderr=True)  # stdout is the table
     try:
-        runs = collect_runs(args.runs, args.metric, args.epoch, args.wandb, args.wandb_group)
-        table = build_table(runs, args.metric, args.epoch, args.agg, args.tune)
+        with phases.phase("reading the runs"):
+            runs = collect_runs(args.runs, args.metric, args.epoch, args.wandb, args.wandb_group)
+        table = build_table(runs, args.metric, args.epoch, args.agg, args.tune, args.by)
         if args.expected:
             table.expected = load_expected(args.expected)
-        add_statistics(table, args.seed, args.resamples, compare_to=args.compare_to, curves=args.plot)
+        with phases.phase(f"intervals, paired tests and ranking ({args.resamples:,} resamples)"):
+            add_statistics(table, args.seed, args.resamples, compare_to=args.compare_to, curves=args.plot)
     except (ConfigError, TableError) as error:
-        print(f"tables: error: {error}", file=sys.stderr)
+        print(f"lora-lab-table: error: {error}", file=sys.stderr)
         return 2
     print(to_markdown(table))
     out = args.out or (args.runs[0] if len(args.runs) == 1 else None)
@@ -132,9 +142,10 @@ def main(argv=None) -> int:
     if out is not None:
         written = write_outputs(table, out, args.name)
         if args.plot:
-            images = [p for p in (plot_accuracy_vs_parameters(table, out / f"{args.name}_vs_params.png"),
-                                  plot_accuracy_vs_rank(table, out / f"{args.name}_vs_rank.png"),
-                                  plot_accuracy_vs_lr(table, out / f"{args.name}_vs_lr.png")) if p]
+            with phases.phase("plotting"):
+                images = [p for p in (plot_accuracy_vs_parameters(table, out / f"{args.name}_vs_params.png"),
+                                      plot_accuracy_vs_rank(table, out / f"{args.name}_vs_rank.png"),
+                                      plot_accuracy_vs_lr(table, out / f"{args.name}_vs_lr.png")) if p]
         print("wrote " + ", ".join(str(p) for p in written + images))
     if args.log_wandb:
         log_to_wandb(table, images, args.log_wandb, args.name, out)

@@ -160,7 +160,7 @@ def test_sweep_records_raise_and_nan_then_rerun_skips_completed_jobs(tmp_path, w
                       1: ("diverged", "diverged", "Diverged: training loss is nan at step 5; stopped before the update"),
                       2: ("failed", "exception", "RuntimeError: injected failure")}
     assert first.stderr.count("the sweep goes on") == 2
-    completed = sweep / "0_lora"
+    completed = sweep / "0_lora_r8_s0"
     mtime = (completed / records.RECORD_FILE).stat().st_mtime_ns
 
     second = lora_lab(*args, cwd=tmp_path, driver=["faults", "5"], warm=warm_cli)

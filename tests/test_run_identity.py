@@ -18,7 +18,7 @@ def test_run_directory_is_the_method_tag_seed_and_a_hash_of_the_result_config():
     assert run_dir("method.r=4", "seed=2") == first
     # how a run is watched does not make it another run
     assert run_dir("method.r=4", "seed=2", "logger=disabled", "trainer.progress_bar=true",
-                   "trainer.checkpoint_every=7", "data.cache_dir=/elsewhere") == first
+                   "trainer.checkpoint_every=7", "data.cache_dir=/elsewhere", "trainer.keep_last=true") == first
     assert run_dir("method.r=4", "seed=2", "trainer.lr=0.01") != first
     assert run_dir("method.r=4", "seed=3") != first
 
@@ -48,7 +48,10 @@ def test_every_job_of_a_sweep_shares_one_directory_and_the_same_command_finds_it
     # a fresh interpreter here, forked ones below: the names cannot depend on one interpreter's hash seed
     jobs = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1")
     assert len(jobs) == 4 and len({os.path.dirname(j) for j in jobs}) == 1
-    assert re.fullmatch(r".*/outputs/multirun/[0-9a-f]{8}/0_lora", jobs[0])
+    # each job's folder names the values it was given: number, method and rank, seed
+    assert [os.path.basename(j) for j in jobs] == ["0_lora_r2_s0", "1_lora_r2_s1", "2_lora_r4_s0", "3_lora_r4_s1"]
+    assert re.fullmatch(r".*/outputs/multirun/[0-9a-f]{8}/0_lora_r2_s0", jobs[0])
+    assert not (tmp_path / "outputs" / "multirun").exists() or not any((tmp_path / "outputs" / "multirun").iterdir())
     again = dry_sweep(tmp_path, "method.r=2,4", "seed=0,1", "logger=disabled", warm=warm_cli)
     assert again == jobs
     other = dry_sweep(tmp_path, "method.r=2,8", "seed=0,1", warm=warm_cli)

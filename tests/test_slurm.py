@@ -47,7 +47,7 @@ def submitit_tasks(folder: Path) -> list[int]:
 
 def test_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path, warm_cli):
     sweep = tmp_path / "sweep"
-    run_dir = sweep / "0_lora"
+    run_dir = sweep / "0_lora_r8_s0"
     # the launching command forked by warm_cli; submitit starts the job in an interpreter of its own
     command = ["-m", "hydra/launcher=submitit_local",
                "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", "experiment=smoke", "logger=disabled",
@@ -79,7 +79,7 @@ def test_one_job_of_two_tasks_is_one_ddp_run(tmp_path, warm_cli):
                f"hydra.sweep.dir={sweep}", "experiment=smoke", "trainer.batch_size=4", f"data.cache_dir={tmp_path / 'cache'}"]
     out = warm_cli.run(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert [p.parent.name for p in sweep.rglob(records.RECORD_FILE)] == ["0_lora"]
-    record = records.load_record(sweep / "0_lora")
+    assert [p.parent.name for p in sweep.rglob(records.RECORD_FILE)] == ["0_lora_r8_s0"]
+    record = records.load_record(sweep / "0_lora_r8_s0")
     assert record["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert record["config"]["trainer"]["world_size"] == 2 and record["measurements"]["world_size"] == 2

@@ -318,7 +318,7 @@ def test_predictions_that_disagree_with_their_record_are_refused(tmp_path, capsy
     preds.save_predictions(path, "classification", preds.example_fields("classification", LABELS, LABELS, []), 1)
     assert tables.main([str(sweep), "--resamples", "100"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"tables: error: predictions='{path}': gives test accuracy 1, but its record reports")
+    assert err.startswith(f"lora-lab-table: error: predictions='{path}': gives test accuracy 1, but its record reports")
     path.unlink()
     assert tables.main([str(sweep), "--resamples", "100"]) == 2
     assert f"lists {PREDICTIONS_FILE}, which is missing" in capsys.readouterr().err
@@ -327,7 +327,7 @@ def test_predictions_that_disagree_with_their_record_are_refused(tmp_path, capsy
 def test_an_unknown_reference_row_is_one_line(tmp_path, capsys):
     sweep = two_methods(tmp_path / "sweep", seeds=1)
     assert tables.main([str(sweep), "--compare-to", "DoRA", "--resamples", "100"]) == 2
-    assert capsys.readouterr().err == ("tables: error: --compare-to 'DoRA' is not a row (rows: Full FT, "
+    assert capsys.readouterr().err == ("lora-lab-table: error: --compare-to 'DoRA' is not a row (rows: Full FT, "
                                        "LoRA r=8 α=8 (q+v))\n")
 
 

@@ -85,9 +85,92 @@ def test_tuning_picks_lr_on_validation_and_reports_test(tmp_path):
     assert "chosen trainer.lr" in to_markdown(t) and "| 0.001 |" in to_markdown(t)
 
 
-def test_runs_differing_in_an_untuned_key_are_an_error(tmp_path):
-    with pytest.raises(tables.TableError, match="differ in trainer.lr .*pass --tune trainer.lr"):
-        table_from(tmp_path, [record(LORA, 0, .7, .7, lr=1e-4), record(LORA, 1, .7, .7, lr=1e-3)])
+def test_runs_differing_in_an_untuned_key_are_an_error_naming_both_or_rows_of_their_own(tmp_path, capsys):
+    runs = [record(LORA, 0, .7, .7, lr=1e-4), record(LORA, 1, .7, .6, lr=1e-3)]
+    with pytest.raises(tables.TableError, match="differ in trainer.lr.*pass --by trainer.lr .*--tune trainer.lr"):
+        table_from(tmp_path / "a", runs)
+    sweep = write_runs(tmp_path / "b", runs)
+    assert tables.main([str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"lora-lab-table: error: the runs of 'LoRA r=8 α=8 (q+v)' differ in trainer.lr: 0.0001 in "
+                   f"{sweep / '0_job'}, 0.001 in {sweep / '1_job'}; pass --by trainer.lr to show them as rows of "
+                   "their own, or --tune trainer.lr to choose it on validation\n")
+    t = table_from(tmp_path / "c", runs, by=["trainer.lr"])
+    assert t.rows == ["LoRA r=8 α=8 (q+v), lr=0.0001", "LoRA r=8 α=8 (q+v), lr=0.001"]
+    assert t.cells[("LoRA r=8 α=8 (q+v), lr=0.001", "rotten_tomatoes")].value == pytest.approx(.6)
+    with pytest.raises(tables.TableError, match="--by trainer.nope: is not a key"):
+        table_from(tmp_path / "d", runs, by=["trainer.nope"])
+
+
+def test_runs_of_one_method_on_other_models_or_data_are_rows_labelled_with_them(tmp_path):
+    def on(model, max_eval, seed):
+        rec = record(LORA, seed, .7, .5 + seed / 10)
+        rec["config"]["model"] = {"name": model, "hidden_size": 32 if model == "tiny" else 768}
+        rec["config"]["data"]["max_eval"] = max_eval
+        return rec
+
+    t = table_from(tmp_path / "a", [on("tiny", 32, 0), on("tiny", 32, 1), on("tiny", 64, 2), on("bert", 64, 3)])
+    assert t.rows == ["LoRA r=8 α=8 (q+v), bert, max_eval=64", "LoRA r=8 α=8 (q+v), tiny, max_eval=32",
+                      "LoRA r=8 α=8 (q+v), tiny, max_eval=64"]
+    assert t.cells[("LoRA r=8 α=8 (q+v), tiny, max_eval=32", "rotten_tomatoes")].seeds == 2
+    assert "| LoRA r=8 α=8 (q+v), tiny, max_eval=32 |" in to_markdown(t)
+    same = table_from(tmp_path / "b", [on("tiny", 32, 0), on("tiny", 32, 1)])
+    assert same.rows == ["LoRA r=8 α=8 (q+v)"]  # nothing differs: the label stays short
+
+
+def test_compare_and_table_of_tiny_runs_name_their_run_folders(tmp_path, capsys):
+    """Two real runs on the tiny model that differ in data.max_eval: the comparison lists each run's
+    folder and writes no file unless asked; the table gives them rows of their own."""
+    from test_train import smoke_cfg
+
+    from lora_lab.analysis import compare
+    from lora_lab.trainer.train import run_training
+
+    sweep = tmp_path / "sweep"
+    run_training(smoke_cfg(tmp_path, "method=lora", "data.max_eval=16"), sweep / "0_lora_r8_s0")
+    run_training(smoke_cfg(tmp_path, "method=lora", "data.max_eval=32"), sweep / "1_lora_r8_s0")
+    capsys.readouterr()  # what training printed
+    assert compare.main([str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    header, _, *rows = out.strip().splitlines()[:4]
+    assert header.startswith("| method | seed |") and "| epoch | run |" in header
+    assert [r.split(" | ")[-1].rstrip(" |") for r in rows] == ["0_lora_r8_s0", "1_lora_r8_s0"]
+    assert err == "" and not (sweep / "comparison.md").exists()
+    assert compare.main([str(sweep), "--out", str(tmp_path / "cmp.md")]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"lora-lab-compare: written to {tmp_path / 'cmp.md'}\n"
+    assert (tmp_path / "cmp.md").read_text().strip() == out.strip()
+
+    assert tables.main([str(sweep), "--out", str(tmp_path / "t")]) == 0
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| LoRA r=8 α=8 (q+v), max_eval=16 |" in md and "| LoRA r=8 α=8 (q+v), max_eval=32 |" in md
+
+
+@pytest.mark.parametrize("tool", ["compare", "tables"])
+def test_help_examples_run_as_written(tool, tmp_path, monkeypatch, capsys):
+    """Every example of --help but W&B's, on a sweep at outputs/multirun/<hash> and single runs in
+    outputs/runs, runs and exits 0."""
+    import shlex
+
+    from lora_lab.analysis import compare
+
+    main = {"compare": compare.main, "tables": tables.main}[tool]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    command = {"compare": "lora-lab-compare", "tables": "lora-lab-table"}[tool]
+    assert f"usage: {command} " in text
+    examples = [line.strip() for line in text.splitlines() if line.strip().startswith(command + " ")]
+    assert len(examples) >= 3
+    monkeypatch.chdir(tmp_path)
+    write_runs(tmp_path / "outputs" / "multirun" / "7c01e2aa",
+               [record(m, s, .7, .6 + s / 10) for m in (LORA, FULL) for s in range(3)])
+    write_runs(tmp_path / "outputs" / "runs", [record(LORA, 5, .7, .7)])
+    for example in examples:
+        if "--wandb" in example:
+            continue
+        args = shlex.split(example.replace("<hash>", "7c01e2aa"), comments=True)[1:]
+        assert main(args) == 0, (example, capsys.readouterr().err)
 
 
 def test_several_tasks_give_an_average_column(tmp_path):
@@ -247,7 +330,7 @@ def test_budget_runs_are_labelled_with_the_rank_they_chose(tmp_path):
 
 def test_a_missing_directory_is_named(tmp_path, capsys):
     assert tables.main([str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.strip() == f"tables: error: runs='{tmp_path / 'nope'}': does not exist"
+    assert capsys.readouterr().err.strip() == f"lora-lab-table: error: runs='{tmp_path / 'nope'}': does not exist"
 
 
 def test_a_record_the_table_cannot_trust_is_named(tmp_path, capsys):
@@ -257,11 +340,11 @@ def test_a_record_the_table_cannot_trust_is_named(tmp_path, capsys):
     bad.write_text(bad.read_text()[:-20])
     assert tables.main([str(sweep), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"tables: error: record='{bad}': is not valid JSON") and err.count("\n") == 1
+    assert err.startswith(f"lora-lab-table: error: record='{bad}': is not valid JSON") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
-    write_json(bad, {**record(LORA, 1, .7, .7), "schema_version": 3})
+    write_json(bad, {**record(LORA, 1, .7, .7), "schema_version": 4})
     assert tables.main([str(sweep)]) == 2
-    assert "has schema_version 3; this lora_lab reads versions 1, 2" in capsys.readouterr().err
+    assert "has schema_version 4; this lora_lab reads versions 1, 2, 3" in capsys.readouterr().err
 
 
 def test_runs_that_did_not_complete_are_counted_by_status(tmp_path):
@@ -378,7 +461,7 @@ def test_metric_option_shows_one_metric_for_every_task(tmp_path, capsys):
     mixed = write_runs(tmp_path / "mixed", mixed_runs())
     assert tables.main([str(mixed), "--metric", "macro_f1"]) == 2
     err = capsys.readouterr().err
-    assert err == ("tables: error: --metric='macro_f1': is not in the records (have: ['entity_f1', "
+    assert err == ("lora-lab-table: error: --metric='macro_f1': is not in the records (have: ['entity_f1', "
                    "'entity_precision', 'entity_recall', 'token_accuracy'])\n")
 
 
@@ -390,7 +473,7 @@ def test_runs_of_one_task_with_different_main_metrics_are_an_error(tmp_path, cap
         build_table(collect_runs([sweep], None, "best"))
     assert tables.main([str(sweep)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tables: error: the runs of 'wnut16'") and err.count("\n") == 1
+    assert err.startswith("lora-lab-table: error: the runs of 'wnut16'") and err.count("\n") == 1
     assert tables.main([str(sweep), "--metric", "entity_f1"]) == 0  # one metric asked for: no ambiguity
 
 
@@ -453,12 +536,12 @@ def test_comparison_command_errors_are_one_line(tmp_path, capsys):
     sweep = write_runs(tmp_path / "mixed", mixed_runs())
     assert compare.main([str(sweep), "--metric", "mcc"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("compare: error: record=") and "has no validation/mcc in 'best'" in err
+    assert err.startswith("lora-lab-compare: error: record=") and "has no validation/mcc in 'best'" in err
     assert err.count("\n") == 1
     other = dict(NER, main_metric="token_accuracy")
     clash = write_runs(tmp_path / "clash", [task_record(NER, LORA, 0, .4, .3), task_record(other, LORA, 1, .9, .9)])
     assert compare.main([str(clash)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"compare: error: record='{clash / '1_job' / 'record.json'}': has main metric token_accuracy, "
+    assert err == (f"lora-lab-compare: error: record='{clash / '1_job' / 'record.json'}': has main metric token_accuracy, "
                    "other runs of wnut16 have entity_f1; pass --metric to choose one\n")
     assert compare.main([str(clash), "--metric", "token_accuracy"]) == 0

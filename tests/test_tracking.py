@@ -300,3 +300,20 @@ def test_wandb_sync_exists_for_the_printed_command():
 
     result = CliRunner().invoke(cli.cli, ["sync", "--help"])
     assert result.exit_code == 0 and "sync [OPTIONS] [PATH" in result.output
+
+
+def test_an_offline_run_on_the_tiny_model_ends_with_where_it_is_and_how_to_sync_it(tmp_path, monkeypatch, capfd):
+    import sys
+
+    from lora_lab.cli import main as main_module
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", ["lora-lab", "experiment=smoke", "logger.mode=offline", f"hydra.run.dir={run_dir}",
+                                      f"data.cache_dir={tmp_path / 'cache'}"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    main_module.main()
+    (offline,) = offline_runs(run_dir)
+    out = lines(capfd.readouterr().out)
+    assert out[-2:] == [f"[lora_lab] W&B run offline in {offline.resolve()}; upload it with: wandb sync "
+                        f"{offline.resolve()}", f"[lora_lab] run folder: {run_dir}"]

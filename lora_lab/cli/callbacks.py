@@ -1,6 +1,8 @@
-"""Hydra callbacks: print and save the comparison table when a multirun ends."""
+"""Hydra callbacks: print and save the comparison table when a multirun ends; a dry run's sweep
+folder is removed again."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +16,11 @@ from lora_lab.runtime.records import find_run_dirs
 class ComparisonTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if config.get("dry_run"):
+            # the jobs removed their folders; Hydra's multirun.yaml alone would leave an empty-looking sweep
+            if sweep_dir.is_dir() and all(path.name == "multirun.yaml" for path in sweep_dir.iterdir()):
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+            return
         if not find_run_dirs(sweep_dir):  # no run records, e.g. after a dry run
             return
         try:

@@ -7,6 +7,7 @@ caches, launcher) are left out of the hash and out of the comparison with a chec
 
     hydra.run.dir:   outputs/runs/${run_key:}                  -> outputs/runs/lora-r8-s0-3fa2c1d9
     hydra.sweep.dir: outputs/multirun/${once:${sweep_key:}}    -> outputs/multirun/7c01e2aa
+    hydra.sweep.subdir: ${hydra.job.num}_${job_key:}           -> 0_lora_r8_s0
 
 ``once`` keeps the value the launcher resolved on the sweep's own config for every job of the sweep
 (Hydra copies resolver caches into the jobs' configs, as it does for ``${now:}``); without it each
@@ -22,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from lora_lab.methods import describe_method
 
 NEUTRAL_KEYS = ("logger", "launcher", "dry_run", "data.cache_dir", "trainer.progress_bar", "trainer.log_every",
-                "trainer.checkpoint_every", "trainer.keep_checkpoint", "trainer.skip_done", "trainer.resume",
-                "trainer.threads", "trainer.latency_repeats", "trainer.lock_stale_after")
+                "trainer.checkpoint_every", "trainer.keep_checkpoint", "trainer.keep_last", "trainer.skip_done",
+                "trainer.resume", "trainer.threads", "trainer.latency_repeats", "trainer.lock_stale_after")
 
 
 def _is_neutral(key: str) -> bool:
@@ -111,6 +112,13 @@ def run_key(*, _root_: DictConfig) -> str:
     return f"{describe_method(config.get('method')).run_tag()}-s{config.get('seed')}-{run_hash(config)}"
 
 
+def job_key(*, _root_: DictConfig) -> str:
+    """``<method tag>_s<seed>`` (``lora_r8_s0``) for a sweep job's folder, after its number: the values
+    a sweep over methods, ranks and seeds varies, readable in a listing of the sweep's folder."""
+    method = OmegaConf.to_container(_root_.method, resolve=True)
+    return f"{describe_method(method).run_tag().replace('-', '_')}_s{_root_.seed}"
+
+
 def sweep_key(*, _root_: DictConfig) -> str:
     """A hash of the sweep: its base config, its command-line overrides (sweep syntax included) and
     its sweeper's grid, as the launcher sees them before the jobs are made."""
@@ -123,5 +131,6 @@ def sweep_key(*, _root_: DictConfig) -> str:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_key", run_key, replace=True)
     OmegaConf.register_new_resolver("sweep_key", sweep_key, replace=True)
+    OmegaConf.register_new_resolver("job_key", job_key, replace=True)
     # cached by the argument's text, not its value: the first value resolved is kept
     OmegaConf.register_new_resolver("once", lambda value: value, replace=True, use_cache=True)

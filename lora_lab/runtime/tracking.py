@@ -7,7 +7,8 @@ uploads them). "disabled" logs nothing. A tracker always finishes, also when tra
 Online runs never stop training: when the W&B server cannot be reached (no network, DNS failure,
 server down) or `wandb.init` fails for any other reason, the run is logged offline in the same
 directory instead, and one line on stderr says so and how to upload it later. If even that fails,
-training goes on without W&B logging (again one line says so).
+training goes on without W&B logging (again one line says so). An offline run ends with one line
+saying where it is and the ``wandb sync <folder>`` that uploads it.
 
 Before going online, one TCP connection to the server (or to the HTTP(S) proxy in between) is tried
 for at most PROBE_TIMEOUT seconds, so a machine without network falls back at once. When the server
@@ -207,9 +208,9 @@ class Tracker:
             print(f"lora-lab: W&B unreachable ({reason}) and offline logging failed too ({first_line(error)}); "
                   f"training goes on without W&B logging", file=sys.stderr, flush=True)
             return cls(None)
-        offline_dir = Path(run.dir).resolve().parent  # run.dir is the files/ folder of offline-run-*
-        print(f"lora-lab: W&B unreachable ({reason}); logging offline to {offline_dir}, "
-              f"upload later with: wandb sync {offline_dir}", file=sys.stderr, flush=True)
+        folder = offline_dir(run)
+        print(f"lora-lab: W&B unreachable ({reason}); logging offline to {folder}, "
+              f"upload later with: wandb sync {folder}", file=sys.stderr, flush=True)
         return cls(run)
 
     @classmethod
@@ -278,9 +279,20 @@ class Tracker:
                   f"{first_line(error)})", file=sys.stderr, flush=True)
 
     def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run; an offline one ends with a line saying where it is and how to upload it."""
         if self.run is not None:
+            offline = offline_dir(self.run)
             self.run.finish(exit_code=exit_code)
             self.run = None
+            if offline is not None:
+                print(f"[lora_lab] W&B run offline in {offline}; upload it with: wandb sync {offline}", flush=True)
+
+
+def offline_dir(run) -> Path | None:
+    """The offline-run-* folder of an offline W&B run; None for an online one."""
+    if not getattr(run, "offline", False):
+        return None
+    return Path(run.dir).resolve().parent  # run.dir is the files/ folder of offline-run-*
 
 
 class CsvTracker(Tracker):
