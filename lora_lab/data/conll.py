@@ -13,13 +13,16 @@ def _shown(line: str, limit: int = 60) -> str:
     return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
-def read_conll(path, key: str = "data.files.train"):
+def read_conll(path, key: str = "data.files.train", require_tags: bool = True):
     """A ``datasets.Dataset`` with the columns ``tokens`` and ``ner_tags`` (both lists of strings).
 
     Fields are split on tabs when the line has one, else on whitespace, so the token is the first
     field and the tag the last (CoNLL-2003's four columns work too). Whitespace-only lines end a
     sentence, ``-DOCSTART-`` lines are skipped, and a last sentence without a blank line after it
     counts. Anything unreadable is a ``ConfigError(key, path, problem)``.
+
+    ``require_tags=False`` also reads a file of tokens alone, one per line (text to tag): it has
+    only the ``tokens`` column. A file that tags some tokens and not others is refused.
     """
     name = str(path)
     file = Path(path).expanduser()
@@ -41,6 +44,7 @@ def read_conll(path, key: str = "data.files.train"):
 
     all_tokens, all_tags = [], []
     tokens, tags = [], []
+    untagged, first = None, 0  # whether the token lines have no tag, as the first one (line ``first``)
     # split("\n"), not splitlines(): tweets may hold U+2028 or U+0085, which must stay inside a token
     for number, line in enumerate(text.split("\n"), 1):
         fields = line.split("\t") if "\t" in line else line.split()
@@ -51,14 +55,22 @@ def read_conll(path, key: str = "data.files.train"):
                 all_tags.append(tags)
                 tokens, tags = [], []
             continue
-        if len(fields) < 2:
+        if len(fields) < 2 and require_tags:
             raise ConfigError(key, name, f"line {number}: expected a token and a tag, got {_shown(line.strip())}")
+        if untagged is None:
+            untagged = len(fields) < 2
+        elif untagged != (len(fields) < 2):
+            raise ConfigError(key, name, f"line {number}: {'a token and a tag' if untagged else 'a token alone'}, "
+                              f"unlike line {first}; tag every token or none")
+        first = first or number
         tokens.append(fields[0])
-        tags.append(fields[-1])
+        tags.append(None if untagged else fields[-1])
     if tokens:
         all_tokens.append(tokens)
         all_tags.append(tags)
     if not all_tokens:
         raise ConfigError(key, name, "has no sentences (expected lines of a token and a tag, "
                           "a blank line after each sentence)")
+    if untagged:
+        return datasets.Dataset.from_dict({"tokens": all_tokens})
     return datasets.Dataset.from_dict({"tokens": all_tokens, "ner_tags": all_tags})

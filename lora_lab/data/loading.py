@@ -113,14 +113,18 @@ def _not_utf8(file: str) -> str:
 
 
 def _read_file(split: str, file: str, data_cfg):
-    """One local file as a Dataset; every way reading can fail is one ConfigError naming the file."""
+    return read_data_file(file, data_cfg, f"data.files.{split}")
+
+
+def read_data_file(file: str, data_cfg, key: str, require_tags: bool = True):
+    """One local file as a Dataset; every way reading can fail is one ConfigError naming the file
+    (as ``key``). ``require_tags=False``: a CoNLL file may hold tokens alone (read_conll)."""
     suffix = Path(file).suffix.lower()
     fmt = file_format(suffix, data_cfg)
-    key = f"data.files.{split}"
     if fmt == "conll":
-        ds = read_conll(Path(file).expanduser(), key)
+        ds = read_conll(Path(file).expanduser(), key, require_tags=require_tags)
         columns = {"tokens": data_cfg.get("text_column"), "ner_tags": data_cfg.get("label_column")}
-        return ds.rename_columns({k: v for k, v in columns.items() if v and k != v})
+        return ds.rename_columns({k: v for k, v in columns.items() if v and k != v and k in ds.column_names})
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     verbosity = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL)  # datasets would log the failure as a second report
