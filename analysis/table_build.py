@@ -10,6 +10,7 @@ import math
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from lora_lab.analysis.runs import Run, _hashable, flatten, lookup, row_label, row_sort_key, run_task
 from lora_lab.tasks.metrics import is_better, metric_name
@@ -163,7 +164,8 @@ def build_table(runs: list[Run], metric: str | None = None, epoch: str = "best",
             val, _ = aggregate([r.val for r in done], "median")
             test, _ = aggregate([r.test for r in done], "median")
             entry = {"row": row, "task": task, **dict(zip(tune, tuned)), "seeds": len(done),
-                     "failed": len(group) - len(done), "metric": m, f"validation_{m}": val, f"test_{m}": test}
+                     "failed": len(group) - len(done), "metric": m, f"validation_{m}": val, f"test_{m}": test,
+                     "runs": " ".join(sorted(PurePath(r.source).name or r.source for r in group))}
             entries.append(entry)
             if done and is_better(m, val, best_val):
                 best_value, best_val = tuned, val

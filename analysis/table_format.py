@@ -249,11 +249,12 @@ def to_csv(table: Table) -> str:
 
 
 def selection_csv(table: Table) -> str:
-    """One line per entry; one validation/test column pair per metric the table shows."""
+    """One line per entry; one validation/test column pair per metric the table shows; the folders of
+    the runs behind it (space-separated)."""
     buffer = io.StringIO()
     shown = list(dict.fromkeys(table.metrics[t] for t in table.tasks))
     keys = ["row", "task", *table.tune, "seeds", "failed",
-            *[f"{split}_{m}" for m in shown for split in ("validation", "test")], "chosen"]
+            *[f"{split}_{m}" for m in shown for split in ("validation", "test")], "chosen", "runs"]
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for entry in table.selection:

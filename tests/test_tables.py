@@ -445,8 +445,10 @@ def test_tuning_chooses_on_validation_of_each_tasks_own_metric(tmp_path):
     assert tables.main([str(sweep), "--tune", "trainer.lr", "--out", str(tmp_path / "out"), "--plot"]) == 0
     selection = list(csv.DictReader(io.StringIO((tmp_path / "out" / "table_selection.csv").read_text())))
     assert list(selection[0]) == ["row", "task", "trainer.lr", "seeds", "failed", "validation_accuracy",
-                                  "test_accuracy", "validation_entity_f1", "test_entity_f1", "chosen"]
+                                  "test_accuracy", "validation_entity_f1", "test_entity_f1", "chosen", "runs"]
     ner = {float(e["trainer.lr"]): e for e in selection if e["task"] == "wnut16"}
+    folders = {p.name for p in sweep.iterdir() if (p / "record.json").exists()}
+    assert all(len(e["runs"].split()) == 2 and set(e["runs"].split()) <= folders for e in selection)  # 2 seeds
     assert ner[1e-3]["chosen"] == "True" and ner[1e-4]["chosen"] == "False"
     assert float(ner[1e-3]["validation_entity_f1"]) == pytest.approx(.60) and ner[1e-3]["validation_accuracy"] == ""
     assert (tmp_path / "out" / "table_vs_params.png").exists()
