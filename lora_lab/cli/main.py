@@ -138,67 +138,22 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
             print(f"[lora_lab] already completed, skipped: {run_dir} (trainer.skip_done=false trains it again)")
             return objective(main_metric(cfg.data), float(done["best"][monitor] if done["best"][monitor] is not None
                                                           else math.nan))  # null: not finite when written
-        config = OmegaConf.to_container(cfg, resolve=True)
-        if not dist.is_main:  # rank 0 alone logs the run
-            tracker = Tracker(None)
-        elif cfg.logger.get("backend", "wandb") != "wandb":  # logger=csv, logger=tensorboard: into the run folder
-            tracker = file_tracker(cfg.logger.backend, run_dir)
-        elif wandb_run is not None:  # the sweep groups its trials
-            tracker = Tracker.attach(wandb_run, config, name=run_name(cfg))
-        else:
-            previous = peek_progress(run_dir / CHECKPOINT_DIR) if cfg.trainer.get("resume", True) else None
-            tracker = Tracker.start(
-                config, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.get("entity"),
-                name=run_name(cfg), group=cfg.logger.get("group") or sweep_name, tags=cfg.logger.get("tags"),
-                directory=run_dir, run_id=(previous or {}).get("wandb_run_id"))
+        tracker = start_tracker(cfg, run_dir, dist, sweep_name, wandb_run)
         with stop:
             record = run_checked_training(cfg, run_dir, tracker, stop, dist)
         tracker.finish(exit_code=0)
         return objective(main_metric(cfg.data), float(record["best"][monitor]))
     except BaseException as error:  # noqa: BLE001 - recorded, then re-raised or reported
-        kind = {Preempted: "preempted", Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(
-            type(error), None) or error_kind(error)
-        if kind == "preempted" and error.interrupted:  # Ctrl-C: checkpointed like a preemption
-            kind = "interrupted"
-        status = kind if kind in ("preempted", "diverged", "interrupted") else "failed"
-        message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
-        if kind == "disk":  # every write is atomic: the last checkpoint and files are whole
-            message += "; the last checkpoint is intact: free space, then the same command resumes from it"
-        failed, _ = records.non_finite_to_null({
-            "schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
-            "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)})
+        kind, status, message = classify_failure(error)
         bad_input = kind == "config" and not multirun  # a sweep records it: its comparison lists the job
         if dist.is_main and not bad_input:  # bad input leaves no run folder (discard_unused_run_dir)
-            try:
-                records.write_json(run_dir / records.RECORD_FILE, failed)
-            except OSError as write_error:  # the disk is still full: the previous record stays
-                print(f"lora-lab: the failed run's record could not be written either ({first_line(write_error)})",
-                      file=sys.stderr)
+            record_failure(cfg, run_dir, kind, status, message)
         release_memory()  # e.g. after CUDA out of memory, so the sweep's next job starts clean
         if tracker is not None:
             if kind == "preempted":
                 tracker.mark_preempting()
             tracker.finish(exit_code=getattr(error, "exit_code", 130) if kind in ("preempted", "interrupted") else 1)
-        if kind == "interrupted":  # Ctrl-C: one line, no traceback, the shell's status for it
-            print(f"lora-lab: {error}" if isinstance(error, Preempted) else
-                  "lora-lab: interrupted (Ctrl-C twice: no checkpoint written now; the same command resumes from "
-                  "the last one)", file=sys.stderr)
-            sys.exit(128 + signal.SIGINT)
-        if kind == "preempted":
-            print(f"lora-lab: {error}", file=sys.stderr)
-            stop.pass_on(error.signum)  # e.g. a launcher's requeue
-            sys.exit(error.exit_code)
-        label = "diverged" if kind == "diverged" else "error"
-        print(f"lora-lab: {label}: {first_line(message)}", file=sys.stderr)
-        if multirun:
-            print(f"lora-lab: job {status}, recorded in {run_dir / records.RECORD_FILE}; the sweep goes on",
-                  file=sys.stderr)
-            return math.nan
-        if kind == "config":
-            sys.exit(2)
-        if kind in ("diverged", "out_of_memory", "disk"):
-            sys.exit(1)
-        raise
+        return report_failure(error, kind, status, message, run_dir, multirun, stop)
     finally:
         if started and not bad_input:
             say_run_folder(run_dir)
@@ -207,6 +162,73 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, sweep_name:
             lock.release()
         if bad_input and dist.is_main:
             discard_unused_run_dir(run_dir)
+
+
+def start_tracker(cfg: DictConfig, run_dir: Path, dist: Distributed, sweep_name: str | None, wandb_run) -> Tracker:
+    """Where the run logs: nowhere on ranks but the first, the run folder (logger=csv, tensorboard), the
+    W&B sweep's trial, or a W&B run of its own (resumed with the checkpoint's run id)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if not dist.is_main:
+        return Tracker(None)
+    if cfg.logger.get("backend", "wandb") != "wandb":
+        return file_tracker(cfg.logger.backend, run_dir)
+    if wandb_run is not None:  # the sweep groups its trials
+        return Tracker.attach(wandb_run, config, name=run_name(cfg))
+    previous = peek_progress(run_dir / CHECKPOINT_DIR) if cfg.trainer.get("resume", True) else None
+    return Tracker.start(config, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.get("entity"),
+                         name=run_name(cfg), group=cfg.logger.get("group") or sweep_name, tags=cfg.logger.get("tags"),
+                         directory=run_dir, run_id=(previous or {}).get("wandb_run_id"))
+
+
+def classify_failure(error: BaseException) -> tuple[str, str, str]:
+    """The failure's ``error_kind``, the record's ``status`` and the message of its one line."""
+    kind = {Preempted: "preempted", Diverged: "diverged", KeyboardInterrupt: "interrupted"}.get(
+        type(error), None) or error_kind(error)
+    if kind == "preempted" and error.interrupted:  # Ctrl-C: checkpointed like a preemption
+        kind = "interrupted"
+    status = kind if kind in ("preempted", "diverged", "interrupted") else "failed"
+    message = str(error) if kind == "config" else f"{type(error).__name__}: {error}"
+    if kind == "disk":  # every write is atomic: the last checkpoint and files are whole
+        message += "; the last checkpoint is intact: free space, then the same command resumes from it"
+    return kind, status, message
+
+
+def record_failure(cfg: DictConfig, run_dir: Path, kind: str, status: str, message: str) -> None:
+    """The record of a run that did not complete (strict JSON), with the traceback being handled."""
+    failed, _ = records.non_finite_to_null({
+        "schema_version": records.SCHEMA_VERSION, "status": status, "error": first_line(message),
+        "error_kind": kind, "traceback": traceback.format_exc(), "config": resolved_or_raw(cfg)})
+    try:
+        records.write_json(run_dir / records.RECORD_FILE, failed)
+    except OSError as write_error:  # the disk is still full: the previous record stays
+        print(f"lora-lab: the failed run's record could not be written either ({first_line(write_error)})",
+              file=sys.stderr)
+
+
+def report_failure(error: BaseException, kind: str, status: str, message: str, run_dir: Path, multirun: bool,
+                   stop: StopRequests) -> float:
+    """One line on stderr, then the exit status that says what happened; in a multirun the sweep goes
+    on (NaN for the sweeper) unless a stop signal came. An unexpected exception is raised again."""
+    if kind == "interrupted":  # Ctrl-C: one line, no traceback, the shell's status for it
+        print(f"lora-lab: {error}" if isinstance(error, Preempted) else
+              "lora-lab: interrupted (Ctrl-C twice: no checkpoint written now; the same command resumes from "
+              "the last one)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    if kind == "preempted":
+        print(f"lora-lab: {error}", file=sys.stderr)
+        stop.pass_on(error.signum)  # e.g. a launcher's requeue
+        sys.exit(error.exit_code)
+    label = "diverged" if kind == "diverged" else "error"
+    print(f"lora-lab: {label}: {first_line(message)}", file=sys.stderr)
+    if multirun:
+        print(f"lora-lab: job {status}, recorded in {run_dir / records.RECORD_FILE}; the sweep goes on",
+              file=sys.stderr)
+        return math.nan
+    if kind == "config":
+        sys.exit(2)
+    if kind in ("diverged", "out_of_memory", "disk"):
+        sys.exit(1)
+    raise error
 
 
 def take_run_lock(cfg: DictConfig, run_dir: Path, multirun: bool) -> tuple[RunLock | None, list[str]]:
