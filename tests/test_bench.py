@@ -49,6 +49,10 @@ def test_writes_json_and_prints_markdown_tables(quick_run):
     assert "### 5. Checkpointing" in stdout
 
 
+def lora_trainable_with_head(result) -> int:
+    return result["checkpoint"]["rows"]["lora_r8"]["trainable_params"]
+
+
 def test_checkpoint_overhead_is_the_write_over_the_interval_of_steps(quick_run):
     _, result = quick_run
     section = result["checkpoint"]
@@ -58,6 +62,10 @@ def test_checkpoint_overhead_is_the_write_over_the_interval_of_steps(quick_run):
         assert row["checkpoint_ms_min"] <= row["checkpoint_ms"] <= row["checkpoint_ms_max"]
     lora, full = section["rows"]["lora_r8"], section["rows"]["full"]
     assert full["checkpoint_mb"] > lora["checkpoint_mb"]  # AdamW state of every parameter vs of LoRA's
+    # a run keeps its trainable state only: LoRA's factors, not the W0 copies its version 2 ΔW file held
+    n = lora_trainable_with_head(result)
+    assert 4 * n <= lora["state_mb"] * 2**20 <= 4 * n + 4096  # fp32 values plus the safetensors header
+    assert lora["delta_w_v2_mb"] > lora["state_mb"] and full["state_mb"] > 20 * lora["state_mb"]
     target = next(t for t in result["targets"] if t["section"] == "checkpoint")
     assert target["value"] == pytest.approx(100 * lora["overhead"])
 

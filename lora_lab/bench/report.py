@@ -146,11 +146,13 @@ def render(results: dict) -> str:
             target, verdict = _target(t, "checkpoint", name)
             rows.append([r["label"], f"{r['trainable_params']:,}", f"{r['step_ms']:.1f}",
                          f"{r['checkpoint_ms']:.1f} ({r['checkpoint_ms_min']:.1f}–{r['checkpoint_ms_max']:.1f})",
-                         f"{r['checkpoint_mb']:.1f}", f"{100 * r['overhead']:.2f} %", target, verdict])
+                         f"{r['checkpoint_mb']:.1f}", f"{100 * r['overhead']:.2f} %", target, verdict,
+                         f"{r['state_mb']:.2f}", f"{r['state_mb'] + r['delta_w_v2_mb']:.2f}"])
         parts += [f"### 5. Checkpointing: one write (fsync, rename) vs one step, {ck['repeats']} rounds; "
                   f"overhead per step every {ck['every']} steps",
                   markdown_table(["method", "trainable", "step ms", "checkpoint ms (min–max)", "file MiB",
-                                  "overhead / step", "target", "result"], rows)]
+                                  "overhead / step", "target", "result", "run keeps MiB",
+                                  "record v2 kept MiB (+ ΔW, W0)"], rows)]
     rows = [[x["target"], f"{x['op']} {x['threshold']:g}", "—" if x["value"] is None else f"{x['value']:.3f}",
              x["result"]] for x in t]
     parts += ["### Targets", markdown_table(["figure", "target", "measured (median)", "result"], rows)]
