@@ -56,3 +56,5 @@ def test_every_job_of_a_sweep_shares_one_directory_and_the_same_command_finds_it
     assert again == jobs
     other = dry_sweep(tmp_path, "method.r=2,8", "seed=0,1", warm=warm_cli)
     assert os.path.dirname(other[0]) != os.path.dirname(jobs[0])
+    rates = dry_sweep(tmp_path, "trainer.lr=1e-3,3e-3", warm=warm_cli)  # LoRA's default lr is 1e-3
+    assert [os.path.basename(j) for j in rates] == ["0_lora_r8_s0", "1_lora_r8_lr0.003_s0"]

@@ -113,10 +113,15 @@ def run_key(*, _root_: DictConfig) -> str:
 
 
 def job_key(*, _root_: DictConfig) -> str:
-    """``<method tag>_s<seed>`` (``lora_r8_s0``) for a sweep job's folder, after its number: the values
-    a sweep over methods, ranks and seeds varies, readable in a listing of the sweep's folder."""
+    """``<method tag>[_lr<lr>]_s<seed>`` (``lora_r8_s0``, ``lora_r8_lr0.003_s0``) for a sweep job's folder,
+    after its number: the values a sweep over methods, ranks, learning rates and seeds varies, readable
+    in a listing of the sweep's folder. The learning rate shows when it is not the method's default."""
     method = OmegaConf.to_container(_root_.method, resolve=True)
-    return f"{describe_method(method).run_tag().replace('-', '_')}_s{_root_.seed}"
+    tag = describe_method(method).run_tag().replace("-", "_")
+    lr, default = _root_.trainer.get("lr"), method.get("lr")
+    if lr is not None and default is not None and float(lr) != float(default):
+        tag += f"_lr{float(lr):g}"
+    return f"{tag}_s{_root_.seed}"
 
 
 def sweep_key(*, _root_: DictConfig) -> str:
