@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import time
 import types
 
 import pytest
@@ -66,7 +67,11 @@ def test_a_run_logs_its_model_artifact_offline(tmp_path, offline_wandb):
     assert artifact.metadata["method"] == "lora" and artifact.metadata["peft_adapter"] is True
     assert artifact.metadata["best_epoch"] == 1 and "validation/accuracy" in artifact.metadata
     (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
-    assert model_artifact_name(run_id).encode() in next(offline_run.glob("*.wandb")).read_bytes()
+    log_file, name = next(offline_run.glob("*.wandb")), model_artifact_name(run_id).encode()
+    deadline = time.time() + 60  # W&B's service process may still be flushing the offline log
+    while name not in log_file.read_bytes() and time.time() < deadline:
+        time.sleep(0.2)
+    assert name in log_file.read_bytes()
 
     # the adapter written into the run directory is the trained model: PEFT gives its logits, and the
     # rebuilt base is the one trained (its W0 has the SHA-256 the run recorded)
