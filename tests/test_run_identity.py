@@ -58,3 +58,20 @@ def test_every_job_of_a_sweep_shares_one_directory_and_the_same_command_finds_it
     assert os.path.dirname(other[0]) != os.path.dirname(jobs[0])
     rates = dry_sweep(tmp_path, "trainer.lr=1e-3,3e-3", warm=warm_cli)  # LoRA's default lr is 1e-3
     assert [os.path.basename(j) for j in rates] == ["0_lora_r8_s0", "1_lora_r8_lr0.003_s0"]
+    # any other swept setting shows its value (a config group by its choice); fixed settings do not
+    swept = dry_sweep(tmp_path, "data=rotten_tomatoes,trec6", "data.max_train=100,200", "model.hidden_size=32",
+                      warm=warm_cli)
+    assert [os.path.basename(j) for j in swept] == [
+        "0_lora_r8_rotten_tomatoes_max_train100_s0", "1_lora_r8_rotten_tomatoes_max_train200_s0",
+        "2_lora_r8_trec6_max_train100_s0", "3_lora_r8_trec6_max_train200_s0"]
+    lists = dry_sweep(tmp_path, "method.targets=[q,v],[q,k,v]", "method.r=4,8", warm=warm_cli)
+    assert [os.path.basename(j) for j in lists] == ["0_lora_r4_targetsq+v_s0", "1_lora_r8_targetsq+v_s0",
+                                                    "2_lora_r4_targetsq+k+v_s0", "3_lora_r8_targetsq+k+v_s0"]
+
+
+def test_swept_keys_are_read_from_the_command_line():
+    from lora_lab.config.run_identity import swept_keys
+
+    argv = ["-m", "method.r=1,8", "seed=0", "data=trec6,sms_spam", "+x=range(3)", "--config-name", "train",
+            "hydra.launcher.n_jobs=1,2", "trainer.lr=choice(1e-3,3e-3)"]
+    assert swept_keys(argv) == ["method.r", "data", "x", "trainer.lr"]

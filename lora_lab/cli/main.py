@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_lab.config.compose import CONFIG_PATH
-from lora_lab.config.run_identity import differences, run_hash
+from lora_lab.config.run_identity import SWEPT_ENV, differences, run_hash, swept_keys
 from lora_lab.config.validate import check_config
 from lora_lab.data.loading import check_files
 from lora_lab.errors import ConfigError, first_line
@@ -316,6 +316,11 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: rank 0 alone writes Hydra's files
         sys.argv.extend(RANK_OVERRIDES)
 
+    swept = swept_keys(sys.argv[1:])  # a sweep job's folder names the values of these (run_identity.job_key)
+    if swept:
+        os.environ[SWEPT_ENV] = ",".join(swept)
+    else:
+        os.environ.pop(SWEPT_ENV, None)
     full_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1
     try:

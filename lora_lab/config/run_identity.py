@@ -113,15 +113,73 @@ def run_key(*, _root_: DictConfig) -> str:
 
 
 def job_key(*, _root_: DictConfig) -> str:
-    """``<method tag>[_lr<lr>]_s<seed>`` (``lora_r8_s0``, ``lora_r8_lr0.003_s0``) for a sweep job's folder,
-    after its number: the values a sweep over methods, ranks, learning rates and seeds varies, readable
-    in a listing of the sweep's folder. The learning rate shows when it is not the method's default."""
+    """``<method tag>[_lr<lr>][_<other swept values>]_s<seed>`` (``lora_r8_s0``, ``lora_r8_lr0.003_s0``,
+    ``lora_r8_trec6_max_train500_s0``) for a sweep job's folder, after its number: the values the sweep
+    varies, readable in a listing of the sweep's folder. The learning rate shows when it is not the
+    method's default; any other swept setting (on the command line, or in the sweeper's grid) shows its
+    value, a config group by its choice alone, unless the method's tag already says it."""
     method = OmegaConf.to_container(_root_.method, resolve=True)
     tag = describe_method(method).run_tag().replace("-", "_")
     lr, default = _root_.trainer.get("lr"), method.get("lr")
     if lr is not None and default is not None and float(lr) != float(default):
         tag += f"_lr{float(lr):g}"
+    for label in _swept_labels(_root_):
+        if label not in tag.split("_"):
+            tag += f"_{label}"
     return f"{tag}_s{_root_.seed}"
+
+
+SWEPT_ENV = "LORA_LAB_SWEPT"  # the keys a command line sweeps, set by the lora-lab command for its jobs
+_IN_JOB_KEY = ("seed", "trainer.lr", "lr_step", "method", "arm")  # the tag and the lr already say these
+
+
+def _parse(override: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override)
+    except Exception:  # noqa: BLE001 - not an override (a flag, a flag's value): Hydra reports real errors
+        return None
+
+
+def swept_keys(arguments) -> list[str]:
+    """The keys that command-line ``arguments`` sweep (``method.r=1,8``, ``data=trec6,sms_spam``)."""
+    keys = []
+    for argument in arguments:
+        override = _parse(argument)
+        if override is not None and override.is_sweep_override() and not override.is_hydra_override():
+            keys.append(override.key_or_group)
+    return keys
+
+
+def _value_text(value) -> str:
+    if isinstance(value, list | tuple):
+        return "+".join(_value_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "".join(c if c.isalnum() or c in "._+-" else "-" for c in str(value))
+
+
+def _swept_labels(root: DictConfig) -> list[str]:
+    """``trec6``, ``max_train500``: the job's values of the swept keys the method tag leaves out."""
+    import os
+
+    keys = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+    grid = (root.get("hydra") or {}).get("sweeper", {}).get("params") or {}
+    keys += [k for k, v in grid.items() if k not in keys and (o := _parse(f"{k}={v}")) is not None
+             and o.is_sweep_override()]
+    values = {}
+    for text in (root.get("hydra") or {}).get("overrides", {}).get("task") or []:
+        override = _parse(text)
+        if override is not None:
+            values[override.key_or_group] = override.value()
+    labels = []
+    for key in keys:
+        if key in _IN_JOB_KEY or _is_neutral(key) or key not in values:
+            continue
+        value = _value_text(values[key])
+        labels.append(value if "." not in key and "/" not in key else f"{key.rsplit('.', 1)[-1]}{value}")
+    return labels
 
 
 def sweep_key(*, _root_: DictConfig) -> str:
