@@ -13,7 +13,9 @@ factors with ΔW = B @ A), never forming a dense out x in product from factors:
   the same shapes, whose expectation is i*j / (d * min(i, j));
 * the paper's Table 7: with U, V the top-r left/right singular vectors of ΔW (or of W, or random),
   ||U^T W V||_F, ||W||_F, ||ΔW||_F and the amplification factor ||ΔW||_F / ||U^T W V||_F, W = W0;
-  ΔW's directions come from its factors, so W0 is read once, in one product W0 @ V.
+  ΔW's directions come from its factors, so W0 is read once, in one product W0 @ V;
+* intruder dimensions (Shuttleworth et al. 2024, ``intruders``): top singular vectors of W0 + ΔW far
+  from every singular vector of W0.
 
 ``analyse_runs`` runs everything over the modules two or more runs share, one module at a time so
 that only one module's matrices are in memory.
@@ -29,12 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from lora_lab.analysis.intruders import intruder_dimensions, left_singular_vectors
 from lora_lab.errors import ConfigError
 from lora_lab.methods.base import DeltaW
 
 SIDES = ("right", "left")
 BASES = ("auto", "factor", "delta")
-ANALYSES = ("spectra", "table7", "phi")
+ANALYSES = ("spectra", "table7", "phi", "intruders")
 DENSE_SVD = ("auto", "full", "randomized")
 # Dense matrices up to this size in the smaller dimension get an exact full SVD under "auto".
 FULL_SVD_MAX_DIM = 1024
@@ -433,6 +436,8 @@ class AnalysisOptions:
     w_row: bool = True  # Table 7's "W" column (top-r SVD of W0; randomized for large W0)
     random_draw: bool = False  # Table 7: also one actual random draw besides the expectation
     block: int | None = None  # phi summary block size (default min(k1, k2))
+    intruder_k: int = 10  # top singular vectors of W0 + ΔW examined for intruder dimensions
+    intruder_threshold: float = 0.5  # ... an intruder when its best |cosine| with W0's is below this
     niter: int = 2
     seed: int = 0
 
@@ -451,6 +456,10 @@ class AnalysisOptions:
             raise ConfigError("energy", self.energy, "must be in (0, 1]")
         if self.dense_dirs < 1:
             raise ConfigError("dense_dirs", self.dense_dirs, "must be >= 1")
+        if self.intruder_k < 1:
+            raise ConfigError("intruder_k", self.intruder_k, "must be >= 1")
+        if not 0.0 < self.intruder_threshold <= 1.0:
+            raise ConfigError("intruder_threshold", self.intruder_threshold, "must be in (0, 1]")
         if self.table7_rank is not None and self.table7_rank < 1:
             raise ConfigError("rank", self.table7_rank, "must be >= 1")
         if "phi" in self.analyses:
@@ -485,6 +494,7 @@ class AnalysisResult:
     phi: list[PhiResult] = field(default_factory=list)
     random: dict[tuple[int, str], dict] = field(default_factory=dict)  # (pair, mtype) -> baseline
     table7: list[dict] = field(default_factory=list)
+    intruders: list[dict] = field(default_factory=list)  # per (run, module) with a W0
     notes: list[str] = field(default_factory=list)
     basis: str = ""
 
@@ -546,18 +556,23 @@ def analyse_runs(runs: Sequence[RunDeltas], pairs: Sequence[tuple[int, int]] | N
             })
         if want_t7:
             _table7_for_module(res, runs, deltas, svds, name, layer, mtype, opts, gen, missing_base)
+        if "intruders" in opts.analyses:
+            _intruders_for_module(res, runs, deltas, name, layer, mtype, opts, missing_base)
         with one_thread():  # d x k bases only: small work, see one_thread
             for p, (a, b) in enumerate(pairs):
                 _phi_for_module(res, p, deltas[a], deltas[b], svds[a], svds[b], name, layer, mtype, basis, opts, gen)
         del deltas, svds
+    missing_base = list(dict.fromkeys(missing_base))
     if missing_base:
-        res.notes.append(f"Table 7 skipped for {len(missing_base)} module(s) without a saved W0: "
+        skipped = " and ".join(a for a in ("Table 7", "intruder dimensions") if a in opts.analyses)
+        res.notes.append(f"{skipped} skipped for {len(missing_base)} module(s) without a saved W0: "
                          + ", ".join(missing_base[:5]) + (" ..." if len(missing_base) > 5 else ""))
     return res
 
 
-def _table7_for_module(res, runs, deltas, svds, name, layer, mtype, opts, gen, missing_base) -> None:
-    groups: list[tuple[torch.Tensor, list[int]]] = []  # runs that share W0 share one pass over it
+def _base_groups(runs, deltas, name, missing_base) -> list[tuple[torch.Tensor, list[int]]]:
+    """The runs' W0 of one module, each distinct W0 with the indices of the runs that share it."""
+    groups: list[tuple[torch.Tensor, list[int]]] = []
     for i, d in enumerate(deltas):
         if d.base is None:
             missing_base.append(f"{runs[i].label}:{name}")
@@ -568,7 +583,21 @@ def _table7_for_module(res, runs, deltas, svds, name, layer, mtype, opts, gen, m
                 break
         else:
             groups.append((d.base, [i]))
-    for W, members in groups:
+    return groups
+
+
+def _intruders_for_module(res, runs, deltas, name, layer, mtype, opts, missing_base) -> None:
+    for W, members in _base_groups(runs, deltas, name, missing_base):
+        base_vectors = left_singular_vectors(W)  # once per W0
+        for i in members:
+            found = intruder_dimensions(W, deltas[i].to_dense(), opts.intruder_k, opts.intruder_threshold, base_vectors)
+            res.intruders.append({"run": runs[i].label, "module": name, "layer": layer, "mtype": mtype,
+                                  "k": int(found.similarity.numel()), "intruders": found.count,
+                                  "positions": found.positions, "min_similarity": float(found.similarity.min())})
+
+
+def _table7_for_module(res, runs, deltas, svds, name, layer, mtype, opts, gen, missing_base) -> None:
+    for W, members in _base_groups(runs, deltas, name, missing_base):  # runs that share W0 share one pass
         ranks = [_run_rank(runs[i], opts, svds[i], runs[i].factored[name]) for i in members]
         rows = amplification_table(W, [svds[i] for i in members], ranks, w_row=opts.w_row,
                                    random_draw=opts.random_draw, niter=opts.niter, generator=gen)

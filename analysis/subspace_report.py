@@ -26,8 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lora_lab.analysis import subspace_plots as plots
+from lora_lab.analysis.drift import DEFAULT_TEXTS, DRIFT_DATA, default_drift_data, held_out_texts, run_drift
 from lora_lab.analysis.sources import Sources, check_same_base, load_sources, run_label  # noqa: F401 - run_label: API
 from lora_lab.analysis.subspace import (
     ANALYSES,
@@ -46,6 +48,7 @@ from lora_lab.runtime.records import DeltaWeightsFile, save_tensors
 from lora_lab.runtime.tracking import Tracker
 
 MAX_HEATMAP_PANELS = 32
+NEEDS_W0 = ("table7", "intruders")  # analyses that read the weights before training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +160,10 @@ def write_report(res: AnalysisResult, run_dirs: Sequence[str | Path], out: Path,
         md += _table7_section(res, out, short, tables)
     elif table7_missing:
         md += [_TABLE7_TITLE, "", f"Not computed: {table7_missing}", ""]
+    if "intruders" in opts.analyses:
+        md += _intruders_section(res, out, short, tables)
+    elif table7_missing and "intruders" in table7_missing:
+        md += ["## Intruder dimensions", "", f"Not computed: {table7_missing}", ""]
     if res.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
     (out / "report.md").write_text("\n".join(md))
@@ -305,6 +312,33 @@ def _table7_section(res, out, short, tables) -> list[str]:
     return md
 
 
+def _intruders_section(res, out, short, tables) -> list[str]:
+    opts = res.options
+    md = ["## Intruder dimensions", "",
+          f"Of the top {opts.intruder_k} left singular vectors of the tuned matrix W0 + ΔW, those whose largest "
+          f"|cosine| with any left singular vector of W0 is below {opts.intruder_threshold:g} (Shuttleworth et al. "
+          "2024, Algorithm 1): directions the tuned matrix has and W0 has not. The paper finds them after LoRA "
+          "and rarely after full fine-tuning. min_similarity: the lowest of the k best cosines.", ""]
+    cols = ["run", "module", "layer", "type", "k", "intruders", "positions", "min_similarity"]
+    rows = [[t["run"], t["module"], t["layer"], short[t["mtype"]], t["k"], t["intruders"],
+             " ".join(map(str, t["positions"])) or "-", t["min_similarity"]] for t in res.intruders]
+    if not rows:
+        return md + ["No module had a saved W0; nothing to report.", ""]
+    write_table(out, "intruders", cols, rows)
+    tables["intruders"] = (cols, rows)
+    agg_cols = ["run", "type", "matrices", "with an intruder", "intruders per matrix", "mean min_similarity"]
+    agg = []
+    for label in res.labels:
+        for mtype in res.types():
+            sel = [t for t in res.intruders if t["run"] == label and t["mtype"] == mtype]
+            if sel:
+                agg.append([label, short[mtype], len(sel), sum(t["intruders"] > 0 for t in sel),
+                            _mean([t["intruders"] for t in sel]), _mean([t["min_similarity"] for t in sel])])
+    md += [markdown_table(agg_cols, agg), "", "Per matrix: [intruders.md](intruders.md), "
+           "[intruders.csv](intruders.csv).", ""]
+    return md
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="compare (phi) sources whose recorded base models have different names")
     p.add_argument("--block", type=int, default=None, help="phi summary block size (default min(k1, k2))")
+    p.add_argument("--intruder-k", type=int, default=10,
+                   help="intruder dimensions: top singular vectors of W0 + ΔW examined")
+    p.add_argument("--intruder-threshold", type=float, default=0.5,
+                   help="intruder dimensions: a vector whose best |cosine| with W0's is below this is one")
+    p.add_argument("--drift", action="store_true",
+                   help="also measure how far each run moved the model on held-out text: linear CKA of the base and "
+                        "trained models' pooled last hidden states (and, for causal-LM runs, both models' "
+                        "next-token loss); rebuilds and runs both models")
+    p.add_argument("--drift-data", default=None, metavar="NAME",
+                   help=f"embedded data set of the held-out text (default: the first of {', '.join(DRIFT_DATA)} "
+                        "that no run was trained on)")
+    p.add_argument("--drift-texts", type=int, default=DEFAULT_TEXTS, help="held-out texts for --drift")
     p.add_argument("--layers", default=None,
                    help=f"comma-separated layers to draw heatmaps for (default all, at most {MAX_HEATMAP_PANELS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
@@ -362,22 +408,28 @@ def _parse_list(text: str | None, key: str, cast=str) -> list | None:
 def _options(args: argparse.Namespace) -> AnalysisOptions:
     return AnalysisOptions(analyses=tuple(_parse_list(args.analyses, "analyses")), basis=args.basis, side=args.side,
                            energy=args.energy, dense_dirs=args.dense_dirs, table7_rank=args.rank,
-                           w_row=not args.no_w_row, random_draw=args.random_draw, block=args.block, seed=args.seed)
+                           w_row=not args.no_w_row, random_draw=args.random_draw, block=args.block, seed=args.seed,
+                           intruder_k=args.intruder_k, intruder_threshold=args.intruder_threshold)
 
 
 def _table7_without_w0(sources: Sources, opts: AnalysisOptions) -> str | None:
-    """Why Table 7 cannot be computed for some sources (PEFT adapters without --base), or None. When
-    no source has W0, Table 7 is dropped from the analyses: the report keeps what needs ΔW alone."""
+    """Why Table 7 and the intruder dimensions cannot be computed for some sources (PEFT adapters without
+    --base), or None. When no source has W0, they are dropped from the analyses: the report keeps what
+    needs ΔW alone."""
     lacking = sources.without_w0
-    if "table7" not in opts.analyses or not lacking:
+    asked = [a for a in NEEDS_W0 if a in opts.analyses]
+    if not asked or not lacking:
         return None
-    reason = (f"Table 7 needs W0, the base model's weights, which a PEFT adapter does not hold "
-              f"({', '.join(lacking)}); pass --base MODEL (a local model folder with .safetensors weights, or "
-              "one .safetensors file) to compute it")
+    what = "Table 7 needs W0" if "table7" in asked else "The intruder dimensions need W0"
+    if len(asked) == 2:
+        what += " (the intruder dimensions too)"
+    reason = (f"{what}, the base model's weights, which a PEFT adapter does not hold ({', '.join(lacking)}); pass "
+              "--base MODEL (a local model folder with .safetensors weights, or one .safetensors file) to compute "
+              + ("them" if len(asked) == 2 else "it"))
     if len(lacking) == len(sources.analysed):
-        if opts.analyses == ("table7",):
-            raise ConfigError("analyses", "table7", reason)
-        opts.analyses = tuple(a for a in opts.analyses if a != "table7")
+        if set(opts.analyses) <= set(NEEDS_W0):
+            raise ConfigError("analyses", ",".join(opts.analyses), reason)
+        opts.analyses = tuple(a for a in opts.analyses if a not in NEEDS_W0)
     return reason
 
 
@@ -416,17 +468,50 @@ def run_report(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     res = analyse_runs(runs, pairs, opts, progress=None if not args.no_progress else False)
     elapsed = time.perf_counter() - t0
-    res.notes[:0] = sources.notes + ([no_w0 + "."] if no_w0 and "table7" in opts.analyses else [])
+    res.notes[:0] = sources.notes + ([no_w0 + "."] if no_w0 and set(NEEDS_W0) & set(opts.analyses) else [])
     if zero_note:
         res.notes.append(zero_note)
     analysed = sources.analysed
     all_runs = all(s.kind == "run" for s in analysed)
     written = write_report(res, [s.location for s in analysed], out, layers, elapsed, [s.origin for s in analysed],
-                           table7_missing=None if "table7" in opts.analyses else no_w0,
+                           table7_missing=None if set(NEEDS_W0) & set(opts.analyses) else no_w0,
                            source_header="run directory" if all_runs else "source")
+    if args.drift:
+        _add_drift_section(args, sources, written)
     if args.wandb:
         _log_wandb(args, res, sources, written)
     return written
+
+
+def _add_drift_section(args: argparse.Namespace, sources: Sources, written: dict) -> None:
+    """Drift of every run (also those whose ΔW is 0: BitFit, head-only), appended to report.md."""
+    runs = [s for s in sources.items if s.kind == "run"]
+    trained_on = sorted({str(((s.record or {}).get("config") or {}).get("data", {}).get("name")) for s in runs})
+    data = args.drift_data or default_drift_data(trained_on)
+    texts = held_out_texts(data, args.drift_texts)
+    rows = []
+    for source in tqdm(runs, desc="drift", unit="run", disable=args.no_progress or len(runs) < 2, leave=False):
+        drift = run_drift(source.location, texts)
+        rows.append([source.label, drift.cka, drift.lm_loss_before, drift.lm_loss_after,
+                     None if drift.lm_loss_before is None else drift.lm_loss_after - drift.lm_loss_before])
+    cols = ["run", "CKA base vs trained", "LM loss before", "LM loss after", "LM loss change"]
+    out = Path(args.out)
+    write_table(out, "drift", cols, rows)
+    written["tables"]["drift"] = (cols, rows)
+    skipped = [s.label for s in sources.items if s.kind != "run"]
+    md = ["## Drift on held-out text", "",
+          f"{len(texts)} texts of `{data}` (embedded; a data set the runs were not trained on unless chosen so), read "
+          "by the base model and by each trained model. CKA: linear CKA (Kornblith et al. 2019) of the two models' "
+          "last hidden states, mean-pooled over each text's tokens: 1 = the same geometry up to rotation and "
+          "scale, lower = fine-tuning moved the representations further. LM loss: next-token cross-entropy of "
+          "both models, for causal-LM runs only (the forgetting of Biderman et al. 2024).", "",
+          markdown_table(cols, rows), ""]
+    if not runs:
+        md = ["## Drift on held-out text", "", "No lora_lab run among the sources; drift needs a run's model.", ""]
+    if skipped:
+        md += [f"Not measured (not lora_lab runs, no trained model to rebuild): {', '.join(skipped)}.", ""]
+    report = Path(written["report"])
+    report.write_text(report.read_text().rstrip("\n") + "\n\n" + "\n".join(md))
 
 
 def _log_wandb(args, res: AnalysisResult, sources: Sources, written: dict) -> None:
