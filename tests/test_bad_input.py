@@ -92,7 +92,7 @@ def files(name, *extra):
 ROWS = [
     # the command line itself (Hydra)
     ("unknown key", ["trainer.epoch=3"], "trainer.epoch"),
-    ("unknown group option", ["method=prefix"], "method/prefix"),
+    ("unknown group option", ["method=no_such_method"], "method/no_such_method"),
     ("override syntax", ["trainer.lr=1)"], "trainer.lr"),
     # types and ranges
     ("epochs not a number", ["trainer.epochs=abc"], "trainer.epochs="),

@@ -175,8 +175,8 @@ def test_round_robin_interleaves_rotates_and_drops_warmup():
 def test_arms_come_from_conf_arm_and_unknown_ones_are_config_errors():
     from lora_lab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="arms='prefix'"):
-        variants.method_config("prefix", bench_config())
+    with pytest.raises(ConfigError, match="arms='no_such_arm'"):
+        variants.method_config("no_such_arm", bench_config())
     m = variants.method_config("lora_r64", bench_config())
     assert m.name == "lora" and m.r == 64 and m.dropout == 0.0 and list(m.targets) == ["q", "v"]
     assert variants.method_config("pfeiffer", bench_config()).variant == "pfeiffer"

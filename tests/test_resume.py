@@ -168,3 +168,16 @@ def test_sweep_records_raise_and_nan_then_rerun_skips_completed_jobs(tmp_path, w
     assert (completed / records.RECORD_FILE).stat().st_mtime_ns == mtime
     assert second.stderr.count("the sweep goes on") == 2  # the other two ran again
     assert second.stdout.count("resuming from") == 2  # both from their step-3 checkpoints
+
+
+@pytest.mark.parametrize("method", [["method=prompt"], ["method=prefix", "method.reparameterize=true"]])
+def test_killed_prompt_and_prefix_runs_resume_to_the_same_result(tmp_path, warm_cli, method):
+    """Virtual tokens and layer prefixes (through the MLP, folded into plain prefixes when training ends)
+    resume from a mid-epoch checkpoint to the uninterrupted result."""
+    lora_lab(*run_args(tmp_path, "reference", *method), cwd=tmp_path, warm=warm_cli)
+    killed = lora_lab(*run_args(tmp_path, "run", *method), cwd=tmp_path, driver=["step", "5"], check=False,
+                      warm=warm_cli)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    lora_lab(*run_args(tmp_path, "run", *method), cwd=tmp_path, warm=warm_cli)
+    assert_same(result(tmp_path / "run"), result(tmp_path / "reference"))
+    assert len(records.load_record(tmp_path / "run")["resumes"]) == 1

@@ -105,8 +105,8 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, override, message, warm
 
 
 def test_cli_unknown_method_is_hydras_error(tmp_path, warm_cli):
-    out = cli(*SMOKE, "method=prefix", cwd=tmp_path, warm=warm_cli)
-    assert out.returncode != 0 and "method/prefix" in out.stderr
+    out = cli(*SMOKE, "method=no_such_method", cwd=tmp_path, warm=warm_cli)
+    assert out.returncode != 0 and "method/no_such_method" in out.stderr
 
 
 def test_multirun_records_failed_job_and_continues(tmp_path, warm_cli):

@@ -61,6 +61,9 @@ class Method:
     # True when every weight of the model trains, none frozen (full fine-tuning): a bf16 or 4-bit
     # frozen base is refused, ΔW is the dense W - W0, and plots draw it as the reference line
     trains_every_weight: bool = False
+    # False when the method's added parameters change the outputs from the start (virtual tokens of prompt
+    # and prefix tuning take part in attention); True: the applied model computes what the base model does
+    preserves_outputs_at_init: bool = True
     long_name: str = ""  # the method in error messages ("full fine-tuning"); default: family or name
     # True when prepare_inference folds the method into the base weights; ``apply`` may turn it off for
     # the instance (nothing merges into a quantised 4-bit base)
@@ -162,6 +165,14 @@ class Method:
         """Called by the trainer after each optimiser step (``step``: the steps done so far, from 1), before
         the gradients are cleared; a method that changes itself while training (AdaLoRA's rank
         allocation) does it here. Nothing by default."""
+
+    def finish_training(self, model: nn.Module) -> None:
+        """Called by the trainer once training is over, before it saves the run's trainable state, and by the
+        rebuild of a trained run right after ``apply``, so that the rebuilt model has the saved parameters: a
+        method that trains through a reparameterisation (prefix tuning's MLP) replaces it here by the plain
+        parameters it computes (still trainable), so that the saved state holds those only. The checkpoints
+        written while training, and ``trainer.keep_last``'s last-epoch state, keep the training form. Nothing
+        by default."""
 
     def merge_layers(self, model: nn.Module) -> Iterable[nn.Module]:
         """The layers that fold the method into their base weight (``merge()``, ``unmerge()``)."""

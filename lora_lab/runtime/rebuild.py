@@ -59,6 +59,7 @@ def rebuild_trained(run_dir, record: dict | None = None, keep_base: bool = False
     model = load_model(cfg.model, len(labels), labels, task=task_type(cfg.data).head).eval()
     base = copy.deepcopy(model) if keep_base else None
     method.apply(model)
+    method.finish_training(model)  # the form the trainer saved the state in
     params = dict(model.named_parameters())
     trained = {n for n, p in params.items() if p.requires_grad}
     if set(state) != trained:

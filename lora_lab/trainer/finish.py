@@ -68,6 +68,7 @@ def _save_states(run: Run, state: TrainingState) -> tuple[dict, dict]:
     if (run_dir / records.PREDICTIONS_FILE).exists():  # written when the best epoch ended (epoch_end)
         files[records.PREDICTIONS_FILE] = {"epoch": best_epoch, "holds": "best"}
     checkpoint.load_trainable_state(run.model, state.best_state)
+    method.finish_training(run.model)  # a reparameterisation folded into the parameters it stands for
     records.save_tensors(run_dir / records.STATE_FILE, checkpoint.trainable_state(run.model),
                          metadata={"method": method.name, "epoch": str(best_epoch)})
     (run_dir / records.DELTA_FILE).unlink(missing_ok=True)  # left by an older lora_lab in this folder
