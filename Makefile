@@ -16,12 +16,12 @@ install:
 compare: install
 	$(PYTHON) -m lora_lab experiment=compare
 
-# The embedded default study (180 jobs: 2 tasks x 10 arms x 3 lr x 3 seeds, 2 in parallel), then its table
-# and plots in experiments/embedded_study/ (see its README).
+# The embedded study (conf/experiment/embedded_study.yaml): per task and arm, a seed-0 pilot at three
+# learning rates, then seeds 1 and 2 at the rate chosen on validation; records, tables and plots in
+# experiments/embedded_study/ (see its README). The same command resumes an interrupted study.
 STUDY_DIR ?= outputs/embedded_study/latest
 study: install
-	$(PYTHON) -m lora_lab experiment=embedded_study launcher=joblib hydra.sweep.dir=$(STUDY_DIR)
-	$(PYTHON) -m lora_lab.analysis.tables $(STUDY_DIR) --tune trainer.lr --plot --out experiments/embedded_study --name study
+	$(PYTHON) experiments/embedded_study/run.py $(STUDY_DIR)
 
 # Two workers (pytest-xdist), one torch thread each: PYTEST_WORKERS=auto on a bigger machine.
 PYTEST_WORKERS ?= 2

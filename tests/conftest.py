@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from warm_cli import WarmCli
 
 import lora_lab.config.compose  # noqa: F401 - registers the resolvers the configs use (${pick:}, ${run_key:}, ...)
@@ -23,8 +23,16 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compose_config(*overrides: str):
+    """The job config a run of these overrides gets, without Hydra's own node; ``${hydra:...}``
+    interpolations (e.g. the runtime's config choices) resolve as in a run."""
+    from hydra.core.hydra_config import HydraConfig
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def method_cfg(name: str, **overrides):

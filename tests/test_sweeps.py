@@ -123,10 +123,10 @@ def test_an_lr_step_outside_the_grid_is_one_line():
     assert hydra_error_line(error.value).startswith("lr_step=4: must be an index into the grid [0.001, 0.003,")
 
 
-def test_embedded_study_grid():
-    jobs = expand("experiment=embedded_study")
+def test_embedded_study_quick_grid():
+    jobs = expand("experiment=embedded_study_quick")
     assert len(jobs) == 2 * 10 * 3 * 3 and {j[-1] for j in jobs} == {"seed=0", "seed=1", "seed=2"}
-    configs = [compose_job(["experiment=embedded_study"], job) for job in jobs if job[-1] == "seed=0"]
+    configs = [compose_job(["experiment=embedded_study_quick"], job) for job in jobs if job[-1] == "seed=0"]
     assert {c.data.name for c in configs} == {"rotten_tomatoes", "trec6"}
     configs = [c for c in configs if c.data.name == "trec6"]
     assert len({(c.method.name, c.method.get("variant"), c.method.get("top_layers"), c.method.get("r"),
@@ -220,3 +220,61 @@ def test_optuna_maximises_the_metric_the_app_returns(tmp_path, warm_cli):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert len(returned) == 3 and result["best_value"] == max(returned)
     assert set(result["best_params"]) == {"trainer.lr", "method.r", "method.alpha"}
+
+
+def study_job(*overrides: str):
+    """A job of the embedded study as its run sees it (the lr resolves through hydra:runtime.choices)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = hydra_view("experiment=embedded_study", *overrides)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_embedded_study_pilot_grid_and_the_seeds_stage():
+    jobs = expand("experiment=embedded_study")
+    assert len(jobs) == 2 * 15 * 3 and {j[-1] for j in jobs} == {"seed=0"}
+    grids = yaml.safe_load((CONF / "experiment" / "embedded_study.yaml").read_text())["study"]["lr_grids"]
+    study = study_driver()
+    arms = [a for tier in study.TIERS.values() for a in tier]
+    assert set(arms) <= set(grids) and set(arms) <= {p.stem for p in (CONF / "arm").glob("*.yaml")}
+    assert all(len(grids[a]) == 3 and sorted(map(float, grids[a])) == list(map(float, grids[a])) for a in arms)
+    cfg = study_job("data=trec6", "arm=head", "lr_step=2")
+    assert cfg.trainer.lr == pytest.approx(0.1) and cfg.data.max_train == 1000 and cfg.trainer.epochs == 2
+    assert cfg.method.name == "head"
+    # the seeds stage: the step the pilot chose for this task and arm
+    chosen = "+study.chosen={trec6:{head:1,lora_r8:0},rotten_tomatoes:{head:2}}"
+    cfg = study_job("data=trec6", "arm=lora_r8", "seed=2", "lr_step=${study.chosen_step}", chosen)
+    assert cfg.trainer.lr == pytest.approx(1e-3) and cfg.method.r == 8 and cfg.seed == 2
+    cfg = study_job("data=rotten_tomatoes", "arm=lora_r8", "lr_step=${study.chosen_step}", chosen)
+    with pytest.raises(Exception, match="lr_step=None"):  # no choice for this task and arm: refused, not guessed
+        cfg.trainer.lr
+
+
+def study_driver():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_run", CONF.parent / "experiments" / "embedded_study" / "run.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def test_embedded_study_driver_chooses_each_arms_rate_on_validation(tmp_path):
+    study = study_driver()
+    grids = {"head": [1e-2, 3e-2, 1e-1], "full": [3e-5, 1e-4, 3e-4]}
+    scores = {("trec6", "head"): [0.7, 0.8, 0.8], ("trec6", "full"): [0.9, 0.85, 0.5],
+              ("rotten_tomatoes", "head"): [0.6, 0.5, 0.7], ("rotten_tomatoes", "full"): [0.8, 0.8, 0.8]}
+    for (task, arm), values in scores.items():
+        for lr, value in zip(grids[arm], values):
+            for seed in (0, 1):  # seed 1 scores higher everywhere: only seed 0, the pilot, chooses
+                folder = tmp_path / f"{task}_{arm}_lr{lr:g}_s{seed}"
+                folder.mkdir()
+                record = {"status": "completed", "task": {"main_metric": "accuracy"},
+                          "best": {"validation/accuracy": value + seed * (1 - value) * (lr == grids[arm][0])}}
+                (folder / "record.json").write_text(json.dumps(record))
+    chosen = study.choose(tmp_path, ["head", "full"], grids)
+    # ties go to the lower rate
+    assert chosen == {"trec6": {"head": 1, "full": 0}, "rotten_tomatoes": {"head": 2, "full": 0}}
+    with pytest.raises(SystemExit, match="lora_r8 on rotten_tomatoes has no completed run"):
+        study.choose(tmp_path, ["lora_r8"], {"lora_r8": [1e-3, 3e-3, 1e-2]})

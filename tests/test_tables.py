@@ -275,11 +275,11 @@ def test_expected_rows_are_shown_below_ours_and_never_bolded(tmp_path):
 
 
 def test_committed_study_table_is_what_its_committed_records_give(tmp_path):
-    """experiments/embedded_study: the table files are regenerated, byte for byte, from the run
+    """experiments/embedded_study_quick: the table files are regenerated, byte for byte, from the run
     records committed beside them, so every number there traces back to a run."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "experiments" / "embedded_study"
+    root = Path(__file__).resolve().parent.parent / "experiments" / "embedded_study_quick"
     records = list((root / "records").rglob("record.json"))
     assert len(records) == 180  # 2 tasks x 10 arms x 3 learning rates x 3 seeds
     assert tables.main([str(root / "records"), "--tune", "trainer.lr", "--out", str(tmp_path), "--name", "study"]) == 0
