@@ -92,15 +92,15 @@ def test_label_smoothing_on_regression_is_one_line():
 
 
 def test_paper_table3_plans_gpt2_medium_on_e2e_with_the_papers_settings(tmp_path, warm_cli):
-    out = cli("experiment=paper_table3", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-              "logger=disabled", cwd=tmp_path, warm=warm_cli)
+    out = cli("experiment=paper_table3", "arm=paper/t3_lora", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+              "logger=disabled", cwd=tmp_path, warm=warm_cli)  # the LoRA row
     assert out.returncode == 0, out.stderr
     plans = [line for line in out.stdout.splitlines() if line.startswith("[dry run]")]
     assert len(plans) == 3
     for seed, plan in enumerate(plans):
         assert "LoRA r=4 α=32 (q+v)" in plan and "openai-community/gpt2-medium" in plan
         assert "tuetschek/e2e_nlg" in plan and "lr 0.0002, batch 8, 5 epochs" in plan and f"seed {seed}" in plan
-    cfg = compose_config("experiment=paper_table3", "seed=0")
+    cfg = compose_config("experiment=paper_table3", "arm=paper/t3_lora", "seed=0")
     t = cfg.trainer
     assert (t.warmup_steps, t.label_smoothing, t.weight_decay, cfg.method.dropout) == (500, 0.1, 0.01, 0.1)
     assert (t.generation.num_beams, t.generation.length_penalty, t.generation.no_repeat_ngram_size) == (10, 0.9, 4)
