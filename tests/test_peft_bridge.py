@@ -221,3 +221,33 @@ def test_adalora_resumed_after_its_final_allocation_masks_by_the_saved_zeros():
     model(**batch(), labels=LABELS).loss.backward()
     method.after_optimizer_step(model, 5)  # past total_step - tfinal, with no rank pattern (a fresh process)
     assert set(method.resolved["ranks"].values()) == {2}
+
+
+def test_adalora_adds_its_orthogonality_regulariser_as_pefts_model_does():
+    """Our task loss + extra_loss = the loss of PEFT's own AdaLoRA model on the same weights and batch."""
+    import copy
+
+    import peft
+
+    reference = tiny_bert()
+    method, model = applied(arm_cfg("adalora", orth_reg_weight=0.3), model=copy.deepcopy(reference))
+    with torch.no_grad():  # B starts at zero; make both factors far from orthogonal
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    theirs = peft.get_peft_model(copy.deepcopy(reference), method.peft_config_object(10))
+    theirs.load_state_dict({f"base_model.model.{n}": p for n, p in model.state_dict().items()}, strict=False)
+    model.train(), theirs.train()
+    torch.manual_seed(0)
+    ours = model(**batch(), labels=LABELS).loss + method.extra_loss(model)
+    torch.manual_seed(0)
+    # PEFT's AdaLoRA model adds it in its forward (PeftModel's generic forward would skip that forward)
+    assert float(ours) == pytest.approx(float(theirs.base_model(**batch(), labels=LABELS).loss), rel=1e-5)
+    extra = method.extra_loss(model)
+    extra.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_A" in n or "lora_B" in n for n in grads)
+    method, model = applied(arm_cfg("adalora", orth_reg_weight=0.0))
+    assert method.extra_loss(model) is None
+    method, model = applied(arm_cfg("vera"))
+    assert method.extra_loss(model) is None

@@ -28,6 +28,11 @@ def precision_of(cfg) -> str:
     return precision
 
 
+# the run length methods that plan by it (AdaLoRA's rank budget) are told: longer than any benchmark, so
+# a benchmark's steps are those of the start of a run
+BENCH_SCHEDULE_STEPS = 10_000
+
+
 def method_config(arm: str, cfg):
     """The method config of an arm, with the benchmark's ``arm_overrides`` applied."""
     from hydra.errors import MissingConfigException
@@ -46,6 +51,7 @@ class Variant:
     method: Method | None = None
     precision: str = "fp32"
     label: str = ""
+    steps: int = 0
 
     @property
     def trainable(self) -> int:
@@ -55,10 +61,15 @@ class Variant:
         return autocast(next(self.model.parameters()).device, self.precision, on_cpu=True, key="precision")
 
     def step(self, batch: dict) -> None:
+        """One training step as the trainer takes it, with the method's own loss term and per-step call."""
         with self.autocast():
             loss = self.model(**batch).loss
-        loss.backward()
+            extra = self.method.extra_loss(self.model) if self.method is not None else None
+        (loss if extra is None else loss + extra).backward()
         self.optimizer.step()
+        if self.method is not None:
+            self.steps += 1
+            self.method.after_optimizer_step(self.model, self.steps)
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -72,6 +83,7 @@ def build_ours(arm: str, base: nn.Module, cfg, device: torch.device) -> Variant:
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(base)
     method = build_method(method_config(arm, cfg))
+    method.total_steps = BENCH_SCHEDULE_STEPS  # a schedule for methods that plan by it (AdaLoRA's budget)
     method.apply(model)
     model.to(device).train()
     return Variant(arm, model, _optimizer(model, cfg), method, precision_of(cfg), method.label())

@@ -161,6 +161,11 @@ class Method:
         scales every group alike. Empty by default: one learning rate for everything."""
         return {}
 
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term the trainer adds to the task's loss at every training step (once per optimiser step when
+        gradients accumulate), e.g. AdaLoRA's orthogonality regulariser; None (the default): nothing."""
+        return None
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called by the trainer after each optimiser step (``step``: the steps done so far, from 1), before
         the gradients are cleared; a method that changes itself while training (AdaLoRA's rank

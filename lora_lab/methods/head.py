@@ -26,7 +26,7 @@ from lora_lab.models.architectures import (
 @register("head")
 class HeadOnly(Method):
     config_rules = {**Method.config_rules, "top_layers": rules.integer(0), "delta_targets": rules.names(empty=True)}
-    bench_arms = ("head",)
+    bench_arms = ("head", "top2")
     order, family, plot_style = 1, "Head / FT-top-K", ("tab:gray", "v")
 
     def label(self) -> str:

@@ -8,8 +8,9 @@ by PEFT's tuner class, as ``peft.inject_adapter_in_model`` does: the model stays
 pooling, parameter names and forward), only the adapted layers become PEFT's layers, and the tuner object is
 kept by the method (AdaLoRA's ``update_and_allocate`` runs after every optimiser step through
 ``after_optimizer_step``; its ``total_step`` is the run's number of optimiser steps when not given). The
-task's loss is lora_lab's: AdaLoRA's orthogonal regulariser, which PEFT adds in its own model's forward, is
-not added.
+task's loss is lora_lab's; AdaLoRA's orthogonality regulariser, which PEFT adds in its own model's forward,
+comes through ``extra_loss``: ``orth_reg_weight`` x the mean over its P and Q of ||P P^T - I||_F and
+||Q^T Q - I||_F.
 
 Prompt tuning (``PROMPT_TUNING``) prepends PEFT's ``PromptEmbedding`` (its virtual tokens) to the inputs of
 the backbone of an encoder, and drops those positions from the backbone's output, so every head (the
@@ -85,6 +86,7 @@ class PeftBridge(Method):
         "train_head": rules.boolean(),
     }
     has_peft_counterpart = True
+    bench_arms = ("vera", "loha", "lokr", "oft", "adalora", "ln_tuning", "prompt_tuning")
     order, family, plot_style = 7, "PEFT", ("tab:brown", "X")
 
     def __init__(self, cfg, resolved: dict | None = None):
@@ -242,6 +244,19 @@ class PeftBridge(Method):
         self.tuner.update_and_allocate(step)
         if self.config.rank_pattern:
             self.resolved["ranks"] = self.adalora_ranks(model)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """AdaLoRA's orthogonality regulariser (Zhang et al. 2023), as PEFT's AdaLoRA model adds it to its loss."""
+        if self.tuner is None or self.peft_type() != "ADALORA" or not self.config.orth_reg_weight:
+            return None
+        penalties = []
+        for layer in self.tuner_layers(model).values():
+            for P in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER].T):  # P: r x in, Q^T: r x out
+                if P.numel():
+                    gram = P @ P.T
+                    penalties.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=gram.device,
+                                                                                dtype=gram.dtype)))
+        return self.config.orth_reg_weight * torch.stack(penalties).mean() if penalties else None
 
     def adalora_ranks(self, model: nn.Module) -> dict[str, int]:
         """The rank each AdaLoRA matrix has now: its singular values the allocator keeps (``init_r`` until it

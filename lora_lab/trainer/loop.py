@@ -85,6 +85,9 @@ def _train_micro_batch(run: Run, state: TrainingState, batch: dict, group: int, 
         if not math.isfinite(loss_value):
             raise Diverged(state.progress.step + 1, loss_value)
         scaled = loss * weight / group  # the group's mean loss, as one batch of group x batch_size
+        extra = run.method.extra_loss(run.model)  # a method's own term (AdaLoRA's regulariser), once per step
+        if extra is not None:
+            scaled = scaled + extra / group
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         if stepping:
             max_grad_norm = run.cfg.trainer.max_grad_norm
