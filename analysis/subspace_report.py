@@ -476,11 +476,40 @@ def run_report(args: argparse.Namespace) -> dict:
     written = write_report(res, [s.location for s in analysed], out, layers, elapsed, [s.origin for s in analysed],
                            table7_missing=None if set(NEEDS_W0) & set(opts.analyses) else no_w0,
                            source_header="run directory" if all_runs else "source")
+    ranks = _adaptive_ranks_section(sources, written)
+    if ranks:
+        report = Path(written["report"])
+        report.write_text(report.read_text().rstrip("\n") + "\n\n" + "\n".join(ranks))
     if args.drift:
         _add_drift_section(args, sources, written)
     if args.wandb:
         _log_wandb(args, res, sources, written)
     return written
+
+
+def _adaptive_ranks_section(sources: Sources, written: dict) -> list[str]:
+    """The final rank of every matrix of runs that re-allocate ranks while training (AdaLoRA), from their
+    records: the rank each matrix ended with, against the initial and target ranks."""
+    cols = ["run", "module", "initial rank", "final rank"]
+    rows, summary = [], []
+    for source in sources.items:
+        resolved = (source.record or {}).get("method_resolved") or {}
+        if not isinstance(resolved.get("ranks"), dict) or resolved.get("initial_rank") is None:
+            continue
+        ranks = resolved["ranks"]
+        rows += [[source.label, module, resolved["initial_rank"], rank] for module, rank in ranks.items()]
+        values = sorted(ranks.values())
+        summary.append(f"- {source.label}: initial rank {resolved['initial_rank']}, target (average) "
+                       f"{resolved.get('target_rank')}; final ranks {values[0]}-{values[-1]}, "
+                       f"{sum(values)} in all over {len(values)} matrices (mean {sum(values) / len(values):.2f}).")
+    if not rows:
+        return []
+    write_table(Path(written["report"]).parent, "adaptive_ranks", cols, rows)
+    written["tables"]["adaptive_ranks"] = (cols, rows)
+    return ["## Ranks allocated while training (AdaLoRA)", "",
+            "AdaLoRA prunes singular values by importance during training (Zhang et al. 2023): the rank each "
+            "matrix ended with, from the run's record. Per matrix: [adaptive_ranks.md](adaptive_ranks.md), "
+            "[adaptive_ranks.csv](adaptive_ranks.csv).", "", *summary, ""]
 
 
 def _add_drift_section(args: argparse.Namespace, sources: Sources, written: dict) -> None:

@@ -4,6 +4,7 @@ rule; AdaLoRA reallocates its ranks through the trainer's per-step hook and reco
 from __future__ import annotations
 
 import copy
+import csv
 import math
 
 import pytest
@@ -209,6 +210,16 @@ def test_adalora_reallocates_ranks_through_the_trainer_and_records_them(tmp_path
     assert sum(ranks.values()) <= 4 * len(ranks) // 4 + 1  # the budget: target_r per matrix on average
     p = record["parameters"]
     assert p["trainable_method"] == resolved["peft_trainable"] and p["trainable_other"] == 0
+    # the subspace report lists the ranks each matrix ended with
+    from lora_lab.analysis.subspace_report import main as subspace
+
+    out = tmp_path / "report"
+    assert subspace([str(tmp_path / "run"), "--out", str(out), "--analyses", "spectra", "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Ranks allocated while training (AdaLoRA)" in report and "initial rank 4" in report
+    with open(out / "adaptive_ranks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["module"]: int(r["final rank"]) for r in rows} == ranks
 
 
 def test_adalora_resumed_after_its_final_allocation_masks_by_the_saved_zeros():
