@@ -27,6 +27,18 @@ def test_real_model_beats_majority_class(tmp_path, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arm,lr", [("vera", 3e-2), ("loha", 1e-2)])
+def test_real_peft_bridge_tuners_beat_majority_class(tmp_path, arm, lr):
+    """VeRA and LoHa through the PEFT bridge on the real model: above the majority class, and their ΔW moved."""
+    cfg = compose_config(*REAL, f"arm={arm}", f"trainer.lr={lr}")
+    record = run_training(cfg, tmp_path)
+    majority = record["majority_class_test_accuracy"]
+    assert record["best"]["test/accuracy"] > majority + 0.05, (record["best"], majority)
+    deltas = load_run_deltas(tmp_path)
+    assert len(deltas) == 12 and all(float(d.to_dense().norm()) > 0 for d in deltas.values())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ["lora_r8", "dora", "ia3"])
 def test_peft_twin_gives_our_logits_on_the_real_model(arm):
     import copy
