@@ -134,3 +134,21 @@ def test_a_lora_run_on_7b_sized_matrices_keeps_its_state_not_the_model(tmp_path)
     assert kept <= 1.1 * state_bytes + 1_000_000
     deltas = load_run_deltas(run_dir)
     assert all(d.B.shape == (4096, 8) and d.base.shape == (4096, 4096) for d in deltas.values())
+
+
+def test_the_initial_state_rebuilt_is_where_training_started(tmp_path):
+    """A run at a learning rate of 1e-12 barely moves (AdamW's steps are about the rate): its trained A is
+    its initial one to 1e-9, which the rebuild with ``initial`` must give (the trainer's seed and order);
+    at a real rate A moves away from it."""
+    from lora_lab.runtime.rebuild import rebuild_trained
+
+    for lr in (1e-12, 0.05):
+        cfg = compose_config("experiment=smoke", "logger=disabled", f"data.cache_dir={tmp_path / 'cache'}",
+                             "method=lora", f"trainer.lr={lr}", "seed=3")
+        run_training(cfg, tmp_path / str(lr))
+        start = dict(rebuild_trained(tmp_path / str(lr), initial=True).model.named_parameters())
+        trained = dict(rebuild_trained(tmp_path / str(lr)).model.named_parameters())
+        factors = [n for n in trained if "lora_A" in n]
+        assert factors
+        same = all(torch.allclose(start[n], trained[n], rtol=0, atol=1e-9) for n in factors)
+        assert same == (lr < 1e-9)

@@ -29,8 +29,11 @@ class Rebuilt:
     base: nn.Module | None  # the same model before the method was applied, when asked for
 
 
-def rebuild_trained(run_dir, record: dict | None = None, keep_base: bool = False) -> Rebuilt:
-    """The trained model of a completed run, on the CPU (and, with ``keep_base``, its base model)."""
+def rebuild_trained(run_dir, record: dict | None = None, keep_base: bool = False, initial: bool = False) -> Rebuilt:
+    """The trained model of a completed run, on the CPU (and, with ``keep_base``, its base model). With
+    ``initial``, the model as the method initialised it, before the first step: the trainer's seed and
+    order give the same random numbers (LoRA's A, a fresh head), so analyses can compare what training
+    learned with where it started."""
     from lora_lab.methods import build_method
     from lora_lab.models.loading import load_model
     from lora_lab.runtime.seeding import set_seed
@@ -50,6 +53,9 @@ def rebuild_trained(run_dir, record: dict | None = None, keep_base: bool = False
     except Exception as error:  # noqa: BLE001 - safetensors reports a bad file in several types
         raise ConfigError("run", str(run_dir), f"{records.STATE_FILE} could not be read: {first_line(error)}") from None
     cfg = OmegaConf.create(record["config"])
+    if initial and cfg.method.get("init_from"):
+        raise ConfigError("run", str(run_dir), f"started from method.init_from={cfg.method.init_from}, not from "
+                          "its own initialisation; rebuild that run's initial state instead")
     cfg.method.init_from = None  # the trained state replaces whatever the run started from
     method = build_method(cfg.method)
     resolved = record.get("method_resolved") or {}
@@ -60,6 +66,8 @@ def rebuild_trained(run_dir, record: dict | None = None, keep_base: bool = False
     base = copy.deepcopy(model) if keep_base else None
     method.apply(model)
     method.finish_training(model)  # the form the trainer saved the state in
+    if initial:
+        return Rebuilt(record, method, model.eval(), base)
     params = dict(model.named_parameters())
     trained = {n for n, p in params.items() if p.requires_grad}
     if set(state) != trained:
