@@ -12,7 +12,8 @@ For each tier of arms (the LoRA paper's families first, then the PEFT arms):
 Then the chosen runs (3 seeds each) are copied to experiments/embedded_study/records/ and the pilot's runs
 to experiments/embedded_study/pilot/records/ (record.json and the per-example test results), and the
 tables and plots are built from them. The same command resumes: completed jobs are skipped, an
-interrupted one continues from its last checkpoint.
+interrupted one continues from its last checkpoint; on another machine the committed runs are put into the
+sweep folder first, so only what is missing runs.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ TIERS = {
 }
 TASKS = ["rotten_tomatoes", "trec6"]
 KEPT_FILES = ("record.json", "predictions.safetensors")
+# the trained state is kept too for the runs the converged subspace analysis reads (experiments/subspace_converged)
+KEPT_STATES = ("rotten_tomatoes_lora_r2_", "rotten_tomatoes_lora_r8_", "rotten_tomatoes_lora_r64_",
+               "rotten_tomatoes_dora_")
 
 
 def lora_lab(sweep_dir: Path, *overrides: str) -> None:
@@ -99,15 +103,29 @@ def run_tier(sweep_dir: Path, arms: list[str], grids: dict[str, list[float]]) ->
     return everything
 
 
-def copy_runs(records: list[dict], into: Path) -> None:
+def copy_runs(records: list[dict], into: Path, states: bool = False) -> None:
     if into.exists():
         shutil.rmtree(into)
     for record in records:
         target = into / record["_dir"].name
         target.mkdir(parents=True)
-        for name in KEPT_FILES:
+        names = KEPT_FILES + (("trainable.safetensors",) if states and target.name.startswith(KEPT_STATES) else ())
+        for name in names:
             if (record["_dir"] / name).exists():
                 shutil.copy2(record["_dir"] / name, target / name)
+
+
+def resume_from_committed(sweep_dir: Path) -> None:
+    """Put the committed runs (records/, pilot/records/) and the pilot's choice into a new sweep folder, so a
+    study continued on another machine skips what is done: a job whose folder holds a completed record of
+    its config is not run again."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for kept in (HERE / "records", HERE / "pilot" / "records"):
+        for run in sorted(kept.glob("*/")) if kept.exists() else []:
+            if not (sweep_dir / run.name).exists():
+                shutil.copytree(run, sweep_dir / run.name)
+    if (HERE / "pilot" / "chosen.json").exists() and not (sweep_dir / "chosen.json").exists():
+        shutil.copy2(HERE / "pilot" / "chosen.json", sweep_dir / "chosen.json")
 
 
 def report(sweep_dir: Path, grids: dict[str, list[float]]) -> None:
@@ -119,8 +137,8 @@ def report(sweep_dir: Path, grids: dict[str, list[float]]) -> None:
             pilot.append(record)
         if arm in chosen.get(task, {}) and lr == grids[arm][chosen[task][arm]]:
             final.append(record)
-    copy_runs(final, HERE / "records")
-    copy_runs(pilot, HERE / "pilot" / "records")
+    copy_runs(final, HERE / "records", states=True)
+    copy_runs(pilot, HERE / "pilot" / "records")  # seed 0 at every rate, the chosen one included
     shutil.copy2(sweep_dir / "chosen.json", HERE / "pilot" / "chosen.json")
     table = [sys.executable, "-m", "lora_lab.analysis.tables"]
     subprocess.run([*table, str(HERE / "records"), "--plot", "--out", str(HERE), "--name", "study"], check=True)
@@ -135,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only copy the completed runs and build the tables")
     args = parser.parse_args(argv)
     grids = study_grids()
+    resume_from_committed(args.sweep_dir.resolve())
     if not args.report_only:
         for tier in args.tiers.split(","):
             run_tier(args.sweep_dir.resolve(), TIERS[tier], grids)

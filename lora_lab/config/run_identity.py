@@ -24,7 +24,8 @@ from lora_lab.methods import describe_method
 
 NEUTRAL_KEYS = ("logger", "launcher", "dry_run", "data.cache_dir", "trainer.progress_bar", "trainer.log_every",
                 "trainer.checkpoint_every", "trainer.keep_checkpoint", "trainer.keep_last", "trainer.skip_done",
-                "trainer.resume", "trainer.threads", "trainer.latency_repeats", "trainer.lock_stale_after")
+                "trainer.resume", "trainer.threads", "trainer.latency_repeats", "trainer.lock_stale_after",
+                "study")  # a study's bookkeeping (experiment=embedded_study: its rate grids and choices)
 
 
 def _is_neutral(key: str) -> bool:
@@ -47,7 +48,8 @@ ADDED_DEFAULTS = {
     "model": {"arch": "bert", "num_kv_heads": None, "load_in_4bit": False},
     "data": {"revision": None, "prompt_column": None, "response_column": None, "prompt_template": "{prompt}\n",
              "packing": False},
-    "trainer": {"warmup_steps": None, "label_smoothing": 0.0, "schedule": "linear", "eval_every": None},
+    "trainer": {"warmup_steps": None, "label_smoothing": 0.0, "schedule": "linear", "eval_every": None,
+                "strategy": "ddp"},
     "method": {"lr_ratio": None},
 }
 
