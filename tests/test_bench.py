@@ -229,3 +229,22 @@ def test_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_optimiser_state()
     assert breakdown["bf16"]["activations_saved_mb"] < 0.8 * breakdown["fp32"]["activations_saved_mb"]
     with pytest.raises(ConfigError, match="precision='fp16'"):
         variants.precision_of(bench_config("precision=fp16"))
+
+
+def test_a_decoder_language_model_benches_the_peft_twins_of_prefix_and_prompt_tuning(tmp_path):
+    """head=lm: GPT-2's causal LM, next-token labels; prefix and prompt tuning have their PEFT twins there, with
+    the same outputs (over the real tokens: PEFT's prompt tuning also returns its virtual positions')."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lab.bench", "model=tiny_gpt2", "head=lm", "quick=true", "batch_size=2",
+         "seq_len=8", "threads=1", "arms=[prefix,prompt]", "peft.arms=[prefix,prompt]", "control=false",
+         "inference.enabled=false", "memory_options.enabled=false", "checkpoint.enabled=false",
+         f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peft = json.loads((tmp_path / "run" / "bench.json").read_text())["peft"]
+    for arm in ("prefix", "prompt"):
+        assert peft[arm]["trainable_ours"] == peft[arm]["trainable_peft"]
+        assert peft[arm]["max_abs_logit_diff"] < 1e-5
+    bad = subprocess.run([sys.executable, "-m", "lora_lab.bench", "head=nope", f"hydra.run.dir={tmp_path / 'b'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "head='nope': must be one of ['sequence', 'lm']" in bad.stderr

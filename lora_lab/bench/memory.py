@@ -5,7 +5,7 @@ import gc
 
 import torch
 
-from lora_lab.bench.variants import Variant
+from lora_lab.bench.variants import Variant, bench_task
 
 MiB = 1024 * 1024
 
@@ -127,7 +127,7 @@ def _nf4_base(cfg):
     with open_dict(model_cfg):
         model_cfg.load_in_4bit, model_cfg.dtype = True, "bf16"
     torch.manual_seed(int(cfg.seed))
-    return load_model(model_cfg, int(cfg.num_labels), None)
+    return load_model(model_cfg, int(cfg.num_labels), None, task=bench_task(cfg))
 
 
 def memory_options(cfg, base, batch: dict, device: torch.device) -> tuple[dict, dict]:

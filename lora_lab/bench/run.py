@@ -20,6 +20,7 @@ from lora_lab.bench.variants import (
     CONTROL,
     REFERENCE,
     TWIN_PREFIX,
+    bench_task,
     build_frozen,
     build_ours,
     build_peft,
@@ -71,7 +72,7 @@ def run_benchmark(cfg, out=print) -> dict:
 
     out(f"[bench] loading {cfg.model.name} ...")
     torch.manual_seed(int(cfg.seed))
-    base = load_model(cfg.model, int(cfg.num_labels), None)
+    base = load_model(cfg.model, int(cfg.num_labels), None, task=bench_task(cfg))
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions and int(cfg.seq_len) > int(positions):
         raise ConfigError("seq_len", cfg.seq_len, f"exceeds the model's {positions} positions")

@@ -10,11 +10,16 @@ from lora_lab.runtime.timing import compare, load_summary, round_robin, summaris
 
 @torch.no_grad()
 def max_logit_difference(a: Variant, b: Variant, batch: dict) -> float:
-    """Largest absolute difference between two variants' logits on one batch, in eval mode."""
+    """Largest absolute difference between two variants' logits on one batch, in eval mode; over the real
+    tokens' positions when one variant also returns logits for virtual tokens (PEFT's prompt tuning)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     a.model.eval(), b.model.eval()
     try:
-        return float((a.model(**inputs).logits.float() - b.model(**inputs).logits.float()).abs().max())
+        la, lb = a.model(**inputs).logits.float(), b.model(**inputs).logits.float()
+        if la.dim() == 3 and la.shape[1] != lb.shape[1]:
+            n = min(la.shape[1], lb.shape[1])
+            la, lb = la[:, -n:], lb[:, -n:]
+        return float((la - lb).abs().max())
     finally:
         a.model.train(), b.model.train()
 

@@ -19,6 +19,18 @@ TWIN_PREFIX = "peft_"
 _FROZEN_LABELS = {REFERENCE: "frozen-backbone limit", CONTROL: "frozen-backbone limit, 2nd copy (A/A)"}
 
 
+BENCH_TASKS = ("sequence", "lm")
+
+
+def bench_task(cfg) -> str:
+    """What the benchmark's model is: a sequence classifier (``head=sequence``) or, for a decoder, its causal
+    language model (``head=lm``: methods whose PEFT twin exists only there, prefix and prompt tuning)."""
+    head = str(cfg.get("head", "sequence"))
+    if head not in BENCH_TASKS:
+        raise ConfigError("head", head, f"must be one of {list(BENCH_TASKS)}")
+    return head
+
+
 def precision_of(cfg) -> str:
     """fp32 or bf16: the benchmark's steps run without the loss scaler fp16 would need on a GPU."""
     precision = check_precision(str(cfg.get("precision", "fp32")), key="precision")
@@ -94,7 +106,16 @@ def _outputs_require_grad(module, inputs, output):
 
 
 def build_frozen(name: str, base: nn.Module, cfg, device: torch.device) -> Variant:
-    """Head-only training with gradients forced down to the embedding output: the frozen-backbone limit."""
+    """Head-only training with gradients forced down to the embedding output: the frozen-backbone limit. A
+    causal LM's head is its tied embedding matrix, so there one scalar on the embedding output trains instead."""
+    if bench_task(cfg) == "lm":
+        torch.manual_seed(cfg.seed)
+        model = copy.deepcopy(base)
+        model.requires_grad_(False)
+        model.bench_scale = nn.Parameter(torch.ones(()))
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out * model.bench_scale)
+        model.to(device).train()
+        return Variant(name, model, _optimizer(model, cfg), None, precision_of(cfg), _FROZEN_LABELS[name])
     variant = build_ours("head", base, cfg, device)
     variant.name, variant.label = name, _FROZEN_LABELS[name]
     variant.model.get_input_embeddings().register_forward_hook(_outputs_require_grad)
@@ -112,11 +133,14 @@ def build_peft(ours: Variant, base: nn.Module, cfg, device: torch.device) -> Var
 
 def synthetic_batch(model: nn.Module, num_labels: int, batch_size: int, seq_len: int, seed: int,
                     device: torch.device) -> dict:
-    """Random token ids (clear of the low ids where vocabularies keep special tokens), no padding."""
+    """Random token ids (clear of the low ids where vocabularies keep special tokens), no padding; labels
+    are classes for a classifier, the ids themselves (next-token prediction) for a causal LM."""
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(seed)
     low = min(1000, vocab // 2)
     ids = torch.randint(low, vocab, (batch_size, seq_len), generator=g)
     labels = torch.randint(0, num_labels, (batch_size,), generator=g)
+    if getattr(model, "get_output_embeddings", lambda: None)() is not None:  # a language model's own head
+        labels = ids.clone()
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return {k: v.to(device) for k, v in batch.items()}
