@@ -1,10 +1,10 @@
 """The converged embedded study (conf/experiment/embedded_study.yaml): pilot, learning-rate choice, seeds, table.
 
     python experiments/embedded_study/run.py outputs/embedded_study/latest
-    python experiments/embedded_study/run.py outputs/embedded_study/latest --tiers core   # the paper's arms only
+    python experiments/embedded_study/run.py outputs/embedded_study/latest --tiers core   # the first tier only
     python experiments/embedded_study/run.py outputs/embedded_study/latest --report-only  # tables from what is done
 
-For each tier of arms (the LoRA paper's families first, then the PEFT arms):
+For each tier of arms (the LoRA paper's families, then its prefix and prompt rows, then the PEFT arms):
 1. pilot: seed 0 at the three rates of each arm's study grid (one ``lora-lab`` multirun, 2 jobs at once);
 2. choice: per task and arm, the rate whose pilot run has the best validation main metric (a tie goes to
    the lower rate); written to ``chosen.json`` in the sweep folder;
@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 TIERS = {
     "core": ["full", "top2", "dora", "houlsby", "adapter_lin", "pfeiffer", "adapter_drop", "bitfit", "ia3", "head",
              "lora_r1", "lora_r2", "lora_r4", "lora_r8", "lora_r64"],
+    "paper": ["prefix", "prompt"],  # the LoRA paper's PreLayer and PreEmbed rows
     "peft": ["oft", "vera", "loha", "lokr", "adalora", "prompt_tuning", "ln_tuning"],
 }
 TASKS = ["rotten_tomatoes", "trec6"]
@@ -149,7 +150,7 @@ def report(sweep_dir: Path, grids: dict[str, list[float]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--tiers", default="core,peft", help="comma-separated, of: " + ", ".join(TIERS))
+    parser.add_argument("--tiers", default=",".join(TIERS), help="comma-separated, of: " + ", ".join(TIERS))
     parser.add_argument("--report-only", action="store_true", help="only copy the completed runs and build the tables")
     args = parser.parse_args(argv)
     grids = study_grids()
