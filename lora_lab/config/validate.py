@@ -71,6 +71,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "trainer.skip_done": boolean(),
     "trainer.lock_stale_after": number(0, low_open=True),
     "trainer.world_size": integer(1),
+    "trainer.strategy": choice("ddp", "fsdp"),
     "trainer.generation.enabled": boolean(),
     "trainer.generation.max_new_tokens": integer(1),
     "trainer.generation.max_examples": integer(1, null=True),
@@ -195,9 +196,24 @@ def _check_trainer(cfg) -> None:
         if t.world_size != launched_world_size():
             raise ConfigError("trainer.world_size", t.world_size, f"is the number of processes torchrun started "
                               f"({launched_world_size()} here), read from WORLD_SIZE; do not set it")
+    if t.get("strategy") == "fsdp":
+        _check_fsdp(cfg)
     if t.get("label_smoothing") and "data" in cfg and (cfg.data.get("task_type") or "") == "regression":
         raise ConfigError("trainer.label_smoothing", t.label_smoothing, "applies to cross-entropy losses; "
                           "data.task_type=regression has none (set it to 0)")
+
+
+def _check_fsdp(cfg) -> None:
+    """``trainer.strategy=fsdp`` shards the model over the processes of a torchrun launch."""
+    if launched_world_size() <= 1:
+        raise ConfigError("trainer.strategy", "fsdp", "needs several processes: start it with "
+                          "torchrun --nproc_per_node=N")
+    if "model" in cfg and cfg.model.get("load_in_4bit"):
+        raise ConfigError("trainer.strategy", "fsdp", "cannot shard a 4-bit base (model.load_in_4bit=true); "
+                          "use trainer.strategy=ddp")
+    if (cfg.trainer.get("generation") or {}).get("enabled"):
+        raise ConfigError("trainer.strategy", "fsdp", "does not generate yet (trainer.generation.enabled=true); "
+                          "use trainer.strategy=ddp")
 
 
 def _check_data_config(data) -> None:

@@ -17,7 +17,9 @@
 A best-epoch file is written before the checkpoint that names it, and older ones are deleted only
 after, so a kill at any moment leaves a checkpoint whose files all exist. Under torchrun rank 0 writes
 the one checkpoint (the trainable and optimiser state are the same on every rank) with every rank's
-random number generator states; each rank restores its own.
+random number generator states; each rank restores its own. Under ``trainer.strategy=fsdp`` the
+parameters and optimiser state are sharded: every rank takes part in gathering them whole
+(``gathered_state``), rank 0 writes the same file, and every rank restores its own shards from it.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from safetensors.torch import load_file
 
 from lora_lab.config.run_identity import differences
 from lora_lab.errors import ConfigError
-from lora_lab.runtime import records
+from lora_lab.runtime import records, sharding
 
 CHECKPOINT_DIR = "checkpoint"
 LAST = "last.safetensors"
@@ -58,14 +60,25 @@ class Checkpoint:
         return {k[len(prefix) + 1:]: v for k, v in self.tensors.items() if k.startswith(prefix + "/")}
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
+def _trainable_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters; of a sharded model (``trainer.strategy=fsdp``) whole copies on the CPU,
+    gathered from every rank (so every rank must call it)."""
+    if sharding.is_sharded(model):
+        return sharding.full_state(model)
+    return _trainable_parameters(model)
+
+
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Whole tensors into the trainable parameters (into each rank's shards of a sharded model)."""
+    if sharding.is_sharded(model):
+        sharding.reshard(model)
     with torch.no_grad():
-        for name, param in trainable_state(model).items():
-            param.copy_(state[name])
+        for name, param in _trainable_parameters(model).items():
+            param.copy_(sharding.shard_like(state[name], param))
 
 
 # ---------------------------------------------------------------- writing
@@ -95,19 +108,29 @@ def _rank_prefix(rank: int) -> str:
     return f"rank{rank}/" if rank else ""
 
 
-def _optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    state = optimizer.state_dict()
+def gathered_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A sharded model's trainable state and its optimiser's state dict, whole (on every rank, which must
+    all call this); None for a model that is not sharded (``save`` reads them itself)."""
+    if not sharding.is_sharded(model):
+        return None
+    return trainable_state(model), sharding.full_optimizer_state(optimizer)
+
+
+def _optimizer_parts(state: dict) -> tuple[dict[str, torch.Tensor], str]:
     tensors = {f"optimizer/{index}/{key}": value for index, entry in state["state"].items()
                for key, value in entry.items() if torch.is_tensor(value)}
     return tensors, json.dumps(state["param_groups"])
 
 
 def save(directory: Path, model, optimizer, scheduler, config: dict, progress: dict,
-         series: dict[str, torch.Tensor], rng_states: list | None = None) -> Path:
+         series: dict[str, torch.Tensor], rng_states: list | None = None,
+         gathered: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
     """Write ``last.safetensors`` atomically; ``series``: per-step values kept as tensors;
-    ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's)."""
-    optimizer_tensors, groups = _optimizer_parts(optimizer)
-    tensors = {**{f"model/{k}": v for k, v in trainable_state(model).items()}, **optimizer_tensors,
+    ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's); ``gathered``:
+    the trainable and optimiser state of a sharded model (``gathered_state``), instead of reading them."""
+    trainable, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
+    optimizer_tensors, groups = _optimizer_parts(optimizer_state)
+    tensors = {**{f"model/{k}": v for k, v in trainable.items()}, **optimizer_tensors,
                **{f"progress/{k}": v for k, v in series.items()}}
     meta = {"format": FORMAT, "config": json.dumps(config, default=str), "progress": json.dumps(progress),
             "optimizer": groups, "scheduler": json.dumps(scheduler.state_dict())}
@@ -202,7 +225,7 @@ def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
     """Trainable parameters, optimiser and scheduler; the random number generators come last, with
     ``restore_rng``, once everything that draws random numbers while setting up has run."""
     saved = checkpoint.group("model")
-    params = trainable_state(model)
+    params = _trainable_parameters(model)
     if set(saved) != set(params):
         missing = sorted(set(params) ^ set(saved))[:3]
         raise ConfigError("checkpoint", str(checkpoint.path), f"does not match the model's trainable parameters "
@@ -212,7 +235,8 @@ def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
     for key, tensor in checkpoint.group("optimizer").items():
         index, name = key.split("/", 1)
         state["state"].setdefault(int(index), {})[name] = tensor
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(sharding.shard_optimizer_state(state, optimizer) if sharding.is_sharded(model)
+                              else state)
     scheduler.load_state_dict(checkpoint.meta["scheduler"])
 
 

@@ -7,6 +7,7 @@ a run is one process and nothing here communicates. Every process composes the s
 lands in the same run directory (its name is a hash of the config, which includes
 ``trainer.world_size``); only rank 0 writes there (run record, trainable state, ΔW, checkpoints) and
 logs to W&B. The backend is NCCL on GPUs (one per process: ``cuda:LOCAL_RANK``), gloo on CPUs.
+With ``trainer.strategy=fsdp`` the model is sharded over the ranks instead (lora_lab.runtime.sharding).
 """
 from __future__ import annotations
 
@@ -25,17 +26,24 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    strategy: str = "ddp"  # trainer.strategy: ddp (replicated model) | fsdp (sharded: lora_lab.runtime.sharding)
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
 
     @property
+    def sharded(self) -> bool:
+        """The model is sharded over the ranks (FSDP): every rank must take part in every forward pass."""
+        return self.enabled and self.strategy == "fsdp"
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def describe(self) -> dict:
-        return {"world_size": self.world_size, "backend": self.backend}
+        return {"world_size": self.world_size, "backend": self.backend,
+                **({"strategy": self.strategy} if self.sharded else {})}
 
     # ------------------------------------------------------------ collectives (no-ops in one process)
 

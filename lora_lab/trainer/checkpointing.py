@@ -64,6 +64,7 @@ def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
     progress.throughput = state.throughput.state()
     progress.grad_scaler = run.scaler.state_dict() if run.scaler else None
     rng_states = run.dist.gather(checkpoint.rng_state())
+    gathered = checkpoint.gathered_state(run.model, run.optimizer)  # trainer.strategy=fsdp: on every rank
     if run.dist.enabled:
         progress.throughput_ranks = run.dist.gather(state.throughput.state())
     path = None
@@ -71,7 +72,7 @@ def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
         series = {"epoch_losses": torch.tensor(state.epoch_losses, dtype=torch.float64),
                   "step_seconds": torch.tensor(state.throughput.step_times, dtype=torch.float64)}
         path = checkpoint.save(run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.result_config,
-                               progress.to_dict(), series, rng_states)
+                               progress.to_dict(), series, rng_states, gathered)
         checkpoint.drop_stale_best(run.checkpoint_dir, progress.best_epoch)
     run.dist.barrier()  # a rank that stops next must not end the launch while rank 0 writes
     state.segment_start = time.perf_counter()

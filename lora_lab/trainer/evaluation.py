@@ -80,10 +80,24 @@ def predict(model, loader, device, amp, task: TaskType,
             per_batch.append(logits.float().squeeze(-1).tolist())
         else:
             per_batch.append(logits.argmax(-1).tolist())
+    if dist.sharded:
+        _keep_in_step(model, loader, device, amp, dist, len(per_batch))
     if dist.enabled:  # rank r predicted batches r, r + world_size, ...: interleave them back
         shares = dist.gather(per_batch)
         per_batch = [shares[i % dist.world_size][i // dist.world_size] for i in range(sum(map(len, shares)))]
     return [p for batch_predictions in per_batch for p in batch_predictions], latencies
+
+
+def _keep_in_step(model, loader, device, amp, dist: Distributed, done: int) -> None:
+    """A sharded model (``trainer.strategy=fsdp``) gathers each block's parameters from every rank in
+    every forward pass, so every rank runs as many as the rank with the most batches: a rank with fewer
+    runs its missing ones on the split's first batch, and drops their output."""
+    most = -(-len(loader.batch_sampler) // dist.world_size)
+    if done < most:
+        first = {k: v for k, v in to_device(next(iter(loader)), device).items() if k != "labels"}
+        for _ in range(most - done):
+            with amp():
+                model(**first)
 
 
 def gold_labels(dataset, task: TaskType) -> list:

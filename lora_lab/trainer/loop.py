@@ -77,8 +77,9 @@ def _train_micro_batch(run: Run, state: TrainingState, batch: dict, group: int, 
     examples = run.train_loader.batch_sampler.counted(state.progress.batch)  # 0: a stand-in that keeps DDP in step
     batch = to_device(batch, run.device)
     label_smoothing = run.cfg.trainer.get("label_smoothing") or 0.0
-    with state.throughput.step(batch, examples), (nullcontext() if stepping or not run.dist.enabled
-                                                  else run.train_model.no_sync()):
+    # DDP synchronises gradients on the step's last micro-batch only; FSDP reduce-scatters after every one
+    accumulating = not stepping and run.dist.enabled and not run.dist.sharded
+    with state.throughput.step(batch, examples), (run.train_model.no_sync() if accumulating else nullcontext()):
         with run.amp():
             loss = training_loss(run.train_model(**batch), batch, run.task.head, label_smoothing)
         loss_value, weight = global_loss(loss, batch, examples, run.task, run.dist)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from lora_lab.errors import ConfigError
 from lora_lab.methods import build_method
 from lora_lab.methods.base import Method
 from lora_lab.models import quantization
-from lora_lab.models.architectures import model_type
+from lora_lab.models.architectures import layer_stack, model_type
 from lora_lab.models.loading import (
     cast_trainable_to_fp32,
     enable_gradient_checkpointing,
@@ -33,7 +33,7 @@ from lora_lab.models.loading import (
     weights_dtype,
 )
 from lora_lab.models.precision import autocast, grad_scaler
-from lora_lab.runtime import checkpoint, measure
+from lora_lab.runtime import checkpoint, measure, sharding
 from lora_lab.runtime.distributed import Distributed, device_for
 from lora_lab.runtime.phases import QUIET, Phases
 from lora_lab.runtime.seeding import set_seed
@@ -56,8 +56,8 @@ class Run:
     data: TaskData
     monitor: str  # the validation metric that picks the best epoch
     method: Method
-    model: nn.Module  # with the method applied
-    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    model: nn.Module  # with the method applied (sharded in place under trainer.strategy=fsdp)
+    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun (ddp)
     train_loader: DataLoader
     evaluation: EvaluationSplits
     optimizer: torch.optim.Optimizer
@@ -69,6 +69,7 @@ class Run:
     result_config: dict  # the settings a checkpoint must have been written with (run_identity.result_config)
     scaler: torch.amp.GradScaler | None = None  # trainer.precision=fp16 on CUDA: the loss scaler
     phases: Phases = QUIET  # the status of each phase between training steps (trainer.progress_bar)
+    shell: nn.Module | None = None  # trainer.strategy=fsdp: the unsharded model's structure (sharding.meta_copy)
 
     @property
     def task(self) -> TaskType:
@@ -98,6 +99,7 @@ def set_up(cfg, run_dir: Path, dist: Distributed) -> Run:
     before the model loads, so a random model and a fresh head come out the same whatever was loaded
     before (lora_lab.peft.export rebuilds a run's model that way)."""
     tcfg = cfg.trainer
+    dist = replace(dist, strategy=tcfg.get("strategy") or "ddp")
     monitor = main_metric(cfg.data)
     method = build_method(cfg.method)  # validates the method's settings before anything is loaded
     device = resolve_device(device_for(dist, tcfg.device))
@@ -122,13 +124,14 @@ def set_up(cfg, run_dir: Path, dist: Distributed) -> Run:
                                    rank=dist.rank, world_size=dist.world_size)  # draws no random numbers
     schedule = plan_schedule(tcfg, train_loader.batch_sampler.batches_per_epoch())
     method.total_steps = schedule.total_steps  # before apply: a method may plan by it (AdaLoRA's budget)
-    train_model, counts = _apply_method(cfg, model, method, collator, dist, device)
+    train_model, counts, shell = _apply_method(cfg, model, method, collator, dist, device)
     optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay, method.lr_scales(model))
     scheduler = make_scheduler(optimizer, tcfg.get("schedule") or "linear", schedule.warmup_steps, schedule.total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Run(cfg, run_dir, dist, device, amp, data, monitor, method, model, train_model, train_loader, splits,
                optimizer, scheduler, trainable, schedule, counts, pretrained,
-               result_config(OmegaConf.to_container(cfg, resolve=True)), grad_scaler(device, tcfg.precision), phases)
+               result_config(OmegaConf.to_container(cfg, resolve=True)), grad_scaler(device, tcfg.precision), phases,
+               shell)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,9 +165,10 @@ def _pretrained_baseline(cfg, run_dir: Path, model, splits: EvaluationSplits, de
 
 
 def _apply_method(cfg, model, method: Method, collator: Collator, dist: Distributed,
-                  device: torch.device) -> tuple[nn.Module, dict]:
+                  device: torch.device) -> tuple[nn.Module, dict, nn.Module | None]:
     """Apply the method and move the model to its device. Returns the module that trains (the model,
-    or its DDP wrapper) and the model's parameter counts."""
+    its DDP wrapper, or the model sharded in place), the model's parameter counts (of the whole model)
+    and, when sharded, its unsharded structure (``sharding.meta_copy``)."""
     if is_causal_decoder(model_type(model)):  # GPT-2 would add token-type embeddings an encoder's tokenizer asks for
         collator.token_types = False
     method.apply(model)
@@ -173,10 +177,16 @@ def _apply_method(cfg, model, method: Method, collator: Collator, dist: Distribu
         enable_gradient_checkpointing(model)
     quantization.to_device(model, device)
     counts = measure.parameter_counts(model, method)
-    train_model = wrap_distributed(model, method, dist, device)
+    shell = None
+    if dist.sharded:  # the optimiser is made afterwards, over the shards
+        shell = sharding.meta_copy(model)
+        sharding.shard_model(model, layer_stack(model)[1], dist.world_size, device, cfg.trainer.precision)
+        train_model = model
+    else:
+        train_model = wrap_distributed(model, method, dist, device)
     if dist.enabled:  # the same initial weights on every rank, then dropout masks of each rank's own
         torch.manual_seed(cfg.seed * 1_000 + dist.rank)
-    return train_model, counts
+    return train_model, counts, shell
 
 
 def wrap_distributed(model, method, dist: Distributed, device: torch.device):
@@ -205,5 +215,6 @@ def describe_run(run: Run, progress: Progress, tracker: Tracker) -> dict:
     run.say(f"[lora_lab] {run.method.name}: {counts['trainable']:,} trainable of {counts['total']:,} "
             f"({counts['trainable_percent']:.3f} %), {schedule.steps_per_epoch} steps/epoch"
             f"{f' of {schedule.accum} micro-batches' if schedule.accum > 1 else ''} on {run.device}"
-            f"{f' x {run.dist.world_size} processes' if run.dist.enabled else ''}")
+            f"{f' x {run.dist.world_size} processes' if run.dist.enabled else ''}"
+            f"{' (sharded: fsdp)' if run.dist.sharded else ''}")
     return info

@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from lora_lab.config.validate import check_config
-from lora_lab.runtime import checkpoint
+from lora_lab.runtime import checkpoint, sharding
 from lora_lab.runtime.distributed import Distributed
 from lora_lab.runtime.distributed import setup as setup_distributed
 from lora_lab.runtime.preemption import StopRequests
@@ -50,5 +51,8 @@ def run_checked_training(cfg, run_dir: Path, tracker: Tracker | None = None, sto
         checkpoint.restore_rng(resumed_from, dist.rank)
     train_until_done(run, state, tracker, stop)
     throughput_ranks = dist.gather(state.throughput.state())
+    if run.dist.sharded:  # the end of the run (rank 0) works on an unsharded copy of the trained model
+        whole = sharding.materialise(run.model, run.shell, run.device, keep=dist.is_main)
+        run = replace(run, model=whole, train_model=whole, trainable=[]) if dist.is_main else run
     record = finish(run, state, info, tracker, throughput_ranks) if dist.is_main else None
     return dist.broadcast(record)  # every rank returns rank 0's record (e.g. to a Hydra sweeper)

@@ -1,0 +1,176 @@
+"""``trainer.strategy=fsdp``: the model sharded over two torchrun processes (gloo on this CPU machine).
+
+As for DDP (tests/test_distributed.py), the reference for 2 processes with batch_size b is 1 process
+with batch_size 2b; without dropout the two differ only in the order in which gradients are summed,
+so metrics and trained weights must agree to 1e-5. A sharded run killed mid-run resumes from its
+checkpoint (gathered whole by rank 0) to the same result, bit for bit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import batch, compose_config, method_cfg, tiny_bert
+from test_distributed import state, torchrun
+from test_resume import DRIVER
+
+from lora_lab.runtime import records
+
+# 57 examples: the last global batch of 8 has one example, so rank 1 takes part with a stand-in
+BASE = ["experiment=smoke", "logger=disabled", "model.dropout=0", "data.max_train=57", "trainer.epochs=2",
+        "trainer.checkpoint_every=3", "trainer.throughput_warmup_steps=1"]
+FSDP = ["trainer.strategy=fsdp"]
+# (model, method, per-rank batch, grad_accum): LoRA and full fine-tuning on an encoder and a decoder; one
+# with gradient accumulation
+CASES = {"bert-lora": ("tiny", "lora", 4, 1), "bert-full": ("tiny", "full", 4, 1),
+         "llama-lora": ("tiny_llama", "lora", 4, 1), "llama-full-accum": ("tiny_llama", "full", 2, 2)}
+
+
+def overrides(case: str, world: int, cache: Path) -> list[str]:
+    model, method, batch_size, accum = CASES[case]
+    return [*BASE, f"model={model}", f"method={method}", f"trainer.batch_size={batch_size * 2 // world}",
+            f"trainer.grad_accum={accum}", f"data.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def sharded_lora(tmp_path_factory):
+    """The BERT LoRA run under fsdp on 2 processes, shared by the equality and the resume test."""
+    root = tmp_path_factory.mktemp("fsdp")
+    torchrun(*overrides("bert-lora", 2, root / "cache"), *FSDP, f"hydra.run.dir={root / 'run'}", cwd=root)
+    return root
+
+
+def assert_same_training(sharded_dir: Path, single: dict, single_dir: Path) -> None:
+    sharded = records.load_record(sharded_dir)
+    assert sharded["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "fsdp"}
+    assert sharded["parameters"] == single["parameters"]  # counted whole, not per shard
+    for a, b in zip(sharded["epochs"], single["epochs"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    mine, theirs = state(sharded_dir), state(single_dir)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], atol=1e-5, rtol=0, msg=name)
+    assert sharded["delta_w_shapes"] == single["delta_w_shapes"] and sharded["base_sha256"] == single["base_sha256"]
+
+
+def single_process(case: str, cache: Path, run_dir: Path) -> dict:
+    from lora_lab.trainer.train import run_training
+
+    return run_training(compose_config(*overrides(case, 1, cache)), run_dir)
+
+
+def test_bert_lora_on_two_shards_matches_one_process(sharded_lora, tmp_path):
+    single = single_process("bert-lora", sharded_lora / "cache", tmp_path / "single")
+    assert_same_training(sharded_lora / "run", single, tmp_path / "single")
+    assert not (sharded_lora / "run" / "checkpoint").exists()
+    assert records.load_record(sharded_lora / "run")["measurements"]["inference_merged_ms"] > 0
+
+
+@pytest.mark.parametrize("case", ["bert-full", "llama-lora", "llama-full-accum"])
+def test_two_shards_match_one_process(case, tmp_path):
+    cache = tmp_path / "cache"
+    torchrun(*overrides(case, 2, cache), *FSDP, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    single = single_process(case, cache, tmp_path / "single")
+    assert_same_training(tmp_path / "run", single, tmp_path / "single")
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real process group of one gloo rank, so FSDP itself runs in this process."""
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch_dist.destroy_process_group()
+
+
+def test_sharded_parameters_are_read_and_written_whole(one_rank_group):
+    from torch.distributed.tensor import DTensor
+
+    from lora_lab.methods import build_method
+    from lora_lab.models.architectures import layer_stack
+    from lora_lab.runtime import checkpoint, sharding
+
+    model = tiny_bert()
+    build_method(method_cfg("lora")).apply(model)
+    shell = sharding.meta_copy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    sharding.shard_model(model, layer_stack(model)[1], 1, torch.device("cpu"), "bf16")
+    assert sharding.is_sharded(model) and all(isinstance(p, DTensor) for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.1)
+    model.train()
+    model(**batch(1), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+    assert isinstance(torch.nn.utils.clip_grad_norm_(trainable, 0.1), DTensor)  # clipping works on DTensor grads
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch(2)).logits  # a forward pass may leave the root's parameters unsharded
+    saved, optimizer_state = checkpoint.gathered_state(model, optimizer)
+    saved = {n: t.clone() for n, t in saved.items()}  # one rank's "whole" tensor may be its shard itself
+    assert saved.keys() == before.keys() and not any(isinstance(t, DTensor) for t in saved.values())
+    assert not any(isinstance(t, DTensor) for entry in optimizer_state["state"].values() for t in entry.values())
+    checkpoint.load_trainable_state(model, before)
+    assert all(checkpoint.trainable_state(model)[n].equal(before[n]) for n in before)
+    checkpoint.load_trainable_state(model, saved)
+    optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer_state, optimizer))
+    assert isinstance(optimizer.state[trainable[0]]["exp_avg"], DTensor)
+    whole = sharding.materialise(model, shell, torch.device("cpu"), keep=True)
+    assert not sharding.is_sharded(whole) and not any(isinstance(p, DTensor) for p in whole.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(whole(**batch(2)).logits, expected.full_tensor() if isinstance(expected, DTensor)
+                                   else expected, atol=1e-6, rtol=0)
+
+
+def test_killed_sharded_run_resumes_to_the_same_result(sharded_lora, tmp_path):
+    args = [*overrides("bert-lora", 2, sharded_lora / "cache"), *FSDP, f"hydra.run.dir={tmp_path / 'run'}"]
+    killed = torchrun(*args, cwd=tmp_path, script=[DRIVER, "step", "5"], check=False)  # in step 5 of 16
+    assert killed.returncode != 0 and (tmp_path / "run" / "checkpoint" / "last.safetensors").exists()
+    torchrun(*args, cwd=tmp_path)
+    resumed, reference = records.load_record(tmp_path / "run"), records.load_record(sharded_lora / "run")
+    assert resumed["resumes"] == [{"step": 3, "epoch": 1}]
+    assert resumed["epochs"] == reference["epochs"]
+    mine, theirs = state(tmp_path / "run"), state(sharded_lora / "run")
+    assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("extra,problem", [
+    ([], "trainer.strategy='fsdp': needs several processes: start it with torchrun --nproc_per_node=N"),
+    (["model.load_in_4bit=true"], "trainer.strategy='fsdp': cannot shard a 4-bit base"),
+    (["trainer.generation.enabled=true"], "trainer.strategy='fsdp': does not generate yet"),
+])
+def test_bad_fsdp_settings_are_one_line(monkeypatch, extra, problem):
+    from lora_lab.config.validate import _check_trainer
+    from lora_lab.errors import ConfigError
+
+    if extra:  # as under torchrun: the 4-bit and generation checks come after the process count
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = compose_config(*BASE, *FSDP, *extra)
+    with pytest.raises(ConfigError) as caught:
+        _check_trainer(cfg)
+    assert str(caught.value).startswith(problem) and "\n" not in str(caught.value)
+
+
+def test_unknown_strategy_is_one_line():
+    from lora_lab.config.validate import check_config
+    from lora_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^trainer.strategy='zero3': ") as caught:
+        check_config(compose_config(*BASE, "trainer.strategy=zero3"))
+    assert "\n" not in str(caught.value)
+
+
+def test_the_default_strategy_keeps_a_run_s_identity():
+    from omegaconf import OmegaConf
+
+    from lora_lab.config.run_identity import run_hash
+
+    ddp = OmegaConf.to_container(compose_config(*BASE), resolve=True)
+    assert ddp["trainer"]["strategy"] == "ddp"
+    before = {**ddp, "trainer": {k: v for k, v in ddp["trainer"].items() if k != "strategy"}}
+    assert run_hash(ddp) == run_hash(before)
+    fsdp = OmegaConf.to_container(compose_config(*BASE, *FSDP), resolve=True)
+    assert run_hash(fsdp) != run_hash(ddp)
