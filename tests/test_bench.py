@@ -133,6 +133,9 @@ def test_inference_and_memory(quick_run):
     assert options["checkpointing"]["activations_saved_mb"] < fp32["activations_saved_mb"] / 2
     assert options["bf16_base_checkpointing"]["total_mb"] == min(m["total_mb"] for m in options.values())
     assert "### 3b. Fitting a bigger model" in result["table_markdown"]
+    assert set(result["sharded_memory"]) == {f"{arm}/{strategy}/{n}" for arm in ("full", "lora_r8")
+                                             for strategy in ("ddp", "fsdp") for n in (2, 4)}
+    assert "### 3c. Training state per rank, DDP vs FSDP" in result["table_markdown"]
 
 
 def test_in_process_with_peft_missing_gives_a_note(tmp_path, monkeypatch):
@@ -248,3 +251,35 @@ def test_a_decoder_language_model_benches_the_peft_twins_of_prefix_and_prompt_tu
     bad = subprocess.run([sys.executable, "-m", "lora_lab.bench", "head=nope", f"hydra.run.dir={tmp_path / 'b'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "head='nope': must be one of ['sequence', 'lm']" in bad.stderr
+
+
+def test_sharded_memory_per_rank_is_the_formula():
+    """Section 3c, predicted from the tensors: DDP replicates weights, gradients and AdamW state; FSDP
+    divides them by the ranks and adds the largest unit it gathers whole (a block, or the root)."""
+    from lora_lab.bench.memory import MiB
+    from lora_lab.bench.sharded_memory import sharded_memory
+    from lora_lab.models.architectures import layer_stack
+    from lora_lab.models.loading import load_model
+
+    cfg = bench_config("model=tiny")
+    torch.manual_seed(0)
+    base = load_model(cfg.model, int(cfg.num_labels), None, task=variants.bench_task(cfg))
+    rows = sharded_memory(cfg, base, torch.device("cpu"))
+    assert list(rows) == [f"{arm}/{strategy}/{n}" for arm in ("full", "lora_r8") for n in (2, 4)
+                          for strategy in ("ddp", "fsdp")]
+    params = list(base.parameters())
+    assert all(p.dtype == torch.float32 for p in params)
+    weights = 4 * sum(p.numel() for p in params)
+    blocks = [4 * sum(p.numel() for p in block.parameters()) for block in layer_stack(base)[1]]
+    largest = max(*blocks, weights - sum(blocks))  # a block, or the root's own parameters
+    full = weights + weights + (2 * weights + 4 * len(params))  # weights, gradients, AdamW moments and steps
+    for n in (2, 4):
+        ddp, fsdp = rows[f"full/ddp/{n}"], rows[f"full/fsdp/{n}"]
+        assert ddp["total_mb"] == pytest.approx(full / MiB, rel=1e-12) and ddp["gathered_mb"] == 0
+        assert fsdp["total_mb"] == pytest.approx((full / n + largest) / MiB, rel=1e-12)
+        assert fsdp["gathered_mb"] == pytest.approx(largest / MiB, rel=1e-12)
+        assert fsdp["total_mb"] < ddp["total_mb"]
+        lora_ddp, lora_fsdp = rows[f"lora_r8/ddp/{n}"], rows[f"lora_r8/fsdp/{n}"]
+        assert lora_ddp["weights_mb"] > ddp["weights_mb"] and lora_ddp["gradients_mb"] < ddp["gradients_mb"] / 10
+        assert lora_fsdp["weights_mb"] == pytest.approx(lora_ddp["weights_mb"] / n, rel=1e-12)
+    assert rows["full/fsdp/4"]["total_mb"] < rows["full/fsdp/2"]["total_mb"]

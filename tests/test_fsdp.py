@@ -3,7 +3,9 @@
 As for DDP (tests/test_distributed.py), the reference for 2 processes with batch_size b is 1 process
 with batch_size 2b; without dropout the two differ only in the order in which gradients are summed,
 so metrics and trained weights must agree to 1e-5. A sharded run killed mid-run resumes from its
-checkpoint (gathered whole by rank 0) to the same result, bit for bit.
+checkpoint (gathered whole by rank 0) to the same result, bit for bit. Every other method trains sharded
+to the same result too (one torchrun launch, a Hydra multirun), and a sharded LoRA run exports and is
+analysed as its one-process twin.
 """
 from __future__ import annotations
 
@@ -62,9 +64,14 @@ def single_process(case: str, cache: Path, run_dir: Path) -> dict:
     return run_training(compose_config(*overrides(case, 1, cache)), run_dir)
 
 
-def test_bert_lora_on_two_shards_matches_one_process(sharded_lora, tmp_path):
-    single = single_process("bert-lora", sharded_lora / "cache", tmp_path / "single")
-    assert_same_training(sharded_lora / "run", single, tmp_path / "single")
+@pytest.fixture(scope="module")
+def single_lora(sharded_lora):
+    """The one-process reference of ``sharded_lora`` (twice the batch), in its folder: (record, run dir)."""
+    return single_process("bert-lora", sharded_lora / "cache", sharded_lora / "single"), sharded_lora / "single"
+
+
+def test_bert_lora_on_two_shards_matches_one_process(sharded_lora, single_lora):
+    assert_same_training(sharded_lora / "run", *single_lora)
     assert not (sharded_lora / "run" / "checkpoint").exists()
     assert records.load_record(sharded_lora / "run")["measurements"]["inference_merged_ms"] > 0
 
@@ -75,6 +82,66 @@ def test_two_shards_match_one_process(case, tmp_path):
     torchrun(*overrides(case, 2, cache), *FSDP, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     single = single_process(case, cache, tmp_path / "single")
     assert_same_training(tmp_path / "run", single, tmp_path / "single")
+
+
+def test_a_sharded_lora_run_exports_and_reports_as_one_process(sharded_lora, single_lora, tmp_path, capsys):
+    """lora-lab-export and lora-lab-subspace read an fsdp run's record and gathered state as any other."""
+    import csv
+    import json
+
+    pytest.importorskip("peft")
+    from lora_lab.analysis.subspace_report import main as subspace
+    from lora_lab.peft.export import WRITTEN
+    from lora_lab.peft.export import main as export
+
+    adapters = {}
+    for name, run_dir in (("sharded", sharded_lora / "run"), ("single", single_lora[1])):
+        assert export([str(run_dir), str(tmp_path / name)]) == 0  # loads back into PEFT with the run's logits
+        assert sorted(p.name for p in (tmp_path / name).iterdir() if not p.name.startswith(".")) == sorted(WRITTEN)
+        adapters[name] = records.load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    assert "PEFT's logits differ from the run's by at most" in capsys.readouterr().out
+    configs = [json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in adapters]
+    assert configs[0] == configs[1]
+    mine, theirs = adapters["sharded"], adapters["single"]
+    assert mine.keys() == theirs.keys() and any("lora_A" in k for k in mine)
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], atol=1e-5, rtol=0, msg=key)
+    out = tmp_path / "report"
+    assert subspace([str(sharded_lora / "run"), str(single_lora[1]), "--out", str(out), "--no-progress"]) == 0
+    assert f"| {sharded_lora / 'run'} |" in (out / "report.md").read_text() and (out / "table7.md").exists()
+    with open(out / "phi_summary.csv") as f:  # the sharded run's ΔW spans the one-process run's subspace
+        assert all(float(row["phi_full"]) == pytest.approx(1, abs=1e-6) for row in csv.DictReader(f))
+
+
+# every other method, by its conf/arm preset: bottleneck adapters, DoRA, (IA)³, BitFit, prefix and prompt
+# tuning, and the PEFT bridge (VeRA); all in one torchrun launch, as one Hydra multirun
+EVERY_METHOD = {"houlsby": "adapter", "dora": "dora", "ia3": "ia3", "bitfit": "bitfit", "prefix": "prefix",
+                "prompt": "prompt", "vera": "peft"}
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """``torchrun ... -m arm=houlsby,dora,...`` under fsdp: the multirun's jobs share one process group."""
+    root = tmp_path_factory.mktemp("fsdp-methods")
+    out = torchrun("-m", *BASE, "model=tiny", "trainer.batch_size=4", f"data.cache_dir={root / 'cache'}", *FSDP,
+                   f"hydra.sweep.dir={root / 'sweep'}", f"arm={','.join(EVERY_METHOD)}", cwd=root)
+    assert out.stdout.count("runs and comparison.md in") == 1  # rank 0 alone writes and prints the comparison
+    return root
+
+
+def test_every_method_on_two_shards_matches_one_process(every_method, tmp_path):
+    from lora_lab.trainer.train import run_training
+
+    runs = records.find_run_dirs(every_method / "sweep")  # 0_adapter_houlsby_s0, 1_dora_r8_s0, ...
+    assert [int(run.name.split("_")[0]) for run in runs] == list(range(len(EVERY_METHOD)))
+    assert (every_method / "sweep" / "comparison.md").exists()
+    for run_dir, (arm, method) in zip(runs, EVERY_METHOD.items(), strict=True):
+        record = records.load_record(run_dir)
+        assert record["status"] == "completed" and record["config"]["method"]["name"] == method, arm
+        assert record["config"]["trainer"]["strategy"] == "fsdp"
+        single = run_training(compose_config(*BASE, "model=tiny", f"arm={arm}", "trainer.batch_size=8",
+                                             f"data.cache_dir={every_method / 'cache'}"), tmp_path / arm)
+        assert_same_training(run_dir, single, tmp_path / arm)
 
 
 @pytest.fixture

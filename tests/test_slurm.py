@@ -20,14 +20,27 @@ def compose_with_hydra(*overrides: str):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
-@pytest.mark.parametrize("launcher,tasks", [("slurm", 1), ("slurm_ddp", 4)])
-def test_slurm_launchers_compose(launcher, tasks):
+@pytest.mark.parametrize("launcher,tasks,strategy", [("slurm", 1, "ddp"), ("slurm_ddp", 4, "ddp"),
+                                                     ("slurm_fsdp", 4, "fsdp")])
+def test_slurm_launchers_compose(launcher, tasks, strategy):
     cfg = compose_with_hydra(f"launcher={launcher}", "hydra.launcher.partition=gpu")
     hydra_launcher = cfg.hydra.launcher
     assert hydra_launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert hydra_launcher.tasks_per_node == tasks and hydra_launcher.partition == "gpu"
     assert hydra_launcher.max_num_timeout > 0 and hydra_launcher.array_parallelism > 0
-    assert cfg.trainer.device == "cuda"
+    assert cfg.trainer.device == "cuda" and cfg.trainer.strategy == strategy
+
+
+def test_slurm_fsdp_is_slurm_ddp_with_the_model_sharded():
+    """The same jobs (submitit parameters, one task per GPU), only trainer.strategy differs."""
+    from omegaconf import OmegaConf
+
+    ddp, fsdp = (OmegaConf.to_container(compose_with_hydra(f"launcher={name}", "hydra.launcher.gpus_per_node=8",
+                                                           "hydra.launcher.tasks_per_node=8"))
+                 for name in ("slurm_ddp", "slurm_fsdp"))
+    assert fsdp["hydra"]["launcher"] == ddp["hydra"]["launcher"] and fsdp["hydra"]["launcher"]["tasks_per_node"] == 8
+    assert fsdp["trainer"] == {**ddp["trainer"], "strategy": "fsdp"}
+    assert compose_with_hydra("launcher=slurm_fsdp", "trainer.strategy=ddp").trainer.strategy == "ddp"
 
 
 def submitit_tasks(folder: Path) -> list[int]:
@@ -83,3 +96,17 @@ def test_one_job_of_two_tasks_is_one_ddp_run(tmp_path, warm_cli):
     record = records.load_record(sweep / "0_lora_r8_s0")
     assert record["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert record["config"]["trainer"]["world_size"] == 2 and record["measurements"]["world_size"] == 2
+
+
+def test_one_job_of_two_tasks_is_one_fsdp_run(tmp_path, warm_cli):
+    """launcher=slurm_fsdp's shape on submitit's local executor: the tasks shard one model between them."""
+    sweep = tmp_path / "sweep"
+    command = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
+               f"hydra.sweep.dir={sweep}", "experiment=smoke", "trainer.batch_size=4", "trainer.strategy=fsdp",
+               f"data.cache_dir={tmp_path / 'cache'}"]
+    out = warm_cli.run(command, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [p.parent.name for p in sweep.rglob(records.RECORD_FILE)] == ["0_lora_r8_s0"]
+    record = records.load_record(sweep / "0_lora_r8_s0")
+    assert record["status"] == "completed"
+    assert record["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "fsdp"}

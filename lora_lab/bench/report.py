@@ -84,6 +84,14 @@ def _memory_table(mem: dict) -> str:
     return markdown_table(header, rows)
 
 
+def _sharded_memory_table(rows: dict) -> str:
+    body = [[r["label"], str(r["world_size"]), r["strategy"], f"{r['weights_mb']:.2f}", f"{r['gradients_mb']:.2f}",
+             f"{r['optimizer_state_mb']:.2f}", f"{r['gathered_mb']:.2f}", f"{r['total_mb']:.2f}"]
+            for r in rows.values()]
+    return markdown_table(["method", "ranks", "strategy", "weights", "gradients", "AdamW state",
+                           "gathered whole", "total per rank"], body)
+
+
 def render(results: dict) -> str:
     t = results["targets"]
     env = results["setup"]
@@ -126,6 +134,10 @@ def render(results: dict) -> str:
                   _memory_table(results["memory_options"])]
     for row in (results.get("memory_options_skipped") or {}).values():
         parts.append(f"Skipped: {row['label']}: {row['reason']}.")
+    if results.get("sharded_memory"):
+        parts += ["### 3c. Training state per rank, DDP vs FSDP (MiB; predicted from the tensors: weights, "
+                  "gradients, AdamW state; FSDP shards them over the ranks and gathers one block or the root "
+                  "whole at a time; activations not included)", _sharded_memory_table(results["sharded_memory"])]
     inf = results.get("inference")
     if inf:
         rows = []

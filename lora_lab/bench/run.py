@@ -15,6 +15,7 @@ from lora_lab.bench.inference import bench_inference, inference_batch
 from lora_lab.bench.memory import memory_breakdown, memory_options
 from lora_lab.bench.peft_twin import peft_missing
 from lora_lab.bench.report import check_targets, disturbed_samples, render
+from lora_lab.bench.sharded_memory import sharded_memory
 from lora_lab.bench.training_step import bench_train_step, max_logit_difference
 from lora_lab.bench.variants import (
     CONTROL,
@@ -110,6 +111,8 @@ def run_benchmark(cfg, out=print) -> dict:
 
     if cfg.memory_options.enabled:
         results["memory_options"], results["memory_options_skipped"] = memory_options(cfg, base, batch, device)
+    if (cfg.get("sharded_memory") or {}).get("enabled"):
+        results["sharded_memory"] = sharded_memory(cfg, base, device)
 
     if cfg.inference.enabled:
         section("inference", "4. inference latency ...")

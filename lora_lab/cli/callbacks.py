@@ -2,6 +2,7 @@
 folder is removed again."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from lora_lab.runtime.records import find_run_dirs
 
 class ComparisonTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:  # a multirun under torchrun: every rank ran it, rank 0 reports
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         if config.get("dry_run"):
             # the jobs removed their folders; Hydra's multirun.yaml alone would leave an empty-looking sweep
