@@ -160,7 +160,8 @@ def test_every_method_applies_unchanged_with_the_formula_counts_and_gradients(ki
                 apply(name, model)
             continue
         method = apply(name, model)
-        torch.testing.assert_close(logits(model), expected_logits, atol=1e-6, rtol=0, msg=name)
+        if method.preserves_outputs_at_init:  # virtual tokens (prompt, prefix) change outputs from the start
+            torch.testing.assert_close(logits(model), expected_logits, atol=1e-6, rtol=0, msg=name)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert method.method_parameter_names(model) <= trainable, name
         assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == \

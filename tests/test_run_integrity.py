@@ -156,12 +156,14 @@ def test_lock_is_taken_refused_and_released(tmp_path):
 
 @pytest.mark.parametrize("owner,reason", [
     ({"pid": "dead"}, "is not running"),
-    ({"host": "another-host", "heartbeat": time.time() - 1000}, "heartbeat is 1"),
+    ({"host": "another-host", "heartbeat": "1000 s ago"}, "heartbeat is 1"),
     ({"host": "another-host", "slurm_job_id": "4242"}, "SLURM job 4242 was requeued"),
 ])
 def test_lock_of_a_dead_or_silent_owner_is_taken_over(tmp_path, monkeypatch, owner, reason):
     monkeypatch.setenv("SLURM_JOB_ID", "4242" if owner.get("slurm_job_id") else "1")
-    fake_lock(tmp_path, **{k: dead_pid() if v == "dead" else v for k, v in owner.items()})
+    # values known when the test runs, not when it is collected (a long suite collects its tests long before)
+    now = {"dead": lambda: dead_pid(), "1000 s ago": lambda: time.time() - 1000}
+    fake_lock(tmp_path, **{k: now[v]() if v in now else v for k, v in owner.items()})
     lines = []
     lock = RunLock.acquire(tmp_path, stale_after=600, say=lines.append)
     assert lock is not None and len(lines) == 1 and "took over the lock" in lines[0] and reason in lines[0]
