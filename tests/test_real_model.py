@@ -13,7 +13,7 @@ REAL = ["logger=disabled", "data.max_train=1000", "data.max_eval=400", "data.max
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adapter", "dora"])
+@pytest.mark.parametrize("method", ["lora", "adapter", pytest.param("dora", marks=pytest.mark.heavy)])
 def test_real_model_beats_majority_class(tmp_path, method):
     cfg = compose_config(*REAL, f"method={method}")
     record = run_training(cfg, tmp_path)
@@ -27,6 +27,7 @@ def test_real_model_beats_majority_class(tmp_path, method):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("arm,lr", [("vera", 3e-2), ("loha", 1e-2)])
 def test_real_peft_bridge_tuners_beat_majority_class(tmp_path, arm, lr):
     """VeRA and LoHa through the PEFT bridge on the real model: above the majority class, and their ΔW moved."""
