@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default="all", choices=["all", "first", "consecutive"],
                    help="which runs phi compares: every pair, the first run against each other, or neighbours")
     p.add_argument("--analyses", default=",".join(ANALYSES),
-                   help=f"comma-separated subset of {','.join(ANALYSES)}; phi needs two runs or more")
+                   help=f"comma-separated subset of {','.join(ANALYSES)}; phi needs two runs or more; 'drift' "
+                        "alone: only --drift, for runs of any methods (no shared matrices needed)")
     p.add_argument("--basis", default="auto", choices=BASES,
                    help="phi from the LoRA factors (A's row space / B's column space, as in the paper), from the "
                         "singular vectors of ΔW (any method), or auto: factor when every run has factors")
@@ -406,7 +407,10 @@ def _parse_list(text: str | None, key: str, cast=str) -> list | None:
 
 
 def _options(args: argparse.Namespace) -> AnalysisOptions:
-    return AnalysisOptions(analyses=tuple(_parse_list(args.analyses, "analyses")), basis=args.basis, side=args.side,
+    analyses = tuple(_parse_list(args.analyses, "analyses"))
+    if "drift" in analyses:  # --analyses ...,drift is --drift
+        args.drift, analyses = True, tuple(a for a in analyses if a != "drift")
+    return AnalysisOptions(analyses=analyses, basis=args.basis, side=args.side,
                            energy=args.energy, dense_dirs=args.dense_dirs, table7_rank=args.rank,
                            w_row=not args.no_w_row, random_draw=args.random_draw, block=args.block, seed=args.seed,
                            intruder_k=args.intruder_k, intruder_threshold=args.intruder_threshold)
@@ -439,6 +443,8 @@ def run_report(args: argparse.Namespace) -> dict:
             raise ConfigError("threads", args.threads, "must be >= 1")
         torch.set_num_threads(args.threads)
     opts = _options(args)
+    if not opts.analyses and args.drift:  # --analyses drift: the models only, no ΔW analysis
+        return _drift_only_report(args)
     layers = _parse_list(args.layers, "layers", int)
     if "phi" in opts.analyses and len(args.runs) < 2:  # say so before reading any file
         opts.check([RunDeltas(str(r), {}, None, {}) for r in args.runs], [])
@@ -484,6 +490,20 @@ def run_report(args: argparse.Namespace) -> dict:
         _add_drift_section(args, sources, written)
     if args.wandb:
         _log_wandb(args, res, sources, written)
+    return written
+
+
+def _drift_only_report(args: argparse.Namespace) -> dict:
+    """``--analyses drift``: the drift of each run (any methods, whatever matrices they adapt), no ΔW analysis."""
+    sources = load_sources(args.runs, base=args.base)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = [[i + 1, s.label, s.location] for i, s in enumerate(sources.items)]
+    report = out / "report.md"
+    report.write_text("\n".join(["# Drift of each run on held-out text", "", "Runs:", "",
+                                  markdown_table(["#", "label", "source"], items), ""]))
+    written = {"images": [], "tables": {}, "report": report}
+    _add_drift_section(args, sources, written)
     return written
 
 

@@ -122,3 +122,11 @@ def test_report_on_tiny_runs_counts_intruders_and_measures_drift(tmp_path, capsy
     assert drift["Head"] == pytest.approx(1.0, abs=1e-9) and drift["LoRA"] < 1.0
     report = (out / "report.md").read_text()
     assert "## Intruder dimensions" in report and "## Drift on held-out text" in report and "`sms_spam`" in report
+    # drift alone: runs of any methods, no shared matrices needed, no ΔW analysis
+    alone = tmp_path / "drift"
+    assert report_main([*run_dirs, "--out", str(alone), "--no-progress", "--analyses", "drift",
+                        "--drift-texts", "32", "--drift-data", "trec6"]) == 0, capsys.readouterr().err
+    report = (alone / "report.md").read_text()
+    assert "## Drift on held-out text" in report and "`trec6`" in report and "Singular values" not in report
+    with open(alone / "drift.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
