@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from lora_lab.analysis.runs import Run, _hashable, flatten, lookup, row_label, row_sort_key, run_task
+from lora_lab.config.run_identity import ADDED_DEFAULTS  # noqa: E402 - beside the keys it qualifies
 from lora_lab.tasks.metrics import is_better, metric_name
 
 IGNORED_KEYS = ("seed", "logger.", "record.", "trainer.progress_bar", "trainer.threads", "trainer.device",
                 "trainer.log_every", "trainer.latency_repeats", "trainer.throughput_warmup_steps",
-                "data.cache_dir", "trainer.eval_batch_size", "dry_run")
+                "data.cache_dir", "trainer.eval_batch_size", "dry_run",
+                "study.")  # a study's bookkeeping (its rate grids and choices): trainer.lr holds the rate
 
 
 class TableError(ValueError):
@@ -41,7 +43,9 @@ def task_metric(task: str, runs: list[Run], metric: str | None = None) -> str:
 def check_same_settings(runs: list[Run], row: str, tune: list[str]) -> None:
     """The completed runs of one row (and one tuned value) may differ in seed only."""
     ignored = tuple(IGNORED_KEYS) + tuple(tune)
-    flat = [{k: v for k, v in flatten(r.config).items() if not k.startswith(ignored)} for r in runs]
+    # a setting added after some of the runs were made is, in those runs, its default
+    added = {f"{section}.{key}": value for section, keys in ADDED_DEFAULTS.items() for key, value in keys.items()}
+    flat = [{k: v for k, v in {**added, **flatten(r.config)}.items() if not k.startswith(ignored)} for r in runs]
     for other, run in zip(flat[1:], runs[1:]):
         diff = sorted(k for k in set(flat[0]) | set(other) if flat[0].get(k) != other.get(k))
         if diff:

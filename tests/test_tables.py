@@ -547,3 +547,17 @@ def test_comparison_command_errors_are_one_line(tmp_path, capsys):
     assert err == (f"lora-lab-compare: error: record='{clash / '1_job' / 'record.json'}': has main metric token_accuracy, "
                    "other runs of wnut16 have entity_f1; pass --metric to choose one\n")
     assert compare.main([str(clash), "--metric", "token_accuracy"]) == 0
+
+
+def test_a_setting_added_after_some_runs_is_its_default_in_them():
+    """Runs recorded before trainer.strategy existed are runs of its default (ddp): one row with the
+    newer runs; another value is still a difference, and a study's bookkeeping (study.*) never is."""
+    from lora_lab.analysis.runs import Run
+    from lora_lab.analysis.table_build import TableError, check_same_settings
+
+    old = Run({"method": {"name": "lora"}, "trainer": {"lr": 1e-3}, "study": {"chosen": {}}}, "completed")
+    new = Run({"method": {"name": "lora"}, "trainer": {"lr": 1e-3, "strategy": "ddp"}}, "completed")
+    check_same_settings([old, new], "LoRA", [])
+    sharded = Run({"method": {"name": "lora"}, "trainer": {"lr": 1e-3, "strategy": "fsdp"}}, "completed")
+    with pytest.raises(TableError, match="differ in trainer.strategy"):
+        check_same_settings([old, sharded], "LoRA", [])
