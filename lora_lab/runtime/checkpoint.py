@@ -17,14 +17,22 @@
 A best-epoch file is written before the checkpoint that names it, and older ones are deleted only
 after, so a kill at any moment leaves a checkpoint whose files all exist. Under torchrun rank 0 writes
 the one checkpoint (the trainable and optimiser state are the same on every rank) with every rank's
-random number generator states; each rank restores its own. Under ``trainer.strategy=fsdp`` the
-parameters and optimiser state are sharded: every rank takes part in gathering them whole
-(``gathered_state``), rank 0 writes the same file, and every rank restores its own shards from it.
+random number generator states; each rank restores its own.
+
+Under ``trainer.strategy=fsdp`` the trainable parameters and the optimiser state are sharded, and no rank
+gathers them: each rank writes its shards with torch.distributed.checkpoint (lora_lab.runtime.sharded_checkpoint)
+
+    <run_dir>/checkpoint/shards-<id>/                  every rank's part of model/ and optimizer/ above
+    <run_dir>/checkpoint/best-epoch<N>/                every rank's part of the best epoch's state
+
+and rank 0 then writes ``last.safetensors`` without them, naming the folder and its files' SHA-256
+(header ``shards``): the checkpoint is complete, as a whole, when that file is renamed into place.
 """
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +43,8 @@ from safetensors.torch import load_file
 
 from lora_lab.config.run_identity import differences
 from lora_lab.errors import ConfigError
-from lora_lab.runtime import records, sharding
+from lora_lab.runtime import records, sharded_checkpoint, sharding
+from lora_lab.runtime.distributed import Distributed
 
 CHECKPOINT_DIR = "checkpoint"
 LAST = "last.safetensors"
@@ -44,6 +53,17 @@ FORMAT = "lora_lab.runtime.checkpoint/1"
 
 def best_file(directory: Path, epoch: int) -> Path:
     return Path(directory) / f"best-epoch{epoch}.safetensors"
+
+
+def best_folder(directory: Path, epoch: int) -> Path:
+    """The best epoch's state of a sharded model: one file per rank (``sharded_checkpoint``)."""
+    return Path(directory) / f"best-epoch{epoch}"
+
+
+def _best_path(directory: Path, epoch: int) -> Path:
+    """The best epoch's file, or its folder for a sharded model."""
+    folder = best_folder(directory, epoch)
+    return folder if folder.is_dir() else best_file(directory, epoch)
 
 
 @dataclass
@@ -70,6 +90,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     if sharding.is_sharded(model):
         return sharding.full_state(model)
     return _trainable_parameters(model)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters as this process holds them: whole, or this rank's shards (DTensors)
+    of a sharded model, so that keeping the best epoch's state costs each rank 1/world_size of it."""
+    if sharding.is_sharded(model):
+        sharding.reshard(model)
+    return sharded_checkpoint.snapshot(_trainable_parameters(model))
+
+
+def _is_sharded_state(state: dict[str, torch.Tensor]) -> bool:
+    return any(sharding.is_dtensor(t) for t in state.values())
 
 
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
@@ -108,12 +140,18 @@ def _rank_prefix(rank: int) -> str:
     return f"rank{rank}/" if rank else ""
 
 
-def gathered_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """A sharded model's trainable state and its optimiser's state dict, whole (on every rank, which must
-    all call this); None for a model that is not sharded (``save`` reads them itself)."""
+def write_shards(directory: Path, model, optimizer, dist: Distributed) -> dict | None:
+    """A sharded model's trainable and optimiser state, each rank writing its shards into a new folder of
+    ``directory``; returns what ``save`` puts in the header (``shards``): the folder and its files'
+    SHA-256. Every rank must call this; None (nothing written) for a model that is not sharded."""
     if not sharding.is_sharded(model):
         return None
-    return trainable_state(model), sharding.full_optimizer_state(optimizer)
+    sharding.reshard(model)
+    name = sharded_checkpoint.new_folder_name(dist)
+    tensors = {f"model/{n}": p for n, p in _trainable_parameters(model).items()}
+    tensors.update({f"optimizer/{index}/{key}": value for index, entry in optimizer.state_dict()["state"].items()
+                    for key, value in entry.items() if torch.is_tensor(value)})
+    return {"dir": name, "files": sharded_checkpoint.write(Path(directory) / name, tensors, dist)}
 
 
 def _optimizer_parts(state: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -123,23 +161,27 @@ def _optimizer_parts(state: dict) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def save(directory: Path, model, optimizer, scheduler, config: dict, progress: dict,
-         series: dict[str, torch.Tensor], rng_states: list | None = None,
-         gathered: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+         series: dict[str, torch.Tensor], rng_states: list | None = None, shards: dict | None = None) -> Path:
     """Write ``last.safetensors`` atomically; ``series``: per-step values kept as tensors;
-    ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's); ``gathered``:
-    the trainable and optimiser state of a sharded model (``gathered_state``), instead of reading them."""
-    trainable, optimizer_state = gathered or (trainable_state(model), optimizer.state_dict())
-    optimizer_tensors, groups = _optimizer_parts(optimizer_state)
-    tensors = {**{f"model/{k}": v for k, v in trainable.items()}, **optimizer_tensors,
-               **{f"progress/{k}": v for k, v in series.items()}}
+    ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's); ``shards``: the
+    folder ``write_shards`` wrote a sharded model's state into, named instead of storing that state."""
+    if shards is None:
+        optimizer_tensors, groups = _optimizer_parts(optimizer.state_dict())
+        tensors = {**{f"model/{k}": v for k, v in trainable_state(model).items()}, **optimizer_tensors}
+    else:
+        tensors, groups = {}, json.dumps(optimizer.state_dict()["param_groups"])
+    tensors.update({f"progress/{k}": v for k, v in series.items()})
     meta = {"format": FORMAT, "config": json.dumps(config, default=str), "progress": json.dumps(progress),
             "optimizer": groups, "scheduler": json.dumps(scheduler.state_dict())}
+    if shards is not None:
+        meta["shards"] = json.dumps(shards)
     for rank, (rng_tensors, rng_meta) in enumerate(rng_states or [rng_state()]):
         tensors.update({_rank_prefix(rank) + k: v for k, v in rng_tensors.items()})
         meta.update({_rank_prefix(rank) + k: v for k, v in rng_meta.items()})
     best_epoch = progress.get("best_epoch")
-    if best_epoch is not None and best_file(directory, best_epoch).exists():
-        meta["files"] = json.dumps({best_file(directory, best_epoch).name: _digest(best_file(directory, best_epoch))})
+    best = _best_path(directory, best_epoch) if best_epoch is not None else None
+    if best is not None and best.exists():
+        meta["files"] = json.dumps({best.name: _digest(best)})
     path = Path(directory) / LAST
     records.save_tensors(path, tensors, metadata=meta, seal=True)
     return path
@@ -149,11 +191,14 @@ _DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, SHA-2
 
 
 def _digest(path: Path) -> str:
-    """The SHA-256 of a best-epoch file: remembered from when it was written or read, else computed."""
+    """The SHA-256 of a best-epoch file (of a folder: ``sharded_checkpoint.digest_of`` its files'):
+    remembered from when it was written or read, else computed."""
     stat = path.stat()
     known = _DIGESTS.get(str(path))
     if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size):
         return known[2]
+    if path.is_dir():
+        return _remember(path, sharded_checkpoint.digest_of({p.name: records.file_sha256(p) for p in path.iterdir()}))
     return _remember(path, records.file_sha256(path))
 
 
@@ -163,22 +208,43 @@ def _remember(path: Path, digest: str) -> str:
     return digest
 
 
-def save_best(directory: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
-    path = best_file(directory, epoch)
-    _remember(path, records.save_tensors(path, state, metadata={"epoch": str(epoch)}))
+def save_best(directory: Path, state: dict[str, torch.Tensor], epoch: int, dist: Distributed | None = None) -> None:
+    """The best epoch's state: one file, or (a sharded model's ``snapshot``, every rank calling this) one
+    folder of every rank's shards."""
+    if not _is_sharded_state(state):
+        path = best_file(directory, epoch)
+        _remember(path, records.save_tensors(path, state, metadata={"epoch": str(epoch)}))
+        return
+    dist = dist or Distributed()
+    folder = best_folder(directory, epoch)
+    if dist.is_main and folder.exists():  # left by a write that no checkpoint names (a kill before the next one)
+        shutil.rmtree(folder)
+    dist.barrier()
+    _remember(folder, sharded_checkpoint.digest_of(sharded_checkpoint.write(folder, state, dist)))
 
 
 def drop_stale_best(directory: Path, keep_epoch: int | None) -> None:
-    for path in Path(directory).glob("best-epoch*.safetensors"):
-        if keep_epoch is None or path != best_file(directory, keep_epoch):
-            path.unlink(missing_ok=True)
+    keep = _best_path(directory, keep_epoch) if keep_epoch is not None else None
+    for path in Path(directory).glob("best-epoch*"):
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def drop_stale_shards(directory: Path, shards: dict | None) -> None:
+    """Every shards folder but the one the checkpoint just written names (rank 0, after writing it)."""
+    if shards is not None:
+        sharded_checkpoint.remove_others(directory, {shards["dir"]})
 
 
 def discard_partial_writes(*directories: Path) -> None:
-    """Temporary files of writes that a kill interrupted (the file they were for is intact)."""
+    """Temporary files of writes that a kill interrupted (the file they were for is intact), and shards
+    folders that no checkpoint names (a kill while the ranks wrote them)."""
     for directory in directories:
         for path in Path(directory).glob(".*.tmp"):
             path.unlink(missing_ok=True)
+        if any(Path(directory).glob(sharded_checkpoint.PREFIX + "*")):
+            named = _peek_meta(directory).get("shards")
+            sharded_checkpoint.remove_others(directory, {json.loads(named)["dir"]} if named else set())
 
 
 # ---------------------------------------------------------------- reading
@@ -202,15 +268,23 @@ def load(directory: Path) -> Checkpoint | None:
     return Checkpoint(path, tensors, meta)
 
 
-def peek_progress(directory: Path) -> dict | None:
-    """The progress a checkpoint records, read from its header only (no tensors loaded)."""
+def _peek_meta(directory: Path) -> dict[str, str]:
+    """A checkpoint's header entries, unparsed ({} when there is no readable checkpoint)."""
     path = Path(directory) / LAST
     if not path.exists():
-        return None
+        return {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("progress", "null"))
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError):
+        return {}
+
+
+def peek_progress(directory: Path) -> dict | None:
+    """The progress a checkpoint records, read from its header only (no tensors loaded)."""
+    try:
+        return json.loads(_peek_meta(directory).get("progress", "null"))
+    except ValueError:
         return None
 
 
@@ -221,23 +295,51 @@ def check_config(checkpoint: Checkpoint, config: dict) -> None:
                           + "; ".join(changed) + " (use another hydra.run.dir, or trainer.resume=false)")
 
 
-def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
-    """Trainable parameters, optimiser and scheduler; the random number generators come last, with
-    ``restore_rng``, once everything that draws random numbers while setting up has run."""
-    saved = checkpoint.group("model")
-    params = _trainable_parameters(model)
-    if set(saved) != set(params):
-        missing = sorted(set(params) ^ set(saved))[:3]
+def _check_names(checkpoint: Checkpoint, saved: set[str], params: dict) -> None:
+    if saved != set(params):
+        missing = sorted(set(params) ^ saved)[:3]
         raise ConfigError("checkpoint", str(checkpoint.path), f"does not match the model's trainable parameters "
                           f"(e.g. {missing})")
-    load_trainable_state(model, saved)
+
+
+def _optimizer_state(checkpoint: Checkpoint, tensors: dict[str, torch.Tensor]) -> dict:
+    """An optimiser state dict from ``optimizer/<index>/<key>`` tensors and the header's parameter groups."""
     state: dict = {"state": {}, "param_groups": checkpoint.meta["optimizer"]}
-    for key, tensor in checkpoint.group("optimizer").items():
+    for key, tensor in tensors.items():
         index, name = key.split("/", 1)
         state["state"].setdefault(int(index), {})[name] = tensor
-    optimizer.load_state_dict(sharding.shard_optimizer_state(state, optimizer) if sharding.is_sharded(model)
-                              else state)
+    return state
+
+
+def restore(checkpoint: Checkpoint, model, optimizer, scheduler, dist: Distributed | None = None) -> None:
+    """Trainable parameters, optimiser and scheduler (of a sharded checkpoint: every rank reads its shards,
+    so every rank must call this); the random number generators come last, with ``restore_rng``, once
+    everything that draws random numbers while setting up has run."""
+    if "shards" in checkpoint.meta:
+        _restore_shards(checkpoint, model, optimizer, dist or Distributed())
+    else:
+        saved = checkpoint.group("model")
+        _check_names(checkpoint, set(saved), _trainable_parameters(model))
+        load_trainable_state(model, saved)
+        state = _optimizer_state(checkpoint, checkpoint.group("optimizer"))
+        optimizer.load_state_dict(sharding.shard_optimizer_state(state, optimizer) if sharding.is_sharded(model)
+                                  else state)
     scheduler.load_state_dict(checkpoint.meta["scheduler"])
+
+
+def _restore_shards(checkpoint: Checkpoint, model, optimizer, dist: Distributed) -> None:
+    shards = checkpoint.meta["shards"]
+    folder = checkpoint.path.parent / shards["dir"]
+    sharded_checkpoint.check(folder, shards["files"], dist, f"the checkpoint {checkpoint.path}")
+    stored = sharded_checkpoint.stored_shapes(folder)
+    sharding.reshard(model)
+    params = _trainable_parameters(model)
+    _check_names(checkpoint, {k[len("model/"):] for k in stored if k.startswith("model/")}, params)
+    indexed = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = sharded_checkpoint.templates({k: indexed[int(k.split("/")[1])] for k in stored
+                                            if k.startswith("optimizer/")}, stored)
+    sharded_checkpoint.read(folder, {**{f"model/{n}": p for n, p in params.items()}, **moments})
+    optimizer.load_state_dict(_optimizer_state(checkpoint, {k[len("optimizer/"):]: v for k, v in moments.items()}))
 
 
 def restore_rng(checkpoint: Checkpoint, rank: int = 0) -> None:
@@ -253,8 +355,13 @@ def restore_rng(checkpoint: Checkpoint, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def load_best(directory: Path, epoch: int, checkpoint: Checkpoint | None = None) -> dict[str, torch.Tensor]:
-    """The best epoch's state; checked against the SHA-256 that ``checkpoint`` (the one naming it) keeps."""
+def load_best(directory: Path, epoch: int, checkpoint: Checkpoint | None = None, model=None,
+              dist: Distributed | None = None) -> dict[str, torch.Tensor]:
+    """The best epoch's state; checked against the SHA-256 that ``checkpoint`` (the one naming it) keeps.
+    A sharded model's (a folder): this rank's shards, shaped like ``model``'s; every rank must call this."""
+    folder = best_folder(directory, epoch)
+    if folder.is_dir():
+        return _load_best_shards(folder, checkpoint, model, dist or Distributed())
     path = best_file(directory, epoch)
     want = (checkpoint.meta.get("files") or {}).get(path.name) if checkpoint is not None else None
     if want is not None and path.exists():
@@ -264,3 +371,15 @@ def load_best(directory: Path, epoch: int, checkpoint: Checkpoint | None = None)
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ConfigError("checkpoint", str(path), f"the best epoch's state cannot be read ({error})") from None
+
+
+def _load_best_shards(folder: Path, checkpoint: Checkpoint | None, model, dist: Distributed) -> dict[str, torch.Tensor]:
+    want = (checkpoint.meta.get("files") or {}).get(folder.name) if checkpoint is not None else None
+    got = sharded_checkpoint.digest_of(sharded_checkpoint.digests(folder, [p.name for p in folder.iterdir()], dist))
+    if want is not None and got != want:
+        raise ConfigError("checkpoint", str(folder), f"has SHA-256 {got[:16]}..., not the {want[:16]}... the "
+                          f"checkpoint {checkpoint.path} lists; the folder is corrupt or was changed after it was written")
+    _remember(folder, got)
+    state = {name: torch.zeros_like(t) for name, t in snapshot(model).items()}
+    sharded_checkpoint.read(folder, state)
+    return state

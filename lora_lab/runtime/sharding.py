@@ -31,7 +31,7 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, _fsdp().FSDPModule)
 
 
-def _is_dtensor(tensor) -> bool:
+def is_dtensor(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -70,7 +70,7 @@ def reshard(model: nn.Module) -> None:
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole of a DTensor (every rank must call this, in the same order); any other tensor as it is."""
-    if not _is_dtensor(tensor):
+    if not is_dtensor(tensor):
         return tensor
     with torch.no_grad():
         return tensor.full_tensor()
@@ -86,7 +86,7 @@ def full_state(model: nn.Module, trainable_only: bool = True, device: str | torc
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A full tensor cut down to ``param``'s shard (a DTensor like it); ``value`` itself for a plain parameter.
     Every rank holds the full value, so nothing is communicated."""
-    if not _is_dtensor(param) or _is_dtensor(value):
+    if not is_dtensor(param) or is_dtensor(value):
         return value
     from torch.distributed.tensor import distribute_tensor
 
@@ -94,16 +94,19 @@ def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                              src_data_rank=None)
 
 
+def gathered(tensors: dict[str, torch.Tensor], device: torch.device, keep: bool) -> dict[str, torch.Tensor]:
+    """Whole copies of sharded tensors on the rank that keeps them ({} on the others), gathered one at a
+    time so that no rank holds more than one whole tensor it does not keep. Every rank must call this."""
+    out = {}
+    for name, tensor in tensors.items():
+        value = full(tensor.detach())
+        if keep:
+            out[name] = value.to(device)
+    return out
+
+
 def _indexed_params(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def full_optimizer_state(optimizer, device: str | torch.device = "cpu") -> dict:
-    """``optimizer.state_dict()`` with every sharded state tensor whole (a collective, on every rank)."""
-    state = optimizer.state_dict()
-    whole = {index: {key: full(value).to(device) if _is_dtensor(value) else value for key, value in entry.items()}
-             for index, entry in state["state"].items()}
-    return {"state": whole, "param_groups": state["param_groups"]}
 
 
 def shard_optimizer_state(state: dict, optimizer) -> dict:

@@ -40,7 +40,7 @@ def start_or_resume(run: Run, tracker: Tracker) -> tuple[TrainingState, checkpoi
 
 def _resume(run: Run, state: TrainingState, saved: checkpoint.Checkpoint) -> None:
     checkpoint.check_config(saved, run.result_config)
-    checkpoint.restore(saved, run.model, run.optimizer, run.scheduler)
+    checkpoint.restore(saved, run.model, run.optimizer, run.scheduler, run.dist)
     progress = state.progress = Progress.from_dict(saved.progress)
     state.epoch_losses = saved.tensors["progress/epoch_losses"].tolist()
     if run.scaler and progress.grad_scaler:
@@ -49,7 +49,7 @@ def _resume(run: Run, state: TrainingState, saved: checkpoint.Checkpoint) -> Non
         own = (progress.throughput_ranks or [progress.throughput])[run.dist.rank]
         state.throughput.restore(own, saved.tensors["progress/step_seconds"].tolist())
     if progress.best_epoch is not None:
-        best = checkpoint.load_best(run.checkpoint_dir, progress.best_epoch, saved)
+        best = checkpoint.load_best(run.checkpoint_dir, progress.best_epoch, saved, run.model, run.dist)
         state.best_state = {name: tensor.to(run.device) for name, tensor in best.items()}
     progress.resumes.append({"step": progress.step, "epoch": progress.epoch})
     run.say(f"[lora_lab] resuming from {saved.path}: step {progress.step} of {run.schedule.total_steps} "
@@ -57,14 +57,15 @@ def _resume(run: Run, state: TrainingState, saved: checkpoint.Checkpoint) -> Non
 
 
 def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
-    """Every rank takes part (each one's RNG state is saved); rank 0 writes. The time it takes counts
+    """Every rank takes part (each one's RNG state is saved; under fsdp each writes its shards); rank 0
+    writes the checkpoint's file. The time it takes counts
     as checkpoint time, not training time. Returns the file written (None on other ranks)."""
     progress = state.progress
     started = state.count_training_time()
     progress.throughput = state.throughput.state()
     progress.grad_scaler = run.scaler.state_dict() if run.scaler else None
     rng_states = run.dist.gather(checkpoint.rng_state())
-    gathered = checkpoint.gathered_state(run.model, run.optimizer)  # trainer.strategy=fsdp: on every rank
+    shards = checkpoint.write_shards(run.checkpoint_dir, run.model, run.optimizer, run.dist)  # fsdp: every rank
     if run.dist.enabled:
         progress.throughput_ranks = run.dist.gather(state.throughput.state())
     path = None
@@ -72,8 +73,9 @@ def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
         series = {"epoch_losses": torch.tensor(state.epoch_losses, dtype=torch.float64),
                   "step_seconds": torch.tensor(state.throughput.step_times, dtype=torch.float64)}
         path = checkpoint.save(run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.result_config,
-                               progress.to_dict(), series, rng_states, gathered)
+                               progress.to_dict(), series, rng_states, shards)
         checkpoint.drop_stale_best(run.checkpoint_dir, progress.best_epoch)
+        checkpoint.drop_stale_shards(run.checkpoint_dir, shards)
     run.dist.barrier()  # a rank that stops next must not end the launch while rank 0 writes
     state.segment_start = time.perf_counter()
     progress.checkpoint_seconds += state.segment_start - started

@@ -117,9 +117,9 @@ def _keep_if_best(run: Run, state: TrainingState, row: dict, val: dict, test_pre
     progress = state.progress
     if progress.best is None or is_better(run.monitor, val[run.monitor], progress.best[f"validation/{run.monitor}"]):
         progress.best, progress.best_epoch, progress.stale_epochs = row, row["epoch"], 0
-        state.best_state = {n: p.detach().clone() for n, p in checkpoint.trainable_state(run.model).items()}
-        if run.checkpoint_every and run.is_main:
-            checkpoint.save_best(run.checkpoint_dir, state.best_state, row["epoch"])
+        state.best_state = checkpoint.snapshot(run.model)  # under fsdp: each rank's shards
+        if run.checkpoint_every and (run.is_main or run.dist.sharded):
+            checkpoint.save_best(run.checkpoint_dir, state.best_state, row["epoch"], run.dist)
         if run.is_main:
             fields = predictions.example_fields(run.task.name, run.evaluation.gold["test"], test_predictions,
                                                 run.data.label_names)

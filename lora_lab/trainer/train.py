@@ -12,6 +12,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from lora_lab.config.validate import check_config
 from lora_lab.runtime import checkpoint, sharding
 from lora_lab.runtime.distributed import Distributed
@@ -52,6 +54,10 @@ def run_checked_training(cfg, run_dir: Path, tracker: Tracker | None = None, sto
     train_until_done(run, state, tracker, stop)
     throughput_ranks = dist.gather(state.throughput.state())
     if run.dist.sharded:  # the end of the run (rank 0) works on an unsharded copy of the trained model
+        run.optimizer.zero_grad(set_to_none=True)  # room for that copy: gradients and moments are done with
+        run.optimizer.state.clear()
+        if state.best_state is not None:
+            state.best_state = sharding.gathered(state.best_state, torch.device("cpu"), keep=dist.is_main)
         whole = sharding.materialise(run.model, run.shell, run.device, keep=dist.is_main)
         run = replace(run, model=whole, train_model=whole, trainable=[]) if dist.is_main else run
     record = finish(run, state, info, tracker, throughput_ranks) if dist.is_main else None
