@@ -251,9 +251,11 @@ def test_a_sharded_checkpoint_is_every_rank_s_files_named_by_its_header(one_rank
     assert all(_whole(restored[i])[key].equal(value) for i in moments for key, value in moments[i].items())
 
     best = checkpoint.snapshot(model)  # the best epoch: a folder of shards, read back into shards
-    checkpoint.save_best(tmp_path, best, 2, Distributed())
-    assert checkpoint.best_folder(tmp_path, 2).is_dir()
-    again = checkpoint.load_best(tmp_path, 2, None, model, Distributed())
+    checkpoint.save_best(tmp_path, best, {"epoch": 1, "step": 1}, Distributed())
+    assert checkpoint.best_folder(tmp_path, 1).is_dir()
+    path = checkpoint.save(tmp_path, model, optimizer, scheduler, {"c": 1}, {"step": 1, "best": {"step": 1}}, {},
+                           shards=shards)
+    again = checkpoint.load_best(tmp_path, checkpoint.load(tmp_path), model, Distributed())
     assert all(_whole(again)[k].equal(v) for k, v in _whole(best).items())
 
     shard = files[0]
@@ -304,7 +306,7 @@ def test_killed_sharded_run_resumes_to_the_same_result(sharded_lora, tmp_path):
     killed = torchrun(*args, cwd=tmp_path, script=[DRIVER, "step", "11"], check=False)  # in step 11 of 16
     assert killed.returncode != 0 and (tmp_path / "run" / "checkpoint" / "last.safetensors").exists()
     _assert_each_rank_wrote_its_rows(tmp_path / "run" / "checkpoint")
-    assert (tmp_path / "run" / "checkpoint" / "best-epoch1").is_dir()  # the best epoch's shards, resumed too
+    assert (tmp_path / "run" / "checkpoint" / "best-step8").is_dir()  # the best epoch's shards, resumed too
     torchrun(*args, cwd=tmp_path)
     resumed, reference = records.load_record(tmp_path / "run"), records.load_record(sharded_lora / "run")
     assert resumed["resumes"] == [{"step": 9, "epoch": 2}]

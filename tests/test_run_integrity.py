@@ -235,16 +235,36 @@ def test_resume_refuses_a_flipped_byte_in_a_checkpoint_file(short_run, tmp_path)
     directory = tmp_path / "checkpoint"
     shutil.copytree(short_run[0] / checkpoint.CHECKPOINT_DIR, directory)
     saved = checkpoint.load(directory)  # intact: loads
-    best = checkpoint.best_file(directory, saved.progress["best_epoch"])
-    assert checkpoint.load_best(directory, saved.progress["best_epoch"], saved)
+    best = checkpoint.best_file(directory, saved.progress["best"]["step"])
+    assert checkpoint.load_best(directory, saved)
     flip_last_bit(best)
     with pytest.raises(ConfigError, match="SHA-256") as refused:
-        checkpoint.load_best(directory, saved.progress["best_epoch"], saved)
+        checkpoint.load_best(directory, saved)
     assert str(best) in str(refused.value)
     flip_last_bit(directory / checkpoint.LAST)
     with pytest.raises(ConfigError, match="SHA-256") as refused:
         checkpoint.load(directory)
     assert str(directory / checkpoint.LAST) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_newer_best_in_the_same_epoch_leaves_the_checkpointed_one_intact(tmp_path):
+    """trainer.eval_every evaluates several times per epoch: a kill after a newer best is written and before
+    the checkpoint naming it resumes with the best that the last checkpoint names."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    first, second = {"weight": torch.zeros(2, 2)}, {"weight": torch.ones(2, 2)}
+    progress = {"step": 5, "best": {"epoch": 1, "step": 5}, "best_epoch": 1}
+    checkpoint.save_best(tmp_path, first, progress["best"])
+    checkpoint.save(tmp_path, model, optimizer, scheduler, {}, progress, {})
+    checkpoint.save_best(tmp_path, second, {"epoch": 1, "step": 10})  # killed before its checkpoint
+    assert checkpoint.load_best(tmp_path, checkpoint.load(tmp_path))["weight"].equal(first["weight"])
+    # written by an older lora_lab, whose best files were named by epoch: still found, and kept
+    checkpoint.best_file(tmp_path, 5).rename(tmp_path / "best-epoch1.safetensors")
+    checkpoint.save(tmp_path, model, optimizer, scheduler, {}, progress, {})
+    checkpoint.drop_stale_best(tmp_path, progress)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch1.safetensors", checkpoint.LAST]
+    assert checkpoint.load_best(tmp_path, checkpoint.load(tmp_path))["weight"].equal(first["weight"])
 
 
 # ---------------------------------------------------------------- 5. a full disk

@@ -8,14 +8,17 @@
                   progress/<name>         per-step series so far (losses of the current epoch, step times)
         metadata  config                  the settings that change results (run_identity.result_config)
                   data_sha256             the SHA-256 of the file's tensor data (records.save_tensors, seal)
-                  files                   the SHA-256 of the best-epoch file it names
+                  files                   the name and SHA-256 of the best evaluation's file
                   progress                step, epoch, position in the epoch, per-epoch metrics, best so
                                           far, measurements so far
                   optimizer, scheduler, rng_python, rng_numpy (rank<k>/rng_python, ... for rank k > 0)
-    <run_dir>/checkpoint/best-epoch<N>.safetensors    the trainable state of the best epoch so far
+    <run_dir>/checkpoint/best-step<S>.safetensors     the trainable state of the best evaluation so far
+                                                      (the one after optimiser step S)
 
-A best-epoch file is written before the checkpoint that names it, and older ones are deleted only
-after, so a kill at any moment leaves a checkpoint whose files all exist. Under torchrun rank 0 writes
+A best file is written before the checkpoint that names it, and older ones are deleted only after, so
+a kill at any moment leaves a checkpoint whose files all exist; each evaluation's file has its own name
+(``trainer.eval_every`` evaluates several times in one epoch), so a newer best never replaces the file
+a checkpoint names. Under torchrun rank 0 writes
 the one checkpoint (the trainable and optimiser state are the same on every rank) with every rank's
 random number generator states; each rank restores its own.
 
@@ -23,7 +26,7 @@ Under ``trainer.strategy=fsdp`` the trainable parameters and the optimiser state
 gathers them: each rank writes its shards with torch.distributed.checkpoint (lora_lab.runtime.sharded_checkpoint)
 
     <run_dir>/checkpoint/shards-<id>/                  every rank's part of model/ and optimizer/ above
-    <run_dir>/checkpoint/best-epoch<N>/                every rank's part of the best epoch's state
+    <run_dir>/checkpoint/best-step<S>/                 every rank's part of the best evaluation's state
 
 and rank 0 then writes ``last.safetensors`` without them, naming the folder and its files' SHA-256
 (header ``shards``): the checkpoint is complete, as a whole, when that file is renamed into place.
@@ -51,19 +54,38 @@ LAST = "last.safetensors"
 FORMAT = "lora_lab.runtime.checkpoint/1"
 
 
-def best_file(directory: Path, epoch: int) -> Path:
-    return Path(directory) / f"best-epoch{epoch}.safetensors"
+BEST = "best-"
 
 
-def best_folder(directory: Path, epoch: int) -> Path:
-    """The best epoch's state of a sharded model: one file per rank (``sharded_checkpoint``)."""
-    return Path(directory) / f"best-epoch{epoch}"
+def best_file(directory: Path, step: int) -> Path:
+    """The state of the best evaluation, the one after optimiser step ``step``."""
+    return Path(directory) / f"{BEST}step{step}.safetensors"
 
 
-def _best_path(directory: Path, epoch: int) -> Path:
-    """The best epoch's file, or its folder for a sharded model."""
-    folder = best_folder(directory, epoch)
-    return folder if folder.is_dir() else best_file(directory, epoch)
+def best_folder(directory: Path, step: int) -> Path:
+    """The same for a sharded model: one file per rank (``sharded_checkpoint``)."""
+    return Path(directory) / f"{BEST}step{step}"
+
+
+def _best_path(directory: Path, step: int) -> Path:
+    folder = best_folder(directory, step)
+    return folder if folder.is_dir() else best_file(directory, step)
+
+
+def _best_step(progress: dict) -> int | None:
+    return (progress.get("best") or {}).get("step")
+
+
+def _best_named(directory: Path, progress: dict) -> Path | None:
+    """The file or folder holding the state of ``progress``'s best evaluation, if it exists (one of a run
+    checkpointed by an older lora_lab is named by its epoch)."""
+    step = _best_step(progress)
+    if step is None:
+        return None
+    for path in (_best_path(directory, step), Path(directory) / f"best-epoch{progress.get('best_epoch')}.safetensors"):
+        if path.exists():
+            return path
+    return None
 
 
 @dataclass
@@ -178,20 +200,19 @@ def save(directory: Path, model, optimizer, scheduler, config: dict, progress: d
     for rank, (rng_tensors, rng_meta) in enumerate(rng_states or [rng_state()]):
         tensors.update({_rank_prefix(rank) + k: v for k, v in rng_tensors.items()})
         meta.update({_rank_prefix(rank) + k: v for k, v in rng_meta.items()})
-    best_epoch = progress.get("best_epoch")
-    best = _best_path(directory, best_epoch) if best_epoch is not None else None
-    if best is not None and best.exists():
+    best = _best_named(directory, progress)
+    if best is not None:
         meta["files"] = json.dumps({best.name: _digest(best)})
     path = Path(directory) / LAST
     records.save_tensors(path, tensors, metadata=meta, seal=True)
     return path
 
 
-_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, SHA-256) of best-epoch files written
+_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, SHA-256) of best files written
 
 
 def _digest(path: Path) -> str:
-    """The SHA-256 of a best-epoch file (of a folder: ``sharded_checkpoint.digest_of`` its files'):
+    """The SHA-256 of a best file (of a folder: ``sharded_checkpoint.digest_of`` its files'):
     remembered from when it was written or read, else computed."""
     stat = path.stat()
     known = _DIGESTS.get(str(path))
@@ -208,24 +229,26 @@ def _remember(path: Path, digest: str) -> str:
     return digest
 
 
-def save_best(directory: Path, state: dict[str, torch.Tensor], epoch: int, dist: Distributed | None = None) -> None:
-    """The best epoch's state: one file, or (a sharded model's ``snapshot``, every rank calling this) one
-    folder of every rank's shards."""
+def save_best(directory: Path, state: dict[str, torch.Tensor], row: dict, dist: Distributed | None = None) -> None:
+    """The state of the best evaluation (``row``, its epoch row): one file, or (a sharded model's
+    ``snapshot``, every rank calling this) one folder of every rank's shards."""
     if not _is_sharded_state(state):
-        path = best_file(directory, epoch)
-        _remember(path, records.save_tensors(path, state, metadata={"epoch": str(epoch)}))
+        path = best_file(directory, row["step"])
+        _remember(path, records.save_tensors(path, state, metadata={"epoch": str(row["epoch"]),
+                                                                     "step": str(row["step"])}))
         return
     dist = dist or Distributed()
-    folder = best_folder(directory, epoch)
+    folder = best_folder(directory, row["step"])
     if dist.is_main and folder.exists():  # left by a write that no checkpoint names (a kill before the next one)
         shutil.rmtree(folder)
     dist.barrier()
     _remember(folder, sharded_checkpoint.digest_of(sharded_checkpoint.write(folder, state, dist)))
 
 
-def drop_stale_best(directory: Path, keep_epoch: int | None) -> None:
-    keep = _best_path(directory, keep_epoch) if keep_epoch is not None else None
-    for path in Path(directory).glob("best-epoch*"):
+def drop_stale_best(directory: Path, progress: dict) -> None:
+    """Every best file or folder but the one of ``progress``'s best evaluation (``Progress.to_dict()``)."""
+    keep = _best_named(directory, progress)
+    for path in Path(directory).glob(BEST + "*"):
         if path != keep:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -355,15 +378,16 @@ def restore_rng(checkpoint: Checkpoint, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def load_best(directory: Path, epoch: int, checkpoint: Checkpoint | None = None, model=None,
-              dist: Distributed | None = None) -> dict[str, torch.Tensor]:
-    """The best epoch's state; checked against the SHA-256 that ``checkpoint`` (the one naming it) keeps.
-    A sharded model's (a folder): this rank's shards, shaped like ``model``'s; every rank must call this."""
-    folder = best_folder(directory, epoch)
-    if folder.is_dir():
-        return _load_best_shards(folder, checkpoint, model, dist or Distributed())
-    path = best_file(directory, epoch)
-    want = (checkpoint.meta.get("files") or {}).get(path.name) if checkpoint is not None else None
+def load_best(directory: Path, checkpoint: Checkpoint, model=None, dist: Distributed | None = None
+              ) -> dict[str, torch.Tensor]:
+    """The best evaluation's state that ``checkpoint`` names, checked against the SHA-256 it keeps. A
+    sharded model's (a folder): this rank's shards, shaped like ``model``'s; every rank must call this."""
+    listed = checkpoint.meta.get("files") or {}
+    name = next(iter(listed), None) or best_file(directory, _best_step(checkpoint.progress)).name
+    path = Path(directory) / name
+    if path.is_dir():
+        return _load_best_shards(path, checkpoint, model, dist or Distributed())
+    want = listed.get(name)
     if want is not None and path.exists():
         records.check_digest(path, want, f"the checkpoint {checkpoint.path}")
         _remember(path, want)
@@ -373,8 +397,8 @@ def load_best(directory: Path, epoch: int, checkpoint: Checkpoint | None = None,
         raise ConfigError("checkpoint", str(path), f"the best epoch's state cannot be read ({error})") from None
 
 
-def _load_best_shards(folder: Path, checkpoint: Checkpoint | None, model, dist: Distributed) -> dict[str, torch.Tensor]:
-    want = (checkpoint.meta.get("files") or {}).get(folder.name) if checkpoint is not None else None
+def _load_best_shards(folder: Path, checkpoint: Checkpoint, model, dist: Distributed) -> dict[str, torch.Tensor]:
+    want = (checkpoint.meta.get("files") or {}).get(folder.name)
     got = sharded_checkpoint.digest_of(sharded_checkpoint.digests(folder, [p.name for p in folder.iterdir()], dist))
     if want is not None and got != want:
         raise ConfigError("checkpoint", str(folder), f"has SHA-256 {got[:16]}..., not the {want[:16]}... the "

@@ -49,7 +49,7 @@ def _resume(run: Run, state: TrainingState, saved: checkpoint.Checkpoint) -> Non
         own = (progress.throughput_ranks or [progress.throughput])[run.dist.rank]
         state.throughput.restore(own, saved.tensors["progress/step_seconds"].tolist())
     if progress.best_epoch is not None:
-        best = checkpoint.load_best(run.checkpoint_dir, progress.best_epoch, saved, run.model, run.dist)
+        best = checkpoint.load_best(run.checkpoint_dir, saved, run.model, run.dist)
         state.best_state = {name: tensor.to(run.device) for name, tensor in best.items()}
     progress.resumes.append({"step": progress.step, "epoch": progress.epoch})
     run.say(f"[lora_lab] resuming from {saved.path}: step {progress.step} of {run.schedule.total_steps} "
@@ -74,7 +74,7 @@ def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
                   "step_seconds": torch.tensor(state.throughput.step_times, dtype=torch.float64)}
         path = checkpoint.save(run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.result_config,
                                progress.to_dict(), series, rng_states, shards)
-        checkpoint.drop_stale_best(run.checkpoint_dir, progress.best_epoch)
+        checkpoint.drop_stale_best(run.checkpoint_dir, progress.to_dict())
         checkpoint.drop_stale_shards(run.checkpoint_dir, shards)
     run.dist.barrier()  # a rank that stops next must not end the launch while rank 0 writes
     state.segment_start = time.perf_counter()

@@ -119,7 +119,7 @@ def _keep_if_best(run: Run, state: TrainingState, row: dict, val: dict, test_pre
         progress.best, progress.best_epoch, progress.stale_epochs = row, row["epoch"], 0
         state.best_state = checkpoint.snapshot(run.model)  # under fsdp: each rank's shards
         if run.checkpoint_every and (run.is_main or run.dist.sharded):
-            checkpoint.save_best(run.checkpoint_dir, state.best_state, row["epoch"], run.dist)
+            checkpoint.save_best(run.checkpoint_dir, state.best_state, row, run.dist)
         if run.is_main:
             fields = predictions.example_fields(run.task.name, run.evaluation.gold["test"], test_predictions,
                                                 run.data.label_names)
