@@ -30,7 +30,6 @@ from lora_lab.models.architectures import layer_stack
 from lora_lab.runtime import sharding
 
 ADAMW_STEP_BYTES = 4  # torch.optim.AdamW's per-tensor step count: an fp32 scalar
-STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -86,7 +85,7 @@ def sharded_memory(cfg, base: nn.Module, device: torch.device) -> dict:
         method.apply(model)
         state = state_bytes(model, layer_stack(model)[1], gather_dtype)
         for world in map(int, cfg.sharded_memory.world_sizes):
-            for strategy in STRATEGIES:
+            for strategy in sharding.STRATEGIES:
                 rows[f"{arm}/{strategy}/{world}"] = {"arm": arm, "label": method.label(),
                                                      **per_rank(state, strategy, world)}
         del model

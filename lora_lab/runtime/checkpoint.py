@@ -119,7 +119,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     of a sharded model, so that keeping the best epoch's state costs each rank 1/world_size of it."""
     if sharding.is_sharded(model):
         sharding.reshard(model)
-    return sharded_checkpoint.snapshot(_trainable_parameters(model))
+    with torch.no_grad():
+        return {name: param.detach().clone() for name, param in _trainable_parameters(model).items()}
 
 
 def _is_sharded_state(state: dict[str, torch.Tensor]) -> bool:

@@ -64,21 +64,16 @@ def digest_of(files: dict[str, str]) -> str:
 def check(folder: Path, files: dict[str, str], dist: Distributed, listed_in: str) -> None:
     """Refuse, on every rank, a folder whose files are not exactly the ones ``listed_in`` lists with these
     digests (ConfigError naming the first file that differs)."""
-    problem = None
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if present != sorted(files):
-        missing = sorted(set(files) - set(present)) or sorted(set(present) - set(files))
-        problem = (str(folder / missing[0]) if missing else str(folder),
-                   f"{'is missing' if set(files) - set(present) else 'is not one of the files'} {listed_in} lists")
-    else:
-        mine = sorted(files)[dist.rank::dist.world_size]
-        wrong = [name for name in mine if records.file_sha256(folder / name) != files[name]]
-        if wrong:
-            problem = (str(folder / wrong[0]), f"does not have the SHA-256 {listed_in} lists; the file is corrupt "
-                       "or was changed after it was written")
-    problems = [p for p in dist.gather(problem) if p is not None]
-    if problems:
-        raise ConfigError("checkpoint", *problems[0])
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if present != set(files):
+        missing, extra = sorted(set(files) - present), sorted(present - set(files))
+        raise ConfigError("checkpoint", str(folder / (missing or extra)[0]),
+                          f"{'is missing' if missing else 'is not one of the files'} {listed_in} lists")
+    got = digests(folder, list(files), dist)  # the same on every rank, so every rank refuses alike
+    wrong = [name for name in sorted(files) if got[name] != files[name]]
+    if wrong:
+        raise ConfigError("checkpoint", str(folder / wrong[0]), f"does not have the SHA-256 {listed_in} lists; the "
+                          "file is corrupt or was changed after it was written")
 
 
 def stored_shapes(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -91,13 +86,6 @@ def read(folder: Path, targets: dict[str, torch.Tensor]) -> None:
     """Every rank reads its shards into ``targets`` (in place; a plain tensor is read whole). A collective."""
     dcp = _dcp()
     dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
-
-
-def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies of parameters as they are held: a sharded one as this rank's shards (a DTensor), so that no
-    rank holds a whole copy of a model it shards."""
-    with torch.no_grad():
-        return {name: param.detach().clone() for name, param in params.items()}
 
 
 def templates(names_and_params: dict[str, torch.Tensor], stored: dict) -> dict[str, torch.Tensor]:

@@ -134,11 +134,7 @@ def materialise(model: nn.Module, shell: nn.Module, device: torch.device, keep: 
     that keeps it (rank 0; the others return None). Every rank must call this. Parameters tied in the model
     stay tied in the copy."""
     reshard(model)
-    whole = {}
-    for name, param in model.named_parameters():  # one parameter at a time: the others keep none of it
-        value = full(param.detach())
-        if keep:
-            whole[name] = value.to(device)
+    whole = gathered(dict(model.named_parameters()), device, keep)
     if not keep:
         return None
     made = {id(meta): nn.Parameter(whole[name], requires_grad=meta.requires_grad)

@@ -72,9 +72,10 @@ def write_checkpoint(run: Run, state: TrainingState) -> Path | None:
     if run.is_main:
         series = {"epoch_losses": torch.tensor(state.epoch_losses, dtype=torch.float64),
                   "step_seconds": torch.tensor(state.throughput.step_times, dtype=torch.float64)}
+        saved = progress.to_dict()
         path = checkpoint.save(run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.result_config,
-                               progress.to_dict(), series, rng_states, shards)
-        checkpoint.drop_stale_best(run.checkpoint_dir, progress.to_dict())
+                               saved, series, rng_states, shards)
+        checkpoint.drop_stale_best(run.checkpoint_dir, saved)
         checkpoint.drop_stale_shards(run.checkpoint_dir, shards)
     run.dist.barrier()  # a rank that stops next must not end the launch while rank 0 writes
     state.segment_start = time.perf_counter()
